@@ -1,0 +1,1 @@
+"""Datasets as LightningDataModules: one file per dataset, sharing base.ImageClassificationDataModule."""

@@ -1,0 +1,1 @@
+"""Backbones (one factory for torchvision and timm), bundled offline weights, the LightningModule."""

@@ -1,0 +1,164 @@
+"""The LightningModule: a pretrained `backbone` and a linear `head`, trained frozen, fully or gradually.
+
+Everything needed to rebuild the model travels in its hyper-parameters (plain containers, so checkpoints load
+with `weights_only=True`): backbone spec, class names, preprocessing, and the data config of the run.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any, Optional
+
+import lightning.pytorch as pl
+import torch
+import torch.nn.functional as F
+from hydra.utils import instantiate
+from torch import nn
+from torchmetrics import MaxMetric, MeanMetric
+from torchmetrics.classification import MulticlassAccuracy, MulticlassConfusionMatrix
+
+from transferlab.data.preprocessing import Preprocessing
+from transferlab.models.backbones import Backbone, create_backbone
+
+
+class TransferClassifier(pl.LightningModule):
+    def __init__(
+        self,
+        backbone: Mapping[str, Any],
+        class_names: list[str],
+        finetune: Mapping[str, Any],
+        optimizer: Mapping[str, Any],
+        scheduler: Optional[Mapping[str, Any]] = None,
+        preprocessing: Optional[Mapping[str, Any]] = None,
+        run: Optional[Mapping[str, Any]] = None,
+        prebuilt_backbone: Optional[Backbone] = None,
+    ) -> None:
+        """`backbone`: {name, weights, source, input_size}; `optimizer`/`scheduler`: Hydra `_partial_` nodes;
+        `run`: the data config, seed and precision of the run, so eval can rebuild the same test split."""
+        super().__init__()
+        self.save_hyperparameters(ignore=["prebuilt_backbone"])
+        self.backbone: Backbone = prebuilt_backbone if prebuilt_backbone is not None else create_backbone(**backbone)
+        if preprocessing is not None:  # the stored one wins (input_size overrides, older runs)
+            self.backbone.preprocessing = Preprocessing.from_dict(preprocessing)
+        self.hparams.preprocessing = self.backbone.preprocessing.to_dict()
+        self.class_names = list(class_names)
+        num_classes = len(self.class_names)
+        dropout = float(finetune.get("head_dropout", 0.0) or 0.0)
+        self.head = nn.Sequential(nn.Dropout(dropout), nn.Linear(self.backbone.num_features, num_classes))
+        self.mode = finetune.get("mode", "frozen")
+        self.backbone_frozen = False
+        if self.mode in ("frozen", "gradual"):
+            self.freeze_backbone()
+
+        self.train_loss, self.val_loss, self.test_loss = MeanMetric(), MeanMetric(), MeanMetric()
+        self.train_acc = MulticlassAccuracy(num_classes, average="micro")
+        self.val_acc = MulticlassAccuracy(num_classes, average="micro")
+        self.test_acc = MulticlassAccuracy(num_classes, average="micro")
+        self.topk = 3 if num_classes > 3 else None
+        self.test_acc_top3 = MulticlassAccuracy(num_classes, top_k=3, average="micro") if self.topk else None
+        self.test_acc_per_class = MulticlassAccuracy(num_classes, average="none")
+        self.test_confusion = MulticlassConfusionMatrix(num_classes)
+        self.val_acc_best = MaxMetric()
+
+    # -- freezing ----------------------------------------------------------------------------------------
+    def freeze_backbone(self) -> None:
+        """A true linear probe: no gradients AND BatchNorm statistics / dropout of the backbone in eval mode."""
+        self.backbone.requires_grad_(False)
+        self.backbone.eval()
+        self.backbone_frozen = True
+
+    def unfreeze_backbone(self) -> None:
+        self.backbone.requires_grad_(True)
+        self.backbone.train(self.training)
+        self.backbone_frozen = False
+
+    def train(self, mode: bool = True) -> TransferClassifier:
+        super().train(mode)
+        if self.backbone_frozen:
+            self.backbone.eval()  # Lightning calls .train() every epoch; keep the frozen backbone in eval
+        return self
+
+    # -- forward -----------------------------------------------------------------------------------------
+    def features(self, images: torch.Tensor) -> torch.Tensor:
+        with torch.set_grad_enabled(torch.is_grad_enabled() and not self.backbone_frozen):
+            return self.backbone(images)
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return self.head(self.features(images))
+
+    def imagenet_logits(self, images: torch.Tensor) -> torch.Tensor:
+        """The backbone's own ImageNet classifier (visualisation and attacks use it)."""
+        return self.backbone.imagenet_logits(images)
+
+    # -- steps -------------------------------------------------------------------------------------------
+    def _step(self, batch: tuple[torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        images, labels = batch
+        logits = self(images)
+        return F.cross_entropy(logits.float(), labels), logits.float(), labels
+
+    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+        loss, logits, labels = self._step(batch)
+        self.train_loss(loss)
+        self.train_acc(logits, labels)
+        self.log("train/loss", self.train_loss, on_step=True, on_epoch=True, prog_bar=True)
+        self.log("train/acc", self.train_acc, on_step=False, on_epoch=True, prog_bar=True)
+        return loss
+
+    def on_train_epoch_start(self) -> None:
+        if self.trainer.optimizers:
+            self.log("train/lr", self.trainer.optimizers[0].param_groups[0]["lr"], on_epoch=True, on_step=False)
+
+    def validation_step(self, batch: Any, batch_idx: int) -> None:
+        loss, logits, labels = self._step(batch)
+        self.val_loss(loss, weight=len(labels))
+        self.val_acc(logits, labels)
+        self.log("val/loss", self.val_loss, on_epoch=True, prog_bar=True)
+        self.log("val/acc", self.val_acc, on_epoch=True, prog_bar=True)
+
+    def on_validation_epoch_end(self) -> None:
+        if self.trainer.sanity_checking:
+            return
+        self.val_acc_best(self.val_acc.compute())
+        self.log("val/acc_best", self.val_acc_best.compute(), sync_dist=True, prog_bar=True)
+
+    def test_step(self, batch: Any, batch_idx: int) -> None:
+        loss, logits, labels = self._step(batch)
+        self.test_loss(loss, weight=len(labels))
+        self.test_acc(logits, labels)
+        self.log("test/loss", self.test_loss, on_epoch=True)
+        self.log("test/acc", self.test_acc, on_epoch=True)
+        if self.test_acc_top3 is not None:
+            self.test_acc_top3(logits, labels)
+            self.log("test/acc_top3", self.test_acc_top3, on_epoch=True)
+        self.test_acc_per_class.update(logits, labels)
+        self.test_confusion.update(logits, labels)
+
+    def on_test_epoch_start(self) -> None:
+        self.test_acc_per_class.reset()
+        self.test_confusion.reset()
+
+    def on_test_epoch_end(self) -> None:
+        per_class = self.test_acc_per_class.compute()
+        for name, acc in zip(self.class_names, per_class.tolist()):
+            self.log(f"test/acc_class/{name}", acc, sync_dist=False)
+        self.test_confusion_matrix = self.test_confusion.compute().cpu()  # synced across ranks by torchmetrics
+
+    def predict_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+        images = batch[0] if isinstance(batch, (tuple, list)) else batch
+        return self(images).float().softmax(dim=-1)
+
+    # -- optimisation ------------------------------------------------------------------------------------
+    def configure_optimizers(self) -> Any:
+        """Only trainable parameters; the backbone (when it trains from the start) at lr x backbone_lr_factor."""
+        opt_cfg = dict(self.hparams.optimizer)
+        base_lr = float(opt_cfg.get("lr", 1e-3))
+        groups = [{"params": [p for p in self.head.parameters() if p.requires_grad], "lr": base_lr}]
+        if self.mode == "full":
+            factor = float(self.hparams.finetune.get("backbone_lr_factor", 0.1))
+            groups.append({"params": [p for p in self.backbone.parameters() if p.requires_grad], "lr": base_lr * factor})
+        optimizer = instantiate(opt_cfg)(params=groups)
+        sched_cfg = dict(self.hparams.scheduler or {})
+        if not sched_cfg.get("_target_"):
+            return optimizer
+        scheduler = instantiate(sched_cfg)(optimizer=optimizer)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "epoch", "monitor": "val/loss"}}

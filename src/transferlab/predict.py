@@ -1,0 +1,91 @@
+"""transferlab-predict: label image files with a checkpoint; a file that cannot be read gets a row with its error."""
+
+from __future__ import annotations
+
+import csv
+import logging
+from pathlib import Path
+from typing import Any
+
+import hydra
+import torch
+from omegaconf import DictConfig
+from torch.utils.data import DataLoader, Dataset
+
+from transferlab.config_paths import config_dir
+from transferlab.data.images import IMAGE_SUFFIXES, list_files, load_rgb
+from transferlab.errors import DataError, user_errors_exit
+from transferlab.pipeline import load_checkpoint
+
+log = logging.getLogger(__name__)
+
+
+class _Files(Dataset):
+    """Yields (index, image tensor or None, error or '')."""
+
+    def __init__(self, files: list[Path], transform: Any, size: int) -> None:
+        self.files, self.transform, self.size = files, transform, size
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+    def __getitem__(self, i: int) -> tuple[int, torch.Tensor, str]:
+        try:
+            return i, self.transform(load_rgb(self.files[i])), ""
+        except Exception as exc:  # noqa: BLE001 - each failure becomes that row's error
+            return i, torch.zeros(3, self.size, self.size), f"{type(exc).__name__}: {' '.join(str(exc).split())}"
+
+
+def collect_inputs(input_path: str) -> list[Path]:
+    path = Path(input_path).expanduser()
+    if path.is_file():
+        return [path]
+    if path.is_dir():
+        return [p for p in list_files(path) if p.suffix.lower() in IMAGE_SUFFIXES]
+    raise DataError(f"input: {path} is neither a file nor a folder")
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+@user_errors_exit
+def predict(cfg: DictConfig) -> Path:
+    model, _ = load_checkpoint(cfg.ckpt_path)
+    device = resolve_device(cfg.device)
+    model.to(device)
+    files = collect_inputs(cfg.input)
+    if not files:
+        raise DataError(f"input: no image files ({', '.join(sorted(IMAGE_SUFFIXES))}) under {cfg.input}")
+    prep = model.backbone.preprocessing
+    loader = DataLoader(_Files(files, prep.eval_transform(), prep.input_size), batch_size=cfg.batch_size, num_workers=cfg.num_workers)
+    k = max(1, min(int(cfg.topk), len(model.class_names)))
+    output = Path(cfg.output).expanduser()
+    output.parent.mkdir(parents=True, exist_ok=True)
+    rows_ok = 0
+    with open(output, "w", newline="") as fh, torch.inference_mode():
+        writer = csv.writer(fh)
+        writer.writerow(["path", "label", "score", "error"] + [f"top{j}_{kind}" for j in range(1, k + 1) for kind in ("label", "score")])
+        for indices, images, errors in loader:
+            probs = model(images.to(device)).float().softmax(dim=-1).cpu()
+            scores, labels = probs.topk(k, dim=-1)
+            for i, err, s, l in zip(indices.tolist(), errors, scores.tolist(), labels.tolist()):
+                if err:
+                    writer.writerow([str(files[i]), "", "", err] + [""] * (2 * k))
+                    continue
+                ranked = [v for j in range(k) for v in (model.class_names[l[j]], f"{s[j]:.6f}")]
+                writer.writerow([str(files[i]), model.class_names[l[0]], f"{s[0]:.6f}", ""] + ranked)
+                rows_ok += 1
+    log.info("Wrote %s: %d image(s) labelled, %d unreadable", output, rows_ok, len(files) - rows_ok)
+    return output
+
+
+@hydra.main(version_base="1.3", config_path=config_dir(), config_name="predict")
+def main(cfg: DictConfig) -> None:
+    predict(cfg)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,82 @@
+"""transferlab-train: fit a classifier on a pretrained backbone, test its best checkpoint, write metrics.json."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Optional
+
+import hydra
+import lightning.pytorch as pl
+from lightning.pytorch.callbacks import ModelCheckpoint
+from omegaconf import DictConfig
+
+from transferlab.config_paths import config_dir
+from transferlab.errors import ConfigError, user_errors_exit
+from transferlab.loggers import resolve_logger_config
+from transferlab.models.backbones import create_backbone
+from transferlab.models.classifier import TransferClassifier
+from transferlab.models.finetune import GradualUnfreeze
+from transferlab.pipeline import (announce_skipped, build_datamodule, build_trainer, container, instantiate_group,
+                                  log_run_config, test_and_report)
+from transferlab.reporting import print_config_tree, to_float_dict
+from transferlab.schema import validate_train_config
+
+log = logging.getLogger(__name__)
+
+
+def resolve_ckpt_path(ckpt_path: Optional[str], out_dir: Path) -> Optional[str]:
+    if ckpt_path in (None, ""):
+        return None
+    path = out_dir / "checkpoints" / "last.ckpt" if ckpt_path == "last" else Path(ckpt_path).expanduser()
+    if not path.is_file():
+        raise ConfigError(f"ckpt_path: {path} does not exist; give an existing .ckpt file to resume from")
+    return str(path)
+
+
+@user_errors_exit
+def train(cfg: DictConfig) -> Optional[float]:
+    out_dir = Path(cfg.paths.output_dir)
+    resolve_logger_config(cfg.get("logger"), run_name=out_dir.name)
+    validate_train_config(cfg)
+    if pl.utilities.rank_zero_only.rank == 0:
+        print_config_tree(cfg, save_to=out_dir / "config.yaml")
+    ckpt_path = resolve_ckpt_path(cfg.get("ckpt_path"), out_dir)
+    pl.seed_everything(cfg.seed, workers=True)
+
+    backbone = create_backbone(**container(cfg.backbone))
+    data_cfg = container(cfg.data)
+    datamodule = build_datamodule(data_cfg, backbone.preprocessing)
+    model = TransferClassifier(
+        backbone=container(cfg.backbone), class_names=datamodule.class_names, finetune=container(cfg.finetune),
+        optimizer=container(cfg.optimizer), scheduler=container(cfg.scheduler),
+        run={"data": data_cfg, "seed": cfg.seed, "precision": str(cfg.trainer.get("precision"))},
+        prebuilt_backbone=backbone,
+    )
+
+    callbacks = instantiate_group(cfg.get("callbacks"))
+    if cfg.finetune.mode == "gradual":
+        if "ddp" in str(cfg.trainer.get("strategy", "")):
+            raise ConfigError("finetune=gradual: unfreezing during a DDP run is not supported; use finetune=full or one device")
+        callbacks.append(GradualUnfreeze(cfg.finetune.unfreeze_at_epoch, cfg.finetune.backbone_lr_factor))
+    loggers = instantiate_group(cfg.get("logger"))
+    trainer = build_trainer(cfg.trainer, callbacks, loggers)
+    log_run_config(loggers, cfg)
+    announce_skipped(datamodule, out_dir)
+
+    trainer.fit(model, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=True if ckpt_path else None)
+    fit_metrics = {k: v for k, v in trainer.callback_metrics.items() if k.startswith("val/")}
+    checkpoint = next((c for c in trainer.callbacks if isinstance(c, ModelCheckpoint)), None)
+    best = checkpoint.best_model_path if checkpoint and checkpoint.best_model_path else None
+    extra = {**to_float_dict(fit_metrics), "best_checkpoint": best, "epochs": trainer.current_epoch}
+    metrics = test_and_report(trainer, model, datamodule, out_dir, best, extra)
+    return metrics.get(cfg.get("optimized_metric")) if cfg.get("optimized_metric") else None
+
+
+@hydra.main(version_base="1.3", config_path=config_dir(), config_name="train")
+def main(cfg: DictConfig) -> Optional[float]:
+    return train(cfg)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,88 @@
+"""Shared test helpers: the real photos in ../shared, small image trees made from them, the CLI as a subprocess."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED = Path(os.environ.get("TRANSFERLAB_SHARED", REPO.parent / "shared")) / "data"
+PETS = SHARED / "oxford-pets-sample"
+SEED_IMAGES = SHARED / "seed-images"
+
+if not PETS.is_dir():
+    raise RuntimeError(f"the shared photos are missing: expected {PETS} (set TRANSFERLAB_SHARED=<path to shared>)")
+
+# Small and fast for the mechanics tests: 64 px inputs instead of 224.
+FAST = ["backbone.input_size=64", "data.num_workers=0", "data.batch_size=8", "callbacks.progress_bar=null", "trainer.enable_progress_bar=false"]
+
+
+def pet_photos(prefix_cat: bool, n: int) -> list[Path]:
+    """n photos of cats (capitalised breeds) or dogs from the shared sample, spread over breeds."""
+    files = sorted(p for p in PETS.glob("*.jpg") if p.name[0].isupper() == prefix_cat)
+    return files[:: max(1, len(files) // n)][:n]
+
+
+def make_small_copy(src: Path, dst: Path, size: int = 96) -> None:
+    """A downscaled JPEG copy (tests never ship the shared photos; they derive fixtures from them)."""
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    with Image.open(src) as img:
+        img = img.convert("RGB")
+        img.thumbnail((size, size))
+        img.save(dst, quality=90)
+
+
+@pytest.fixture(scope="session")
+def tiny_folder(tmp_path_factory) -> Path:
+    """image_folder layout: cat/ and dog/, 8 small photos each."""
+    root = tmp_path_factory.mktemp("tiny") / "images"
+    for label, is_cat in (("cat", True), ("dog", False)):
+        for src in pet_photos(is_cat, 8):
+            make_small_copy(src, root / label / src.name)
+    return root
+
+
+@pytest.fixture(autouse=True)
+def _isolated_env(tmp_path_factory, monkeypatch):
+    cache = tmp_path_factory.getbasetemp() / "cache"
+    monkeypatch.setenv("TRANSFERLAB_CACHE_DIR", str(cache))
+    monkeypatch.setenv("TRANSFERLAB_DATA_DIR", str(tmp_path_factory.getbasetemp() / "data"))
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.delenv("WANDB_API_KEY", raising=False)
+
+
+def run_cli(module: str, *overrides: str, cwd: Path | None = None, timeout: int = 900, check: bool = True) -> subprocess.CompletedProcess:
+    """`python -m transferlab.<module> overrides...` as a user runs it."""
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "HYDRA_FULL_ERROR": os.environ.get("HYDRA_FULL_ERROR_TESTS", "0")}
+    proc = subprocess.run([sys.executable, "-m", f"transferlab.{module}", *overrides], cwd=cwd, env=env,
+                          capture_output=True, text=True, timeout=timeout)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"transferlab.{module} exited {proc.returncode}\n--- stdout\n{proc.stdout[-4000:]}\n--- stderr\n{proc.stderr[-6000:]}")
+    return proc
+
+
+def corrupt_copy_tree(folder: Path) -> list[Path]:
+    """Inject what the real Cats-vs-Dogs archive holds: a zero-byte, a truncated and a text-named-.jpg file."""
+    cat, dog = folder / "Cat", folder / "Dog"
+    empty, truncated, text = cat / "666.jpg", dog / "11702.jpg", dog / "readme.jpg"
+    good = next(cat.glob("*.jpg")).read_bytes()
+    empty.write_bytes(b"")
+    truncated.write_bytes(good[: len(good) // 2])
+    text.write_text("not an image")
+    return [empty, truncated, text]
+
+
+def read_metrics(run_dir: Path) -> dict:
+    return json.loads((run_dir / "metrics.json").read_text())
+
+
+def copy_tree(src: Path, dst: Path) -> Path:
+    shutil.copytree(src, dst)
+    return dst

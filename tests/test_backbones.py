@@ -1,0 +1,70 @@
+"""Backbones: the bundled weights are really ImageNet-trained; any timm/torchvision name builds; bad names are caught."""
+
+from __future__ import annotations
+
+import pytest
+import skimage.data
+import torch
+from PIL import Image
+
+from conftest import PETS
+from transferlab.errors import ConfigError
+from transferlab.models.backbones import create_backbone
+
+DOMESTIC_CATS = {281, 282, 283, 284, 285}  # tabby, tiger cat, Persian, Siamese, Egyptian cat
+
+
+@pytest.fixture(scope="module")
+def lite0():
+    return create_backbone("tf_efficientnet_lite0", weights="bundled").eval()
+
+
+def imagenet_top1(backbone, image: Image.Image) -> tuple[int, str, float]:
+    x = backbone.preprocessing.eval_transform()(image)[None]
+    with torch.inference_mode():
+        probs = backbone.imagenet_logits(x).softmax(-1)[0]
+    index = int(probs.argmax())
+    return index, backbone.categories[index], float(probs[index])
+
+
+def test_bundled_lite0_names_a_siamese_cat(lite0):
+    index, name, prob = imagenet_top1(lite0, Image.open(sorted(PETS.glob("Siamese_*.jpg"))[0]).convert("RGB"))
+    assert index == 284 and name.startswith("Siamese cat") and prob > 0.5
+
+
+def test_bundled_lite0_sees_a_domestic_cat_in_chelsea(lite0):
+    index, _, _ = imagenet_top1(lite0, Image.fromarray(skimage.data.chelsea()))
+    assert index in DOMESTIC_CATS
+
+
+def test_features_and_head_are_separate(lite0):
+    feats = lite0(torch.zeros(2, 3, 96, 96))
+    assert feats.shape == (2, 1280) and lite0.imagenet_head.out_features == 1000
+
+
+@pytest.mark.parametrize("name,features", [("resnet18", 512), ("mobilenet_v3_large", 1280), ("convnext_atto", 320), ("efficientnet_b0", 1280)])
+def test_any_library_name_builds(name, features):
+    backbone = create_backbone(name, weights="none")
+    assert backbone(torch.zeros(1, 3, 64, 64)).shape == (1, features)
+
+
+def test_state_dict_path_loads_strictly(tmp_path):
+    import torchvision
+
+    model = torchvision.models.resnet18()
+    torch.save(model.state_dict(), tmp_path / "r18.pt")
+    backbone = create_backbone("resnet18", weights=str(tmp_path / "r18.pt"))
+    assert torch.equal(backbone.body.conv1.weight, model.conv1.weight)
+    torch.save({"nope": torch.zeros(1)}, tmp_path / "bad.pt")
+    with pytest.raises(ConfigError, match="does not fit"):
+        create_backbone("resnet18", weights=str(tmp_path / "bad.pt"))
+
+
+def test_unknown_backbone_suggests_close_names():
+    with pytest.raises(ConfigError, match=r"unknown backbone 'resnt50'.*did you mean: .*resnet50"):
+        create_backbone("resnt50")
+
+
+def test_bundled_only_where_shipped():
+    with pytest.raises(ConfigError, match="only tf_efficientnet_lite0"):
+        create_backbone("resnet50", weights="bundled")

@@ -1,0 +1,103 @@
+"""Every option of every config group, and every experiment preset, composes, validates and instantiates."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import lightning.pytorch as pl
+import pytest
+import torch
+from hydra import compose, initialize_config_dir
+from hydra.core.hydra_config import HydraConfig
+from hydra.utils import instantiate
+from omegaconf import OmegaConf, open_dict
+
+from transferlab.config_paths import config_dir
+from transferlab.data.base import ImageClassificationDataModule
+from transferlab.errors import ConfigError
+from transferlab.loggers import resolve_logger_config
+from transferlab.models.backbones import create_backbone
+from transferlab.pipeline import instantiate_group
+from transferlab.schema import validate_train_config
+
+CONF = Path(config_dir())
+GROUPS = ["data", "backbone", "finetune", "optimizer", "scheduler", "trainer", "logger", "callbacks", "experiment"]
+
+
+def options(group: str) -> list[str]:
+    return sorted(p.stem for p in (CONF / group).glob("*.yaml"))
+
+
+def compose_train(tmp_path: Path, *overrides: str):
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        cfg = compose("train", overrides=[f"hydra.run.dir={tmp_path}", "data.root=/nonexistent", *overrides], return_hydra_config=True)
+    with open_dict(cfg):
+        cfg.hydra.runtime.output_dir = str(tmp_path)
+    HydraConfig.instance().set_config(cfg)
+    resolve_logger_config(cfg.logger, "test")
+    with open_dict(cfg):
+        del cfg["hydra"]
+    return cfg
+
+
+CASES = [(g, o) for g in GROUPS for o in options(g)]
+
+
+def test_every_group_has_options():
+    assert all(options(g) for g in GROUPS)
+    assert {"pets_lite0_frozen", "cats_dogs_lite0_frozen", "cats_dogs_vgg16_frozen", "cats_dogs_vgg16_finetune",
+            "cats_dogs_mobilenet_v2_frozen", "pets_resnet50_frozen", "pets_resnet50_finetune"} <= set(options("experiment"))
+
+
+@pytest.mark.parametrize("group,option", CASES, ids=[f"{g}={o}" for g, o in CASES])
+def test_option_composes_and_instantiates(tmp_path, group, option):
+    overrides = [f"{group}={option}"]
+    if (group, option) == ("backbone", "custom"):
+        overrides.append("backbone.name=convnext_tiny")
+    cfg = compose_train(tmp_path, *overrides)
+    validate_train_config(cfg)
+
+    datamodule = instantiate(cfg.data)
+    assert isinstance(datamodule, ImageClassificationDataModule)
+    backbone = create_backbone(**{**OmegaConf.to_container(cfg.backbone, resolve=True), "weights": "none"})
+    assert backbone(torch.zeros(1, 3, 64, 64)).shape == (1, backbone.num_features)
+    optimizer = instantiate(cfg.optimizer)(params=[torch.nn.Parameter(torch.zeros(1))])
+    if cfg.scheduler.get("_target_"):
+        instantiate(cfg.scheduler)(optimizer=optimizer)
+    trainer_cfg = OmegaConf.merge(cfg.trainer, {"accelerator": "cpu"} if cfg.trainer.accelerator == "gpu" else {})
+    if trainer_cfg.get("devices") == -1:
+        trainer_cfg.devices = 2
+    trainer = instantiate(trainer_cfg, callbacks=instantiate_group(cfg.callbacks), logger=instantiate_group(cfg.logger) or False)
+    assert isinstance(trainer, pl.Trainer)
+    assert trainer.max_epochs == cfg.trainer.max_epochs
+
+
+def test_backbone_presets_carry_their_preprocessing():
+    resnet = create_backbone("resnet50", weights="none")
+    assert (resnet.preprocessing.input_size, resnet.preprocessing.interpolation) == (224, "bilinear")
+    assert resnet.num_features == 2048 and len(resnet.categories) == 1000
+    vgg = create_backbone("vgg16", weights="none")
+    assert vgg.num_features == 4096 and vgg.imagenet_head.out_features == 1000
+    lite = create_backbone("tf_efficientnet_lite0", weights="none")
+    assert (lite.preprocessing.interpolation, lite.preprocessing.mean, lite.preprocessing.crop_pct) == ("bicubic", (0.5, 0.5, 0.5), 0.875)
+    assert create_backbone("tf_efficientnet_lite0", weights="none", input_size=96).preprocessing.input_size == 96
+
+
+@pytest.mark.parametrize(
+    "override,message",
+    [
+        ("data.batch_size=abc", "data.batch_size: expected int"),
+        ("trainer.max_epochs=ten", "trainer.max_epochs: expected"),
+        ("finetune.mode=freeze", "did you mean: frozen"),
+        ("seed=abc", "seed: expected int"),
+        ("+data.batchsize=8", "data.batchsize: unknown key (did you mean: batch_size"),
+        ("+trainer.max_epoch=3", "did you mean: max_epochs"),
+        ("finetune=gradual finetune.unfreeze_at_epoch=null", "finetune.unfreeze_at_epoch"),
+    ],
+)
+def test_validation_names_the_key(tmp_path, override, message):
+    cfg = compose_train(tmp_path, *override.split())
+    with pytest.raises(ConfigError, match=None) as info:
+        validate_train_config(cfg)
+    assert message in str(info.value)
+    assert "\n" not in str(info.value)

@@ -1,0 +1,173 @@
+"""Data pieces: label parsing, splits, integrity scan, safe extraction, download from a local server."""
+
+from __future__ import annotations
+
+import functools
+import http.server
+import os
+import threading
+import zipfile
+from collections import Counter
+from pathlib import Path
+
+import pytest
+
+from conftest import PETS, make_small_copy, pet_photos
+from transferlab.data.base import stratified_split
+from transferlab.data.cats_dogs import CatsDogsDataModule
+from transferlab.data.download import download_file, safe_extract_zip, sha256_of
+from transferlab.data.integrity import scan_images
+from transferlab.data.oxford_pets import OxfordPetsDataModule, breed_of, species_of
+from transferlab.data.preprocessing import Preprocessing
+from transferlab.errors import DataError
+
+
+def test_oxford_labels_from_file_names():
+    assert breed_of("Abyssinian_101") == "Abyssinian" and species_of("Abyssinian") == "cat"
+    assert breed_of("american_pit_bull_terrier_12") == "american_pit_bull_terrier"
+    assert species_of("yorkshire_terrier") == "dog"
+
+
+@pytest.mark.parametrize("task,classes", [("breeds", 37), ("species", 2)])
+def test_oxford_sample_splits_are_stratified_and_disjoint(tmp_path, task, classes):
+    dm = OxfordPetsDataModule(str(PETS), task=task, download=False, cache_dir=str(tmp_path), split_seed=3, test_fraction=0.2)
+    dm.preprocessing = Preprocessing()
+    dm.setup()
+    assert len(dm.class_names) == classes
+    paths = {k: {str(p) for p, _ in v} for k, v in dm.splits.items()}
+    assert sum(map(len, paths.values())) == 370 and not (paths["train"] & paths["val"] or paths["train"] & paths["test"])
+    if task == "breeds":
+        assert set(Counter(l for _, l in dm.splits["test"]).values()) == {2}  # 10 per breed: 2 test, 2 val, 6 train
+        assert dm.class_names[0] == "Abyssinian" and "American Pit Bull Terrier" in dm.class_names
+    else:
+        assert Counter(l for _, l in dm.splits["test"]) == {0: 24, 1: 50}
+    again = OxfordPetsDataModule(str(PETS), task=task, download=False, cache_dir=str(tmp_path), split_seed=3, test_fraction=0.2)
+    again.preprocessing = Preprocessing()
+    again.setup()
+    assert again.splits == dm.splits  # seeded
+
+
+def test_stratified_split_small_classes():
+    train, val, test = stratified_split([0] * 3 + [1] * 20, 0.1, 0.1, seed=0)
+    assert len(test) == 1 + 2 and len(val) == 1 + 2 and len(train) == 1 + 16
+
+
+def test_official_lists_are_used(tmp_path):
+    images = tmp_path / "pets" / "images"
+    photos = [p for p in sorted(PETS.glob("*.jpg")) if breed_of(p.stem) in ("Bengal", "boxer")]
+    for p in photos:
+        make_small_copy(p, images / p.name, 48)
+    (tmp_path / "pets" / "annotations").mkdir()
+    test_list = [p.stem for p in photos[::5]]
+    (tmp_path / "pets" / "annotations" / "test.txt").write_text("".join(f"{s} 1 1 1\n" for s in test_list))
+    (tmp_path / "pets" / "annotations" / "trainval.txt").write_text(
+        "".join(f"{p.stem} 1 1 1\n" for p in photos if p.stem not in test_list))
+    dm = OxfordPetsDataModule(str(tmp_path / "pets"), download=False, cache_dir=str(tmp_path / "c"))
+    dm.preprocessing = Preprocessing()
+    dm.setup()
+    assert sorted(p.stem for p, _ in dm.splits["test"]) == sorted(test_list)
+    assert dm.class_names == ["Bengal", "Boxer"]
+
+
+def corrupt_files(folder: Path) -> list[Path]:
+    """Zero-byte, truncated and text-named-.jpg files, as in the real Cats-vs-Dogs archive."""
+    folder.mkdir(parents=True, exist_ok=True)
+    empty, truncated, text = folder / "666.jpg", folder / "11702.jpg", folder / "notes.jpg"
+    empty.write_bytes(b"")
+    truncated.write_bytes(next(PETS.glob("*.jpg")).read_bytes()[:3000])
+    text.write_text("this is not an image\n")
+    return [empty, truncated, text]
+
+
+def test_integrity_scan_reports_and_caches(tmp_path):
+    good = []
+    for src in pet_photos(True, 4):
+        make_small_copy(src, tmp_path / "imgs" / src.name)
+        good.append(tmp_path / "imgs" / src.name)
+    bad = corrupt_files(tmp_path / "imgs")
+    files = sorted(good + bad)
+    report = scan_images(files, tmp_path / "imgs", tmp_path / "cache")
+    assert sorted(report.bad) == sorted(map(str, bad)) and sorted(report.good) == sorted(good)
+    assert report.checked == 7 and all(p.exists() for p in bad)
+    assert "truncated" in report.bad[str(bad[1])].lower()
+    again = scan_images(files, tmp_path / "imgs", tmp_path / "cache")
+    assert again.checked == 0 and again.bad == report.bad
+    bad[0].write_bytes(good[0].read_bytes())  # repaired file is re-checked
+    third = scan_images(files, tmp_path / "imgs", tmp_path / "cache")
+    assert third.checked == 1 and str(bad[0]) not in third.bad
+
+
+def test_safe_extract_refuses_traversal(tmp_path):
+    evil = tmp_path / "evil.zip"
+    with zipfile.ZipFile(evil, "w") as zf:
+        zf.writestr("PetImages/Cat/1.jpg", b"x")
+        zf.writestr("../escaped.txt", b"owned")
+    with pytest.raises(DataError, match="unsafe member"):
+        safe_extract_zip(evil, tmp_path / "out")
+    assert not (tmp_path / "escaped.txt").exists()
+
+
+@pytest.fixture()
+def http_server(tmp_path):
+    """A real HTTP server on 127.0.0.1 serving tmp_path/www."""
+    www = tmp_path / "www"
+    www.mkdir()
+    handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(www))
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield www, f"http://127.0.0.1:{server.server_address[1]}"
+    server.shutdown()
+
+
+def make_cats_dogs_zip(path: Path, n: int = 4) -> None:
+    with zipfile.ZipFile(path, "w") as zf:
+        for folder, is_cat in (("Cat", True), ("Dog", False)):
+            for i, src in enumerate(pet_photos(is_cat, n)):
+                tmp = path.parent / f"{folder}{i}.jpg"
+                make_small_copy(src, tmp, 64)
+                zf.write(tmp, f"PetImages/{folder}/{i}.jpg")
+                tmp.unlink()
+
+
+def test_download_verifies_checksum(tmp_path, http_server):
+    www, url = http_server
+    make_cats_dogs_zip(www / "cats.zip")
+    digest = sha256_of(www / "cats.zip")
+    with pytest.raises(DataError, match="checksum mismatch"):
+        download_file(f"{url}/cats.zip", tmp_path / "a" / "cats.zip", sha256="0" * 64)
+    assert not (tmp_path / "a" / "cats.zip").exists()
+    assert download_file(f"{url}/cats.zip", tmp_path / "b" / "cats.zip", sha256=digest).is_file()
+    with pytest.raises(DataError, match="could not download"):
+        download_file(f"{url}/missing.zip", tmp_path / "c" / "missing.zip")
+
+
+def test_cats_dogs_downloads_from_local_server(tmp_path, http_server):
+    www, url = http_server
+    make_cats_dogs_zip(www / "kagglecatsanddogs.zip")
+    root = tmp_path / "cd"
+    dm = CatsDogsDataModule(str(root), url=f"{url}/kagglecatsanddogs.zip", sha256=sha256_of(www / "kagglecatsanddogs.zip"),
+                            cache_dir=str(tmp_path / "cache"), val_fraction=0.25, test_fraction=0.25)
+    dm.preprocessing = Preprocessing(input_size=32)
+    dm.setup()
+    assert dm.class_names == ["cat", "dog"] and sum(map(len, dm.splits.values())) == 8
+    assert (root / "PetImages" / "Dog" / "3.jpg").is_file()
+    images, labels = next(iter(dm.train_dataloader()))
+    assert images.shape[1:] == (3, 32, 32)
+
+
+def test_missing_root_without_download_is_one_clear_line(tmp_path):
+    dm = OxfordPetsDataModule(str(tmp_path / "nowhere"), download=False)
+    with pytest.raises(DataError, match=r"data.root: no dataset found at .*nowhere; set data.root="):
+        dm.setup()
+
+
+def test_failed_download_says_how_to_point_at_local_copy(tmp_path, monkeypatch):
+    from torchvision.datasets import OxfordIIITPet
+
+    # torchvision's real download code, aimed at a closed port on this machine: fails the same way everywhere.
+    dead = tuple((f"http://127.0.0.1:9/{Path(url).name}", md5) for url, md5 in OxfordIIITPet._RESOURCES)
+    monkeypatch.setattr(OxfordIIITPet, "_RESOURCES", dead)
+    dm = OxfordPetsDataModule(str(tmp_path / "pets"), download=True)
+    with pytest.raises(DataError, match=r"download failed .* set data.root="):
+        dm.setup()

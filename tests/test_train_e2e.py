@@ -1,0 +1,264 @@
+"""End-to-end runs of the real commands on the real shared photos, with the bundled ImageNet backbone."""
+
+from __future__ import annotations
+
+import csv
+import json
+import shutil
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import FAST, PETS, corrupt_copy_tree, make_small_copy, pet_photos, read_metrics, run_cli
+from transferlab.models.backbones import create_backbone
+
+PETS_ARGS = [f"data.root={PETS}", "backbone=tf_efficientnet_lite0", "finetune=frozen", "callbacks.progress_bar=null",
+             "trainer.enable_progress_bar=false", "trainer.precision=bf16-mixed"]
+
+
+@pytest.fixture(scope="module")
+def species_run(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("species")
+    run_cli("train", "data=oxford_pets", "data.task=species", "trainer.max_epochs=4", "optimizer.lr=3e-3", "seed=1",
+            f"hydra.run.dir={out}", *PETS_ARGS)
+    return out
+
+
+@pytest.fixture(scope="module")
+def breeds_run(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("breeds")
+    run_cli("train", "experiment=pets_lite0_frozen", "trainer.max_epochs=10", "seed=1", f"hydra.run.dir={out}", *PETS_ARGS)
+    return out
+
+
+def test_species_accuracy(species_run):
+    metrics = read_metrics(species_run)
+    assert metrics["test/acc"] >= 0.95, metrics
+    for name in ("checkpoints/best.ckpt", "checkpoints/last.ckpt", "config.yaml", "confusion_matrix.png", "per_class_accuracy.csv"):
+        assert (species_run / name).is_file(), name
+
+
+def test_breeds_accuracy(breeds_run):
+    metrics = read_metrics(breeds_run)
+    assert metrics["test/acc"] >= 0.80 and metrics["test/acc_top3"] >= 0.95, metrics
+    rows = list(csv.reader(open(breeds_run / "confusion_matrix.csv")))
+    assert len(rows) == 38 and sum(int(v) for row in rows[1:] for v in row[1:]) == 74
+
+
+def test_eval_reproduces_test_accuracy(breeds_run, tmp_path):
+    run_cli("eval", f"ckpt_path={breeds_run}/checkpoints/best.ckpt", f"hydra.run.dir={tmp_path}", "trainer.enable_progress_bar=false")
+    assert read_metrics(tmp_path)["test/acc"] == read_metrics(breeds_run)["test/acc"]
+    assert read_metrics(tmp_path)["test/acc_top3"] == read_metrics(breeds_run)["test/acc_top3"]
+
+
+def test_predict_labels_good_files_and_flags_corrupt_ones(species_run, tmp_path):
+    folder = tmp_path / "inbox"
+    photos = pet_photos(True, 2) + pet_photos(False, 2)
+    for p in photos:
+        shutil.copy(p, folder / p.name) if folder.exists() else (folder.mkdir(), shutil.copy(p, folder / p.name))
+    (folder / "broken.jpg").write_bytes(b"\xff\xd8\xff\xe0 not really")
+    out = tmp_path / "pred.csv"
+    console_script = Path(sys.executable).parent / "transferlab-predict"  # the installed entry point, not python -m
+    subprocess.run([str(console_script), f"ckpt_path={species_run}/checkpoints/best.ckpt", f"input={folder}", f"output={out}",
+                    "topk=2", f"hydra.run.dir={tmp_path / 'run'}"], check=True, capture_output=True, timeout=600)
+    rows = {Path(r["path"]).name: r for r in csv.DictReader(open(out))}
+    assert len(rows) == 5
+    assert rows["broken.jpg"]["label"] == "" and rows["broken.jpg"]["error"]
+    for p in photos:
+        expected = "cat" if p.name[0].isupper() else "dog"
+        assert rows[p.name]["label"] == expected and rows[p.name]["top2_label"] in {"cat", "dog"} and not rows[p.name]["error"]
+
+
+def backbone_state(ckpt: Path) -> dict[str, torch.Tensor]:
+    state = torch.load(ckpt, map_location="cpu", weights_only=True)["state_dict"]
+    return {k[len("backbone."):]: v for k, v in state.items() if k.startswith("backbone.")}
+
+
+def differing(state: dict[str, torch.Tensor], reference: dict[str, torch.Tensor], kind: str) -> list[str]:
+    return [k for k, v in reference.items() if kind in k and not torch.equal(state[k], v)]
+
+
+@pytest.fixture(scope="module")
+def bundled_state() -> dict[str, torch.Tensor]:
+    return create_backbone("tf_efficientnet_lite0", weights="bundled").state_dict()
+
+
+def test_frozen_keeps_backbone_and_batchnorm_bit_identical(tiny_folder, tmp_path, bundled_state):
+    run_cli("train", "data=image_folder", f"data.root={tiny_folder}", "finetune=frozen", "trainer.max_epochs=2",
+            f"hydra.run.dir={tmp_path}", *FAST)
+    state = backbone_state(tmp_path / "checkpoints" / "last.ckpt")
+    assert not differing(state, bundled_state, "weight") and not differing(state, bundled_state, "running_")
+
+
+def test_full_changes_backbone(tiny_folder, tmp_path, bundled_state):
+    run_cli("train", "data=image_folder", f"data.root={tiny_folder}", "finetune=full", "trainer.max_epochs=1",
+            f"hydra.run.dir={tmp_path}", *FAST)
+    state = backbone_state(tmp_path / "checkpoints" / "last.ckpt")
+    assert differing(state, bundled_state, "conv_stem.weight") and differing(state, bundled_state, "running_mean")
+
+
+def test_gradual_changes_backbone_only_from_unfreeze_epoch(tiny_folder, tmp_path, bundled_state):
+    snapshots = tmp_path / "snapshots"
+    run_cli("train", "data=image_folder", f"data.root={tiny_folder}", "finetune=gradual", "finetune.unfreeze_at_epoch=1",
+            "trainer.max_epochs=2", f"hydra.run.dir={tmp_path}", *FAST,
+            "+callbacks.snapshots._target_=lightning.pytorch.callbacks.ModelCheckpoint", f"+callbacks.snapshots.dirpath={snapshots}",
+            "+callbacks.snapshots.save_top_k=-1", "+callbacks.snapshots.filename='epoch{epoch}'", "+callbacks.snapshots.auto_insert_metric_name=false")
+    epoch0, epoch1 = backbone_state(snapshots / "epoch0.ckpt"), backbone_state(snapshots / "epoch1.ckpt")
+    assert not differing(epoch0, bundled_state, "weight") and not differing(epoch0, bundled_state, "running_")
+    assert differing(epoch1, bundled_state, "conv_stem.weight") and differing(epoch1, bundled_state, "running_var")
+
+
+def test_resume_continues_epochs_and_metrics(tiny_folder, tmp_path):
+    common = ["data=image_folder", f"data.root={tiny_folder}", f"hydra.run.dir={tmp_path}", *FAST]
+    run_cli("train", "trainer.max_epochs=1", *common)
+    first = torch.load(tmp_path / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
+    run_cli("train", "trainer.max_epochs=2", "ckpt_path=last", *common)
+    second = torch.load(tmp_path / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
+    assert second["global_step"] == 2 * first["global_step"]
+    rows = list(csv.DictReader(open(tmp_path / "csv" / "metrics.csv")))
+    assert [r["epoch"] for r in rows if r["val/acc"]] == ["0", "1"]  # both epochs kept, epoch 0 not repeated
+    assert read_metrics(tmp_path)["epochs"] == 2
+
+
+def test_multirun_writes_one_dir_per_job(tiny_folder, tmp_path):
+    run_cli("train", "-m", "finetune=frozen,full", "trainer.max_epochs=1", "data=image_folder", f"data.root={tiny_folder}",
+            f"hydra.sweep.dir={tmp_path}", *FAST)
+    assert sorted(p.name for p in tmp_path.iterdir() if (p / "metrics.json").is_file()) == ["0", "1"]
+    assert {json.loads((tmp_path / j / "metrics.json").read_text())["epochs"] for j in "01"} == {1}
+
+
+def test_ddp_cpu_aggregates_metrics_over_both_processes(tmp_path):
+    # 71 test images: the two ranks get 36 and 35, so a padded sampler or unsynced metric would show.
+    common = ["data=oxford_pets", "data.task=species", "data.test_fraction=0.19", f"data.root={PETS}", *FAST]
+    run_cli("train", "trainer=ddp_cpu", "trainer.max_epochs=1", f"hydra.run.dir={tmp_path / 'ddp'}", *common)
+    ddp = read_metrics(tmp_path / "ddp")
+    run_cli("eval", f"ckpt_path={tmp_path / 'ddp' / 'checkpoints' / 'best.ckpt'}", f"hydra.run.dir={tmp_path / 'single'}",
+            "trainer.enable_progress_bar=false", "data.num_workers=0")
+    single = read_metrics(tmp_path / "single")
+    assert ddp["test/acc"] == pytest.approx(single["test/acc"], abs=1e-6)
+    total = sum(int(r["total"]) for r in csv.DictReader(open(tmp_path / "ddp" / "per_class_accuracy.csv")))
+    assert total == 71
+    assert not list((tmp_path / "ddp").glob("metrics*.json"))[1:]  # written once, by rank 0
+
+
+def read_wandb_log(path: Path) -> list:
+    """Records of a W&B transaction log (.wandb: LevelDB-style 32 KiB blocks of protobuf `Record`s)."""
+    import struct
+
+    from wandb.proto import wandb_internal_pb2
+
+    data, pos, block, pending, records = path.read_bytes(), 7, 32768, b"", []
+    assert data[:4] == b":W&B"
+    while pos + 7 <= len(data):
+        left = block - pos % block
+        if left < 7:
+            pos += left
+            continue
+        _crc, length, kind = struct.unpack("<IHB", data[pos : pos + 7])
+        pending, pos = pending + data[pos + 7 : pos + 7 + length], pos + 7 + length
+        if kind in (1, 4):  # a full record, or the last fragment of one
+            record = wandb_internal_pb2.Record()
+            record.ParseFromString(pending)
+            records.append(record)
+            pending = b""
+    return records
+
+
+def test_loggers_write_real_csv_tensorboard_and_offline_wandb(tiny_folder, tmp_path):
+    run_cli("train", "logger=many", "data=image_folder", f"data.root={tiny_folder}", "trainer.max_epochs=1",
+            f"hydra.run.dir={tmp_path}", "tags=[e2e,wandb]", *FAST)
+    logs = list((tmp_path / "wandb").glob("offline-run-*/*.wandb"))
+    assert len(logs) == 1
+    records = read_wandb_log(logs[0])
+    history = {}
+    for r in records:
+        if r.WhichOneof("record_type") == "history":
+            history.update({item.key or "/".join(item.nested_key): json.loads(item.value_json) for item in r.history.item})
+    assert history["test/acc"] == pytest.approx(read_metrics(tmp_path)["test/acc"]) and "val/acc" in history
+    config_keys = {u.key or "/".join(u.nested_key) for r in records if r.WhichOneof("record_type") == "config" for u in r.config.update}
+    assert {"seed", "backbone", "data"} <= config_keys
+    run = next(r.run for r in records if r.WhichOneof("record_type") == "run")
+    assert list(run.tags) == ["e2e", "wandb"] and run.display_name == tmp_path.name
+    assert any(r.WhichOneof("record_type") == "exit" for r in records)  # the run was finished
+
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(tmp_path / "tensorboard"))
+    events.Reload()
+    assert {"val/acc", "train/loss_epoch", "test/acc"} <= set(events.Tags()["scalars"])
+    assert "test/confusion_matrix" in events.Tags()["images"]
+    rows = list(csv.DictReader(open(tmp_path / "csv" / "metrics.csv")))
+    assert any(r["val/acc"] for r in rows) and (tmp_path / "csv" / "hparams.yaml").is_file()
+
+
+def test_cats_dogs_download_skips_and_reports_corrupt_files(tmp_path):
+    import functools
+    import http.server
+    import threading
+    import zipfile
+
+    from transferlab.data.download import sha256_of
+
+    src = tmp_path / "src" / "PetImages"
+    for folder, is_cat in (("Cat", True), ("Dog", False)):
+        for p in pet_photos(is_cat, 10):
+            make_small_copy(p, src / folder / p.name)
+    injected = corrupt_copy_tree(src)
+    www = tmp_path / "www"
+    www.mkdir()
+    with zipfile.ZipFile(www / "kagglecatsanddogs_5340.zip", "w") as zf:
+        for f in sorted(src.rglob("*")):
+            if f.is_file():
+                zf.write(f, f.relative_to(src.parent))
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(www)))
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        root, out = tmp_path / "cats_dogs", tmp_path / "run"
+        url = f"http://127.0.0.1:{server.server_address[1]}/kagglecatsanddogs_5340.zip"
+        run_cli("train", "data=cats_dogs", f"data.root={root}", f"data.url={url}", f"data.sha256={sha256_of(www / 'kagglecatsanddogs_5340.zip')}",
+                "trainer.max_epochs=1", "data.val_fraction=0.2", "data.test_fraction=0.2", f"hydra.run.dir={out}", *FAST)
+    finally:
+        server.shutdown()
+    reported = sorted(Path(r["path"]).relative_to(root) for r in csv.DictReader(open(out / "skipped_images.csv")))
+    assert reported == sorted(Path("PetImages") / p.relative_to(src) for p in injected)
+    assert all((root / "PetImages" / p.relative_to(src)).exists() for p in injected)  # nothing deleted
+    assert read_metrics(out)["test/acc"] is not None
+
+
+def _host_resolves(host: str) -> bool:
+    try:
+        socket.getaddrinfo(host, 443)
+        return True
+    except OSError:
+        return False
+
+
+@pytest.mark.skipif(_host_resolves("thor.robots.ox.ac.uk"), reason="network available: the default run would download the dataset")
+def test_default_run_offline_says_how_to_point_at_local_data(tmp_path):
+    proc = run_cli("train", f"hydra.run.dir={tmp_path}", cwd=tmp_path, check=False)
+    assert proc.returncode == 2
+    line = proc.stderr.strip().splitlines()[-1]
+    assert line.startswith("error: data.root:") and "download failed" in line and "set data.root=" in line
+
+
+@pytest.mark.parametrize(
+    "overrides,expected",
+    [
+        (["backbone.name=resnt50"], "error: backbone.name: unknown backbone 'resnt50'"),
+        (["data=image_folder"], "error: data.root: Missing mandatory value"),
+        (["data=image_folder", "data.root=/no/such/folder"], "error: data.root: no dataset found at /no/such/folder"),
+        (["data.batch_size=big"], "error: data.batch_size: expected int, got 'big'"),
+    ],
+)
+def test_bad_config_exits_2_with_one_line(tmp_path, overrides, expected):
+    proc = run_cli("train", f"hydra.run.dir={tmp_path}", *overrides, check=False)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    errors = [l for l in proc.stderr.splitlines() if l.startswith("error:")]
+    assert len(errors) == 1 and errors[0].startswith(expected), proc.stderr[-2000:]
+    if "resnt50" in expected:
+        assert "did you mean" in errors[0] and "resnet50" in errors[0]
+    assert "Traceback" not in proc.stderr
