@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import inspect
+import types
 import typing
 from collections.abc import Mapping
 from typing import Any, Literal, Optional
@@ -57,7 +58,7 @@ def _matches(value: Any, annotation: Any) -> bool | None:
     origin = typing.get_origin(annotation)
     if origin is Literal:
         return value in typing.get_args(annotation) or str(value) in map(str, typing.get_args(annotation))
-    if origin in (typing.Union, getattr(__import__("types"), "UnionType", typing.Union)):
+    if origin in (typing.Union, types.UnionType):
         results = [_matches(value, arg) for arg in typing.get_args(annotation)]
         if any(r is None for r in results):
             return None

@@ -9,6 +9,7 @@ from typing import Optional
 import hydra
 import lightning.pytorch as pl
 from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig
 
 from transferlab.config_paths import config_dir
@@ -39,7 +40,7 @@ def train(cfg: DictConfig) -> Optional[float]:
     out_dir = Path(cfg.paths.output_dir)
     resolve_logger_config(cfg.get("logger"), run_name=out_dir.name)
     validate_train_config(cfg)
-    if pl.utilities.rank_zero_only.rank == 0:
+    if rank_zero_only.rank == 0:
         print_config_tree(cfg, save_to=out_dir / "config.yaml")
     ckpt_path = resolve_ckpt_path(cfg.get("ckpt_path"), out_dir)
     pl.seed_everything(cfg.seed, workers=True)
