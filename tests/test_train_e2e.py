@@ -42,6 +42,7 @@ def test_species_accuracy(species_run):
         assert (species_run / name).is_file(), name
 
 
+@pytest.mark.slow
 def test_breeds_accuracy(breeds_run):
     metrics = read_metrics(breeds_run)
     assert metrics["test/acc"] >= 0.80 and metrics["test/acc_top3"] >= 0.95, metrics
@@ -49,6 +50,7 @@ def test_breeds_accuracy(breeds_run):
     assert len(rows) == 38 and sum(int(v) for row in rows[1:] for v in row[1:]) == 74
 
 
+@pytest.mark.slow
 def test_eval_reproduces_test_accuracy(breeds_run, tmp_path):
     run_cli("eval", f"ckpt_path={breeds_run}/checkpoints/best.ckpt", f"hydra.run.dir={tmp_path}", "trainer.enable_progress_bar=false")
     assert read_metrics(tmp_path)["test/acc"] == read_metrics(breeds_run)["test/acc"]
@@ -131,6 +133,7 @@ def test_multirun_writes_one_dir_per_job(tiny_folder, tmp_path):
     assert {json.loads((tmp_path / j / "metrics.json").read_text())["epochs"] for j in "01"} == {1}
 
 
+@pytest.mark.slow
 def test_ddp_cpu_aggregates_metrics_over_both_processes(tmp_path):
     # 71 test images: the two ranks get 36 and 35, so a padded sampler or unsynced metric would show.
     common = ["data=oxford_pets", "data.task=species", "data.test_fraction=0.19", f"data.root={PETS}", *FAST]

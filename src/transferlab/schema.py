@@ -189,6 +189,8 @@ def validate_train_config(cfg: DictConfig) -> None:
         raise ConfigError(f"finetune.mode: expected one of {', '.join(FINETUNE_MODES)}, got {mode!r}{close_matches(mode, FINETUNE_MODES)}")
     if mode == "gradual" and finetune.get("unfreeze_at_epoch") is None:
         raise ConfigError("finetune.unfreeze_at_epoch: finetune=gradual needs the epoch at which to unfreeze, e.g. finetune.unfreeze_at_epoch=2")
+    if mode == "gradual" and "ddp" in str((values.get("trainer") or {}).get("strategy", "")):
+        raise ConfigError("finetune=gradual: unfreezing the backbone during a DDP run is not supported; use finetune=full or one device")
     for group in ("data", "trainer", "optimizer", "scheduler", "logger", "callbacks"):
         _check_targets(group, values.get(group) or {})
     if not (values.get("data") or {}).get("_target_"):

@@ -57,8 +57,6 @@ def train(cfg: DictConfig) -> Optional[float]:
 
     callbacks = instantiate_group(cfg.get("callbacks"))
     if cfg.finetune.mode == "gradual":
-        if "ddp" in str(cfg.trainer.get("strategy", "")):
-            raise ConfigError("finetune=gradual: unfreezing during a DDP run is not supported; use finetune=full or one device")
         callbacks.append(GradualUnfreeze(cfg.finetune.unfreeze_at_epoch, cfg.finetune.backbone_lr_factor))
     loggers = instantiate_group(cfg.get("logger"))
     trainer = build_trainer(cfg.trainer, callbacks, loggers)

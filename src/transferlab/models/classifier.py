@@ -59,6 +59,7 @@ class TransferClassifier(pl.LightningModule):
         self.test_acc_per_class = MulticlassAccuracy(num_classes, average="none")
         self.test_confusion = MulticlassConfusionMatrix(num_classes)
         self.val_acc_best = MaxMetric()
+        self.val_acc_best.persistent(True)  # survives resuming, so val/acc_best covers the whole run
 
     # -- freezing ----------------------------------------------------------------------------------------
     def freeze_backbone(self) -> None:
