@@ -252,6 +252,7 @@ def test_default_run_offline_says_how_to_point_at_local_data(tmp_path):
     "overrides,expected",
     [
         (["backbone.name=resnt50"], "error: backbone.name: unknown backbone 'resnt50'"),
+        (["backbone=resnt50"], "error: backbone=resnt50: no such option in conf/backbone (did you mean: resnet50"),
         (["data=image_folder"], "error: data.root: Missing mandatory value"),
         (["data=image_folder", "data.root=/no/such/folder"], "error: data.root: no dataset found at /no/such/folder"),
         (["data.batch_size=big"], "error: data.batch_size: expected int, got 'big'"),

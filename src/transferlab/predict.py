@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import logging
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -12,7 +13,7 @@ import torch
 from omegaconf import DictConfig
 from torch.utils.data import DataLoader, Dataset
 
-from transferlab.config_paths import config_dir
+from transferlab.config_paths import check_group_choices, config_dir
 from transferlab.data.images import IMAGE_SUFFIXES, list_files, load_rgb
 from transferlab.errors import DataError, user_errors_exit
 from transferlab.pipeline import load_checkpoint
@@ -83,8 +84,14 @@ def predict(cfg: DictConfig) -> Path:
 
 
 @hydra.main(version_base="1.3", config_path=config_dir(), config_name="predict")
-def main(cfg: DictConfig) -> None:
+def _hydra_main(cfg: DictConfig) -> None:
     predict(cfg)
+
+
+def main() -> None:
+    """Console entry point (also `python -m transferlab.predict`)."""
+    check_group_choices(sys.argv[1:])
+    _hydra_main()
 
 
 if __name__ == "__main__":

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import sys
 from pathlib import Path
 from typing import Optional
 
@@ -12,7 +13,7 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig
 
-from transferlab.config_paths import config_dir
+from transferlab.config_paths import check_group_choices, config_dir
 from transferlab.errors import ConfigError, user_errors_exit
 from transferlab.loggers import resolve_logger_config
 from transferlab.models.backbones import create_backbone
@@ -73,8 +74,14 @@ def train(cfg: DictConfig) -> Optional[float]:
 
 
 @hydra.main(version_base="1.3", config_path=config_dir(), config_name="train")
-def main(cfg: DictConfig) -> Optional[float]:
+def _hydra_main(cfg: DictConfig) -> Optional[float]:
     return train(cfg)
+
+
+def main() -> None:
+    """Console entry point (also `python -m transferlab.train`)."""
+    check_group_choices(sys.argv[1:])
+    _hydra_main()
 
 
 if __name__ == "__main__":
