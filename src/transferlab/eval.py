@@ -3,14 +3,12 @@
 from __future__ import annotations
 
 import logging
-import sys
 from pathlib import Path
 
-import hydra
 import lightning.pytorch as pl
 from omegaconf import DictConfig, OmegaConf
 
-from transferlab.config_paths import check_group_choices, config_dir
+from transferlab.cli import hydra_command
 from transferlab.errors import user_errors_exit
 from transferlab.pipeline import build_datamodule, build_trainer, container, instantiate_group, load_checkpoint, test_and_report
 from transferlab.reporting import print_config_tree
@@ -35,15 +33,7 @@ def evaluate(cfg: DictConfig) -> dict:
     return test_and_report(trainer, model, datamodule, out_dir, None, {"checkpoint": str(cfg.ckpt_path)})
 
 
-@hydra.main(version_base="1.3", config_path=config_dir(), config_name="eval")
-def _hydra_main(cfg: DictConfig) -> None:
-    evaluate(cfg)
-
-
-def main() -> None:
-    """Console entry point (also `python -m transferlab.eval`)."""
-    check_group_choices(sys.argv[1:])
-    _hydra_main()
+main = hydra_command("eval", evaluate)
 
 
 if __name__ == "__main__":

@@ -4,16 +4,14 @@ from __future__ import annotations
 
 import csv
 import logging
-import sys
 from pathlib import Path
 from typing import Any
 
-import hydra
 import torch
 from omegaconf import DictConfig
 from torch.utils.data import DataLoader, Dataset
 
-from transferlab.config_paths import check_group_choices, config_dir
+from transferlab.cli import hydra_command
 from transferlab.data.images import IMAGE_SUFFIXES, list_files, load_rgb
 from transferlab.errors import DataError, user_errors_exit
 from transferlab.pipeline import load_checkpoint
@@ -83,15 +81,7 @@ def predict(cfg: DictConfig) -> Path:
     return output
 
 
-@hydra.main(version_base="1.3", config_path=config_dir(), config_name="predict")
-def _hydra_main(cfg: DictConfig) -> None:
-    predict(cfg)
-
-
-def main() -> None:
-    """Console entry point (also `python -m transferlab.predict`)."""
-    check_group_choices(sys.argv[1:])
-    _hydra_main()
+main = hydra_command("predict", predict)
 
 
 if __name__ == "__main__":

@@ -2,18 +2,15 @@
 
 from __future__ import annotations
 
-import logging
-import sys
 from pathlib import Path
 from typing import Optional
 
-import hydra
 import lightning.pytorch as pl
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig
 
-from transferlab.config_paths import check_group_choices, config_dir
+from transferlab.cli import hydra_command
 from transferlab.errors import ConfigError, user_errors_exit
 from transferlab.loggers import resolve_logger_config
 from transferlab.models.backbones import create_backbone
@@ -23,8 +20,6 @@ from transferlab.pipeline import (announce_skipped, build_datamodule, build_trai
                                   log_run_config, test_and_report)
 from transferlab.reporting import print_config_tree, to_float_dict
 from transferlab.schema import validate_train_config
-
-log = logging.getLogger(__name__)
 
 
 def resolve_ckpt_path(ckpt_path: Optional[str], out_dir: Path) -> Optional[str]:
@@ -73,15 +68,7 @@ def train(cfg: DictConfig) -> Optional[float]:
     return metrics.get(cfg.get("optimized_metric")) if cfg.get("optimized_metric") else None
 
 
-@hydra.main(version_base="1.3", config_path=config_dir(), config_name="train")
-def _hydra_main(cfg: DictConfig) -> Optional[float]:
-    return train(cfg)
-
-
-def main() -> None:
-    """Console entry point (also `python -m transferlab.train`)."""
-    check_group_choices(sys.argv[1:])
-    _hydra_main()
+main = hydra_command("train", train)
 
 
 if __name__ == "__main__":

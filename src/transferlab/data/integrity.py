@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import logging
 import os
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -17,8 +16,6 @@ from pathlib import Path
 from filelock import FileLock
 
 from transferlab.data.images import check_image
-
-log = logging.getLogger(__name__)
 
 
 @dataclass

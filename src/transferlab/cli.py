@@ -1,0 +1,46 @@
+"""The command-line entry points: Hydra apps over conf/, with mistyped group options caught first."""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import hydra
+from omegaconf import DictConfig
+
+from transferlab.config_paths import config_dir
+from transferlab.errors import close_matches
+
+
+def check_group_choices(args: list[str]) -> None:
+    """`backbone=resnt50` (a config group option that does not exist): one line, close matches, exit 2.
+
+    Hydra reports this itself, over many lines and with exit code 1; this check runs before it, for plain
+    `group=option` and sweep `group=a,b` arguments.
+    """
+    conf = Path(config_dir())
+    for arg in args:
+        name, sep, value = arg.partition("=")
+        group = name.lstrip("+")
+        if not sep or name.startswith(("~", "hydra")) or not (conf / group).is_dir() or value in ("null", "") or "(" in value:
+            continue
+        options = sorted(p.stem for p in (conf / group).glob("*.yaml"))
+        for choice in value.split(","):
+            if choice not in options:
+                print(f"error: {group}={choice}: no such option in conf/{group}{close_matches(choice, options)}; "
+                      f"options: {', '.join(options)}", file=sys.stderr)
+                sys.exit(2)
+
+
+def hydra_command(config_name: str, task: Callable[[DictConfig], Any]) -> Callable[[], Any]:
+    """`main()` for a console script / `python -m`: check group choices, then run `task` as a Hydra app."""
+    hydra_main = hydra.main(version_base="1.3", config_path=config_dir(), config_name=config_name)(task)
+
+    def main() -> Any:
+        check_group_choices(sys.argv[1:])
+        return hydra_main()
+
+    main.__doc__ = task.__doc__
+    return main
