@@ -23,6 +23,10 @@ if not PETS.is_dir():
 # Small and fast for the mechanics tests: 64 px inputs instead of 224.
 FAST = ["backbone.input_size=64", "data.num_workers=0", "data.batch_size=8", "callbacks.progress_bar=null", "trainer.enable_progress_bar=false"]
 
+# The real 224 px pipeline on the shared sample, bf16 for speed.
+PETS_ARGS = [f"data.root={PETS}", "backbone=tf_efficientnet_lite0", "finetune=frozen", "callbacks.progress_bar=null",
+             "trainer.enable_progress_bar=false", "trainer.precision=bf16-mixed"]
+
 
 def pet_photos(prefix_cat: bool, n: int) -> list[Path]:
     """n photos of cats (capitalised breeds) or dogs from the shared sample, spread over breeds."""
@@ -86,3 +90,35 @@ def read_metrics(run_dir: Path) -> dict:
 def copy_tree(src: Path, dst: Path) -> Path:
     shutil.copytree(src, dst)
     return dst
+
+
+@pytest.fixture(scope="session")
+def species_run(tmp_path_factory) -> Path:
+    """Cats vs dogs on the shared sample (bundled Lite0, frozen, 4 epochs): one run shared by several tests."""
+    out = tmp_path_factory.mktemp("species")
+    run_cli("train", "data=oxford_pets", "data.task=species", "trainer.max_epochs=4", "optimizer.lr=3e-3", "seed=1",
+            f"hydra.run.dir={out}", *PETS_ARGS)
+    return out
+
+
+def read_wandb_log(path: Path) -> list:
+    """Records of a W&B transaction log (.wandb: LevelDB-style 32 KiB blocks of protobuf `Record`s)."""
+    import struct
+
+    from wandb.proto import wandb_internal_pb2
+
+    data, pos, block, pending, records = path.read_bytes(), 7, 32768, b"", []
+    assert data[:4] == b":W&B"
+    while pos + 7 <= len(data):
+        left = block - pos % block
+        if left < 7:
+            pos += left
+            continue
+        _crc, length, kind = struct.unpack("<IHB", data[pos : pos + 7])
+        pending, pos = pending + data[pos + 7 : pos + 7 + length], pos + 7 + length
+        if kind in (1, 4):  # a full record, or the last fragment of one
+            record = wandb_internal_pb2.Record()
+            record.ParseFromString(pending)
+            records.append(record)
+            pending = b""
+    return records

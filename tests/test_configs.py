@@ -102,3 +102,25 @@ def test_validation_names_the_key(tmp_path, override, message):
         validate_train_config(cfg)
     assert message in str(info.value)
     assert "\n" not in str(info.value)
+
+
+# The lesson's pictures: presets for transferlab-visualize / transferlab-attack (experiments/lesson/).
+LESSON_PRESETS = {"lesson/ideal_cat": "visualize", "lesson/ideal_zebra": "visualize", "lesson/adversarial_dog": "attack"}
+
+
+def test_every_lesson_preset_is_known():
+    found = {f"lesson/{p.stem}" for p in (CONF / "experiment" / "lesson").glob("*.yaml")}
+    assert found == set(LESSON_PRESETS)
+
+
+@pytest.mark.parametrize("preset,command", sorted(LESSON_PRESETS.items()))
+def test_lesson_presets_compose_for_their_command(tmp_path, preset, command):
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        cfg = compose(command, overrides=[f"experiment={preset}", f"hydra.run.dir={tmp_path}"])
+    assert cfg.target and cfg.backbone.weights == "bundled"
+    if command == "attack":
+        from transferlab.insight.attacks import parse_eps
+
+        assert Path(cfg.input).is_file() and parse_eps(cfg.eps) == pytest.approx(1 / 255) and list(cfg.crop) == [200, 20, 600, 420]
+    else:
+        assert cfg.steps <= 512 and cfg.heldout_backbone == "tf_efficientnet_lite1"

@@ -13,19 +13,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import FAST, PETS, corrupt_copy_tree, make_small_copy, pet_photos, read_metrics, run_cli
+from conftest import FAST, PETS, PETS_ARGS, corrupt_copy_tree, make_small_copy, pet_photos, read_metrics, read_wandb_log, run_cli
 from transferlab.models.backbones import create_backbone
-
-PETS_ARGS = [f"data.root={PETS}", "backbone=tf_efficientnet_lite0", "finetune=frozen", "callbacks.progress_bar=null",
-             "trainer.enable_progress_bar=false", "trainer.precision=bf16-mixed"]
-
-
-@pytest.fixture(scope="module")
-def species_run(tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("species")
-    run_cli("train", "data=oxford_pets", "data.task=species", "trainer.max_epochs=4", "optimizer.lr=3e-3", "seed=1",
-            f"hydra.run.dir={out}", *PETS_ARGS)
-    return out
 
 
 @pytest.fixture(scope="module")
@@ -136,39 +125,22 @@ def test_multirun_writes_one_dir_per_job(tiny_folder, tmp_path):
 @pytest.mark.slow
 def test_ddp_cpu_aggregates_metrics_over_both_processes(tmp_path):
     # 71 test images: the two ranks get 36 and 35, so a padded sampler or unsynced metric would show.
+    # Accuracy under attack too: each rank attacks its share, the counts are summed.
+    attack = ["callbacks=adversarial", "callbacks.adversarial.eps=[0,2/255]", "callbacks.adversarial.pgd_steps=3", "callbacks.progress_bar=null"]
     common = ["data=oxford_pets", "data.task=species", "data.test_fraction=0.19", f"data.root={PETS}", *FAST]
-    run_cli("train", "trainer=ddp_cpu", "trainer.max_epochs=1", f"hydra.run.dir={tmp_path / 'ddp'}", *common)
+    run_cli("train", "trainer=ddp_cpu", "trainer.max_epochs=1", f"hydra.run.dir={tmp_path / 'ddp'}", *common, *attack)
     ddp = read_metrics(tmp_path / "ddp")
     run_cli("eval", f"ckpt_path={tmp_path / 'ddp' / 'checkpoints' / 'best.ckpt'}", f"hydra.run.dir={tmp_path / 'single'}",
-            "trainer.enable_progress_bar=false", "data.num_workers=0")
+            "trainer.enable_progress_bar=false", "data.num_workers=0", *attack)
     single = read_metrics(tmp_path / "single")
     assert ddp["test/acc"] == pytest.approx(single["test/acc"], abs=1e-6)
+    for key in ("adv/fgsm_acc@eps=0/255", "adv/fgsm_acc@eps=2/255", "adv/pgd_acc@eps=2/255"):
+        assert ddp[key] == pytest.approx(single[key], abs=1 / 71 + 1e-6), key
+    assert ddp["adv/fgsm_acc@eps=0/255"] == pytest.approx(ddp["test/acc"], abs=1e-6)
+    assert (tmp_path / "ddp" / "adversarial" / "adversarial.csv").read_text().splitlines()[1].endswith(",71")
     total = sum(int(r["total"]) for r in csv.DictReader(open(tmp_path / "ddp" / "per_class_accuracy.csv")))
     assert total == 71
     assert not list((tmp_path / "ddp").glob("metrics*.json"))[1:]  # written once, by rank 0
-
-
-def read_wandb_log(path: Path) -> list:
-    """Records of a W&B transaction log (.wandb: LevelDB-style 32 KiB blocks of protobuf `Record`s)."""
-    import struct
-
-    from wandb.proto import wandb_internal_pb2
-
-    data, pos, block, pending, records = path.read_bytes(), 7, 32768, b"", []
-    assert data[:4] == b":W&B"
-    while pos + 7 <= len(data):
-        left = block - pos % block
-        if left < 7:
-            pos += left
-            continue
-        _crc, length, kind = struct.unpack("<IHB", data[pos : pos + 7])
-        pending, pos = pending + data[pos + 7 : pos + 7 + length], pos + 7 + length
-        if kind in (1, 4):  # a full record, or the last fragment of one
-            record = wandb_internal_pb2.Record()
-            record.ParseFromString(pending)
-            records.append(record)
-            pending = b""
-    return records
 
 
 def test_loggers_write_real_csv_tensorboard_and_offline_wandb(tiny_folder, tmp_path):

@@ -18,7 +18,7 @@ def check_group_choices(args: list[str]) -> None:
     """`backbone=resnt50` (a config group option that does not exist): one line, close matches, exit 2.
 
     Hydra reports this itself, over many lines and with exit code 1; this check runs before it, for plain
-    `group=option` and sweep `group=a,b` arguments.
+    `group=option`, sweep `group=a,b`, list `group=[a,b]` and nested `group=sub/option` arguments.
     """
     conf = Path(config_dir())
     for arg in args:
@@ -26,8 +26,9 @@ def check_group_choices(args: list[str]) -> None:
         group = name.lstrip("+")
         if not sep or name.startswith(("~", "hydra")) or not (conf / group).is_dir() or value in ("null", "") or "(" in value:
             continue
-        options = sorted(p.stem for p in (conf / group).glob("*.yaml"))
-        for choice in value.split(","):
+        options = sorted(p.relative_to(conf / group).with_suffix("").as_posix() for p in (conf / group).rglob("*.yaml"))
+        for choice in value.strip("[]").split(","):  # group=a, sweep group=a,b, list group=[a,b]
+            choice = choice.strip()
             if choice not in options:
                 print(f"error: {group}={choice}: no such option in conf/{group}{close_matches(choice, options)}; "
                       f"options: {', '.join(options)}", file=sys.stderr)

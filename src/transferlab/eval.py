@@ -29,7 +29,7 @@ def evaluate(cfg: DictConfig) -> dict:
     if datamodule.class_names != model.class_names:
         log.warning("The data's classes %s differ from the checkpoint's %s", datamodule.class_names[:5], model.class_names[:5])
     trainer_cfg = OmegaConf.merge(cfg.trainer, {"precision": cfg.trainer.precision or run.get("precision") or "32-true"})
-    trainer = build_trainer(trainer_cfg, callbacks=[], loggers=instantiate_group(cfg.get("logger")))
+    trainer = build_trainer(trainer_cfg, callbacks=instantiate_group(cfg.get("callbacks")), loggers=instantiate_group(cfg.get("logger")))
     return test_and_report(trainer, model, datamodule, out_dir, None, {"checkpoint": str(cfg.ckpt_path)})
 
 

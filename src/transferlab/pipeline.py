@@ -53,7 +53,7 @@ def test_and_report(trainer: pl.Trainer, model: TransferClassifier, datamodule: 
                     out_dir: Path, ckpt_path: str | None, extra: dict[str, Any]) -> dict[str, Any]:
     """Test (the given checkpoint, or the model as it is), then write metrics.json and the test report."""
     trainer.test(model, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=True if ckpt_path else None)
-    metrics = {**extra, **to_float_dict({k: v for k, v in trainer.callback_metrics.items() if k.startswith("test/")})}
+    metrics = {**extra, **to_float_dict({k: v for k, v in trainer.callback_metrics.items() if k.startswith(("test/", "adv/"))})}
     if trainer.is_global_zero:
         write_json(out_dir / "metrics.json", metrics)
         write_test_report(out_dir, model.class_names, trainer.lightning_module.test_confusion_matrix, trainer.loggers)
@@ -68,6 +68,13 @@ def test_and_report(trainer: pl.Trainer, model: TransferClassifier, datamodule: 
 def announce_skipped(datamodule: ImageClassificationDataModule, out_dir: Path) -> None:
     if datamodule.skipped:
         log.warning("%d file(s) skipped; list in %s", len(datamodule.skipped), out_dir / "skipped_images.csv")
+
+
+def resolve_device(name: str) -> torch.device:
+    """`auto` = the first GPU when there is one; else what the user wrote (cpu, cuda, cuda:1, mps)."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
 
 
 def load_checkpoint(path: str | Path) -> tuple[TransferClassifier, dict[str, Any]]:

@@ -14,7 +14,7 @@ from torch.utils.data import DataLoader, Dataset
 from transferlab.cli import hydra_command
 from transferlab.data.images import IMAGE_SUFFIXES, list_files, load_rgb
 from transferlab.errors import DataError, user_errors_exit
-from transferlab.pipeline import load_checkpoint
+from transferlab.pipeline import load_checkpoint, resolve_device
 
 log = logging.getLogger(__name__)
 
@@ -42,12 +42,6 @@ def collect_inputs(input_path: str) -> list[Path]:
     if path.is_dir():
         return [p for p in list_files(path) if p.suffix.lower() in IMAGE_SUFFIXES]
     raise DataError(f"input: {path} is neither a file nor a folder")
-
-
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
 
 
 @user_errors_exit

@@ -50,13 +50,27 @@ def write_skipped(path: Path, skipped: Mapping[str, str]) -> None:
         writer.writerows(sorted(skipped.items()))
 
 
-def write_test_report(out_dir: Path, class_names: list[str], confusion: torch.Tensor, loggers: list[Logger]) -> None:
-    """per_class_accuracy.csv, confusion_matrix.csv and confusion_matrix.png; the picture also goes to loggers."""
+def pyplot() -> Any:
+    """matplotlib.pyplot on the file-only Agg backend (runs without a display, in workers and on servers)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    return plt
+
+
+def save_figure(fig: Any, path: Path, dpi: int = 100) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.tight_layout()
+    fig.savefig(path, dpi=dpi)
+    pyplot().close(fig)
+    return path
+
+
+def write_test_report(out_dir: Path, class_names: list[str], confusion: torch.Tensor, loggers: list[Logger]) -> None:
+    """per_class_accuracy.csv, confusion_matrix.csv and confusion_matrix.png; the picture also goes to loggers."""
+    plt = pyplot()
     out_dir.mkdir(parents=True, exist_ok=True)
     counts = confusion.long().tolist()
     with open(out_dir / "confusion_matrix.csv", "w", newline="") as fh:
@@ -82,12 +96,22 @@ def write_test_report(out_dir: Path, class_names: list[str], confusion: torch.Te
         for i in range(n):
             for j in range(n):
                 ax.text(j, i, counts[i][j], ha="center", va="center", fontsize=8)
-    fig.tight_layout()
-    fig.savefig(out_dir / "confusion_matrix.png", dpi=120)
+    save_figure(fig, out_dir / "confusion_matrix.png", dpi=120)
+    log_images(loggers, "test/confusion_matrix", [out_dir / "confusion_matrix.png"])
+
+
+def log_images(loggers: list[Logger], tag: str, paths: list[Path], step: int = 0, captions: list[str] | None = None) -> None:
+    """PNG files to every logger that shows pictures: TensorBoard (one image per tag) and W&B (one key, a list)."""
+    import numpy as np
+    from PIL import Image
+
     for lg in loggers:
         kind = type(lg).__name__
         if kind == "TensorBoardLogger":
-            lg.experiment.add_figure("test/confusion_matrix", fig)
+            for i, path in enumerate(paths):
+                with Image.open(path) as img:
+                    array = np.asarray(img.convert("RGB"))
+                name = f"{tag}/{captions[i]}" if captions else (f"{tag}/{i}" if len(paths) > 1 else tag)
+                lg.experiment.add_image(name, array, global_step=step, dataformats="HWC")
         elif kind == "WandbLogger":
-            lg.log_image("test/confusion_matrix", [str(out_dir / "confusion_matrix.png")])
-    plt.close(fig)
+            lg.log_image(tag, [str(p) for p in paths], **({"caption": captions} if captions else {}))
