@@ -22,12 +22,8 @@ from pathlib import Path
 
 from PIL import Image
 
-from transferlab.insight.pixels import (
-    PixelClassifier,
-    second_opinion,
-    to_pixels,
-    total_variation,
-)
+from transferlab.insight.pixels import PixelClassifier, second_opinion, to_pixels, total_variation
+from transferlab.reporting import pyplot, save_figure
 
 REPO = Path(__file__).resolve().parents[1]
 IDEAL = {"ideal_cat": ("ideal-cat.png", "Siamese cat"), "ideal_zebra": ("ideal-zebra.png", "zebra")}

@@ -19,13 +19,7 @@ from omegaconf import DictConfig
 from transferlab.cli import hydra_command
 from transferlab.errors import ConfigError, user_errors_exit
 from transferlab.insight.ideal import IdealSettings, ideal_image
-from transferlab.insight.pixels import (
-    PixelClassifier,
-    build_pixel_classifier,
-    save_png,
-    second_opinion,
-    total_variation,
-)
+from transferlab.insight.pixels import PixelClassifier, build_pixel_classifier, save_png, second_opinion, total_variation
 from transferlab.pipeline import container, resolve_device
 from transferlab.reporting import print_config_tree, write_json
 

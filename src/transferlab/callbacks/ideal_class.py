@@ -11,12 +11,7 @@ import lightning.pytorch as pl
 import torch
 
 from transferlab.insight.ideal import IdealSettings, ideal_image
-from transferlab.insight.pixels import (
-    inspecting,
-    save_png,
-    total_variation,
-    trained_classifier,
-)
+from transferlab.insight.pixels import inspecting, save_png, total_variation, trained_classifier
 from transferlab.reporting import log_images, write_json
 
 log = logging.getLogger(__name__)
