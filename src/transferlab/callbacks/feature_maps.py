@@ -25,7 +25,7 @@ log = logging.getLogger(__name__)
 
 
 def val_image_paths(trainer: pl.Trainer) -> list[Path]:
-    """The validation files of the run's datamodule (its val dataset's `samples`)."""
+    """The validation files of the run's datamodule (`splits["val"]`: (path, label) pairs)."""
     datamodule = trainer.datamodule
     splits = getattr(datamodule, "splits", None) or {}
     if not splits.get("val"):
@@ -44,7 +44,6 @@ class FeatureMaps(pl.Callback):
         self.dirpath, self.num_images, self.layers = Path(dirpath), num_images, list(layers or [])
         self.strides, self.channels, self.seed = tuple(strides), channels, seed
         self.at_start, self.every_n_epochs, self.at_end = at_start, every_n_epochs, at_end
-        self.written: list[Path] = []
 
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         if stage != "fit":
@@ -88,5 +87,4 @@ class FeatureMaps(pl.Callback):
         last = self.layers[-1]
         lesson = [render_lesson_view(acts[last][k], f"{paths[i].name} · {last}", out / f"{k:02d}_lesson_view.png") for k, i in enumerate(chosen)]
         log.info("Feature maps (%s): %d pictures in %s", when, len(written) + len(lesson), out)
-        self.written += written
         return written

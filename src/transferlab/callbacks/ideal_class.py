@@ -28,11 +28,19 @@ class IdealClassImages(pl.Callback):
         self.settings = IdealSettings(steps=steps, lr=lr, tv_weight=tv_weight, views=views, jitter=jitter, scale=scale,
                                       rotate=rotate, parameterization=parameterization, decorrelate=decorrelate, seed=seed)
 
+    def targets(self, pl_module: pl.LightningModule) -> list[int]:
+        model = trained_classifier(pl_module)
+        chosen = [model.resolve_target(c, "callbacks.ideal_class.classes") for c in self.classes]
+        return chosen or list(range(min(self.max_classes, len(model.class_names))))
+
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        if stage == "fit":
+            self.targets(pl_module)  # a mistyped class name fails before training, not after it
+
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if not trainer.is_global_zero:
             return
-        model = trained_classifier(pl_module)
-        targets = [model.resolve_target(c, "callbacks.ideal_class.classes") for c in self.classes] or list(range(min(self.max_classes, len(model.class_names))))
+        model, targets = trained_classifier(pl_module), self.targets(pl_module)
         files, summary = [], {}
         with inspecting(pl_module), torch.inference_mode(False):
             for index in targets:
@@ -40,7 +48,7 @@ class IdealClassImages(pl.Callback):
                 result = ideal_image(model, index, self.settings)
                 path = self.dirpath / f"{index:03d}_{name}.png"
                 saved = save_png(result.image, path)
-                summary[name] = {"target_index": index, "target_prob": float(model.probabilities(saved[None].to(pl_module.device))[0, index]),
+                summary[name] = {"target_index": index, "target_prob": float(model.probabilities(saved[None])[0, index]),
                                  "total_variation": float(total_variation(saved)), "steps": result.steps, "seconds": round(result.seconds, 2)}
                 files.append(path)
         write_json(self.dirpath / "result.json", {"settings": dataclasses.asdict(self.settings), "classes": summary})
