@@ -15,15 +15,9 @@ from omegaconf import DictConfig
 from transferlab.cli import hydra_command
 from transferlab.errors import ConfigError, user_errors_exit
 from transferlab.insight.attacks import parse_eps, targeted_attack
-from transferlab.insight.pixels import (
-    build_pixel_classifier,
-    load_pixels,
-    save_png,
-    second_opinion,
-)
+from transferlab.insight.pixels import build_pixel_classifier, load_pixels, opinion_of, ranked, save_png, second_opinion
 from transferlab.pipeline import container, resolve_device
 from transferlab.reporting import print_config_tree, write_json
-from transferlab.visualize import opinion_of, ranked
 
 log = logging.getLogger(__name__)
 

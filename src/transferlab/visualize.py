@@ -12,36 +12,16 @@ import logging
 from pathlib import Path
 from typing import Any
 
-import torch
-import torch.nn.functional as F
 from omegaconf import DictConfig
 
 from transferlab.cli import hydra_command
 from transferlab.errors import ConfigError, user_errors_exit
 from transferlab.insight.ideal import IdealSettings, ideal_image
-from transferlab.insight.pixels import PixelClassifier, build_pixel_classifier, save_png, second_opinion, total_variation
+from transferlab.insight.pixels import build_pixel_classifier, opinion_of, ranked, save_png, second_opinion, total_variation
 from transferlab.pipeline import container, resolve_device
 from transferlab.reporting import print_config_tree, write_json
 
 log = logging.getLogger(__name__)
-
-
-def ranked(model: PixelClassifier, pixels: torch.Tensor, k: int = 5) -> list[dict[str, Any]]:
-    return [{"name": name, "prob": round(prob, 6)} for name, prob in model.top(pixels, k)]
-
-
-def resized_for(model: PixelClassifier, pixels: torch.Tensor) -> torch.Tensor:
-    """[1, 3, S, S] at another model's input size (bicubic, antialiased), still in [0, 1]."""
-    if pixels.shape[-1] == model.input_size:
-        return pixels[None]
-    return F.interpolate(pixels[None], size=model.input_size, mode="bicubic", antialias=True, align_corners=False).clamp(0, 1)
-
-
-def opinion_of(other: PixelClassifier, target_name: str, pixels: torch.Tensor, key: str) -> dict[str, Any]:
-    """What a second model says about an image (at its own input size), and its probability for `target_name`."""
-    index = other.resolve_target(target_name, key)
-    image = resized_for(other, pixels.to(other.mean.device))
-    return {"name": other.name, "target_prob": float(other.probabilities(image)[0, index]), "top5": ranked(other, image[0])}
 
 
 @user_errors_exit

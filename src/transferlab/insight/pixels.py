@@ -9,7 +9,7 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import Any, Optional, Sequence
 
 import numpy as np
 import torch
@@ -140,6 +140,24 @@ def second_opinion(name: str) -> PixelClassifier:
     from transferlab.models.bundled import BUNDLED
 
     return imagenet_classifier(create_backbone(name, weights="bundled" if name in BUNDLED else "imagenet")).requires_grad_(False).eval()
+
+
+def ranked(model: PixelClassifier, pixels: torch.Tensor, k: int = 5) -> list[dict[str, Any]]:
+    return [{"name": name, "prob": round(prob, 6)} for name, prob in model.top(pixels, k)]
+
+
+def resized_for(model: PixelClassifier, pixels: torch.Tensor) -> torch.Tensor:
+    """[1, 3, S, S] at another model's input size (bicubic, antialiased), still in [0, 1]."""
+    if pixels.shape[-1] == model.input_size:
+        return pixels[None]
+    return torch.nn.functional.interpolate(pixels[None], size=model.input_size, mode="bicubic", antialias=True, align_corners=False).clamp(0, 1)
+
+
+def opinion_of(other: PixelClassifier, target_name: str, pixels: torch.Tensor, key: str) -> dict[str, Any]:
+    """What a second model says about an image (at its own input size), and its probability for `target_name`."""
+    index = other.resolve_target(target_name, key)
+    image = resized_for(other, pixels.to(other.mean.device))
+    return {"name": other.name, "target_prob": float(other.probabilities(image)[0, index]), "top5": ranked(other, image[0])}
 
 
 # -- 8-bit images ------------------------------------------------------------------------------------------
