@@ -16,12 +16,13 @@ from transferlab.config_paths import config_dir
 from transferlab.data.base import ImageClassificationDataModule
 from transferlab.errors import ConfigError
 from transferlab.loggers import resolve_logger_config
+from transferlab.performance import resolve_precision
 from transferlab.models.backbones import create_backbone
 from transferlab.pipeline import instantiate_group
 from transferlab.schema import validate_train_config
 
 CONF = Path(config_dir())
-GROUPS = ["data", "backbone", "finetune", "optimizer", "scheduler", "trainer", "logger", "callbacks", "experiment"]
+GROUPS = ["data", "backbone", "finetune", "optimizer", "scheduler", "trainer", "performance", "logger", "callbacks", "experiment"]
 
 
 def options(group: str) -> list[str]:
@@ -35,6 +36,7 @@ def compose_train(tmp_path: Path, *overrides: str):
         cfg.hydra.runtime.output_dir = str(tmp_path)
     HydraConfig.instance().set_config(cfg)
     resolve_logger_config(cfg.logger, "test")
+    resolve_precision(cfg)  # trainer.precision=auto -> what this machine runs fastest, as train() does
     with open_dict(cfg):
         del cfg["hydra"]
     return cfg

@@ -127,7 +127,8 @@ def test_ddp_cpu_aggregates_metrics_over_both_processes(tmp_path):
     # 71 test images: the two ranks get 36 and 35, so a padded sampler or unsynced metric would show.
     # Accuracy under attack too: each rank attacks its share, the counts are summed.
     attack = ["callbacks=adversarial", "callbacks.adversarial.eps=[0,2/255]", "callbacks.adversarial.pgd_steps=3", "callbacks.progress_bar=null"]
-    common = ["data=oxford_pets", "data.task=species", "data.test_fraction=0.19", f"data.root={PETS}", *FAST]
+    # fp32, so that the attack at eps=0 (always fp32) must reproduce test/acc exactly.
+    common = ["data=oxford_pets", "data.task=species", "data.test_fraction=0.19", f"data.root={PETS}", "trainer.precision=32-true", *FAST]
     run_cli("train", "trainer=ddp_cpu", "trainer.max_epochs=1", f"hydra.run.dir={tmp_path / 'ddp'}", *common, *attack)
     ddp = read_metrics(tmp_path / "ddp")
     run_cli("eval", f"ckpt_path={tmp_path / 'ddp' / 'checkpoints' / 'best.ckpt'}", f"hydra.run.dir={tmp_path / 'single'}",

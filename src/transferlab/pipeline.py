@@ -8,13 +8,14 @@ from typing import Any
 
 import lightning.pytorch as pl
 import torch
+from hydra.errors import InstantiationException
 from hydra.utils import instantiate
 from lightning.pytorch.loggers import Logger
 from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig, OmegaConf
 
 from transferlab.data.base import ImageClassificationDataModule
-from transferlab.errors import DataError
+from transferlab.errors import DataError, TransferlabError
 from transferlab.loggers import finish_loggers, flat_hparams
 from transferlab.models.classifier import TransferClassifier
 from transferlab.reporting import to_float_dict, write_json, write_skipped, write_test_report
@@ -33,7 +34,12 @@ def instantiate_group(node: DictConfig | None) -> list[Any]:
 
 
 def build_datamodule(data_cfg: dict[str, Any], preprocessing: Any) -> ImageClassificationDataModule:
-    datamodule = instantiate(data_cfg)
+    try:
+        datamodule = instantiate(data_cfg)
+    except InstantiationException as exc:  # our own one-line errors, not Hydra's wrapper around them
+        if isinstance(exc.__cause__, TransferlabError):
+            raise exc.__cause__ from None
+        raise
     datamodule.preprocessing = preprocessing
     datamodule.setup()
     return datamodule

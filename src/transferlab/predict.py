@@ -12,7 +12,7 @@ from omegaconf import DictConfig
 from torch.utils.data import DataLoader, Dataset
 
 from transferlab.cli import hydra_command
-from transferlab.data.images import IMAGE_SUFFIXES, list_files, load_rgb
+from transferlab.data.images import IMAGE_SUFFIXES, decode_rgb, list_files
 from transferlab.errors import DataError, user_errors_exit
 from transferlab.pipeline import load_checkpoint, resolve_device
 
@@ -22,15 +22,15 @@ log = logging.getLogger(__name__)
 class _Files(Dataset):
     """Yields (index, image tensor or None, error or '')."""
 
-    def __init__(self, files: list[Path], transform: Any, size: int) -> None:
-        self.files, self.transform, self.size = files, transform, size
+    def __init__(self, files: list[Path], transform: Any, size: int, decode_size: int) -> None:
+        self.files, self.transform, self.size, self.decode_size = files, transform, size, decode_size
 
     def __len__(self) -> int:
         return len(self.files)
 
     def __getitem__(self, i: int) -> tuple[int, torch.Tensor, str]:
         try:
-            return i, self.transform(load_rgb(self.files[i])), ""
+            return i, self.transform(decode_rgb(self.files[i], self.decode_size)), ""
         except Exception as exc:  # noqa: BLE001 - each failure becomes that row's error
             return i, torch.zeros(3, self.size, self.size), f"{type(exc).__name__}: {' '.join(str(exc).split())}"
 
@@ -53,7 +53,7 @@ def predict(cfg: DictConfig) -> Path:
     if not files:
         raise DataError(f"input: no image files ({', '.join(sorted(IMAGE_SUFFIXES))}) under {cfg.input}")
     prep = model.backbone.preprocessing
-    loader = DataLoader(_Files(files, prep.eval_transform(), prep.input_size), batch_size=cfg.batch_size, num_workers=cfg.num_workers)
+    loader = DataLoader(_Files(files, prep.eval_transform(), prep.input_size, prep.decode_size()), batch_size=cfg.batch_size, num_workers=cfg.num_workers)
     k = max(1, min(int(cfg.topk), len(model.class_names)))
     output = Path(cfg.output).expanduser()
     output.parent.mkdir(parents=True, exist_ok=True)

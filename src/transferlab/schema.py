@@ -12,12 +12,13 @@ import inspect
 import types
 import typing
 from collections.abc import Mapping
-from typing import Any, Literal, Optional
+from typing import Any, Literal, Optional, Union
 
 from hydra.utils import get_object
 from omegaconf import DictConfig, OmegaConf
 
 from transferlab.errors import ConfigError, close_matches
+from transferlab.hardware import choose_precision
 
 FINETUNE_MODES = ("frozen", "full", "gradual")
 
@@ -36,6 +37,21 @@ class FinetuneSchema:
     head_dropout: float = 0.0
     backbone_lr_factor: float = 0.1
     unfreeze_at_epoch: Optional[int] = None
+
+
+@dataclasses.dataclass
+class PerformanceSchema:
+    channels_last: Union[bool, Literal["auto"]] = "auto"
+    compile: Union[bool, Literal["auto"]] = False
+    feature_cache: dict = dataclasses.field(default_factory=dict)
+
+
+@dataclasses.dataclass
+class FeatureCacheSchema:
+    enabled: bool = True
+    storage: Literal["disk", "memory"] = "disk"
+    augmented_views: int = 0
+    batch_size: int = 64
 
 
 @dataclasses.dataclass
@@ -182,6 +198,9 @@ def validate_train_config(cfg: DictConfig) -> None:
     run_keys = {f.name: values.get(f.name) for f in dataclasses.fields(RunSchema) if f.name in values}
     check_dataclass("<root>", run_keys, RunSchema)
     check_dataclass("backbone", values.get("backbone") or {}, BackboneSchema)
+    performance = values.get("performance") or {}
+    check_dataclass("performance", performance, PerformanceSchema)
+    check_dataclass("performance.feature_cache", performance.get("feature_cache") or {}, FeatureCacheSchema)
     finetune = values.get("finetune") or {}
     check_dataclass("finetune", finetune, FinetuneSchema)
     mode = finetune.get("mode", "frozen")
@@ -191,6 +210,9 @@ def validate_train_config(cfg: DictConfig) -> None:
         raise ConfigError("finetune.unfreeze_at_epoch: finetune=gradual needs the epoch at which to unfreeze, e.g. finetune.unfreeze_at_epoch=2")
     if mode == "gradual" and "ddp" in str((values.get("trainer") or {}).get("strategy", "")):
         raise ConfigError("finetune=gradual: unfreezing the backbone during a DDP run is not supported; use finetune=full or one device")
+    trainer = values.get("trainer") or {}
+    if str(trainer.get("precision")) == "auto":  # ours, not Lightning's: resolved by performance.resolve_precision
+        trainer["precision"] = choose_precision("auto", trainer.get("accelerator"))
     for group in ("data", "trainer", "optimizer", "scheduler", "logger", "callbacks"):
         _check_targets(group, values.get(group) or {})
     if not (values.get("data") or {}).get("_target_"):

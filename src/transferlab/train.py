@@ -16,6 +16,7 @@ from transferlab.loggers import resolve_logger_config
 from transferlab.models.backbones import create_backbone
 from transferlab.models.classifier import TransferClassifier
 from transferlab.models.finetune import GradualUnfreeze
+from transferlab.performance import apply_performance, resolve_precision
 from transferlab.pipeline import (announce_skipped, build_datamodule, build_trainer, container, instantiate_group,
                                   log_run_config, test_and_report)
 from transferlab.reporting import print_config_tree, to_float_dict
@@ -35,6 +36,7 @@ def resolve_ckpt_path(ckpt_path: Optional[str], out_dir: Path) -> Optional[str]:
 def train(cfg: DictConfig) -> Optional[float]:
     out_dir = Path(cfg.paths.output_dir)
     resolve_logger_config(cfg.get("logger"), run_name=out_dir.name)
+    precision_note = resolve_precision(cfg)
     validate_train_config(cfg)
     if rank_zero_only.rank == 0:
         print_config_tree(cfg, save_to=out_dir / "config.yaml")
@@ -51,7 +53,7 @@ def train(cfg: DictConfig) -> Optional[float]:
         prebuilt_backbone=backbone,
     )
 
-    callbacks = instantiate_group(cfg.get("callbacks"))
+    callbacks = instantiate_group(cfg.get("callbacks")) + apply_performance(cfg, model, datamodule, precision_note)
     if cfg.finetune.mode == "gradual":
         callbacks.append(GradualUnfreeze(cfg.finetune.unfreeze_at_epoch, cfg.finetune.backbone_lr_factor))
     loggers = instantiate_group(cfg.get("logger"))

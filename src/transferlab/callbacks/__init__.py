@@ -1,7 +1,8 @@
-"""Lightning callbacks that look inside the model while it trains: feature maps, ideal-class images, attacks."""
+"""Lightning callbacks: looking inside the model (feature maps, ideal-class images, attacks) and the frozen-feature cache."""
 
 from transferlab.callbacks.adversarial import AdversarialEvaluation
+from transferlab.callbacks.feature_cache import FeatureCache
 from transferlab.callbacks.feature_maps import FeatureMaps
 from transferlab.callbacks.ideal_class import IdealClassImages
 
-__all__ = ["AdversarialEvaluation", "FeatureMaps", "IdealClassImages"]
+__all__ = ["AdversarialEvaluation", "FeatureCache", "FeatureMaps", "IdealClassImages"]

@@ -58,8 +58,11 @@ class AdversarialEvaluation(pl.Callback):
         device = pl_module.device
         mean = torch.tensor(prep.mean, device=device).view(1, 3, 1, 1)
         std = torch.tensor(prep.std, device=device).view(1, 3, 1, 1)
-        loader = trainer.test_dataloaders
-        loader = loader[0] if isinstance(loader, (list, tuple)) else loader
+        if hasattr(trainer.datamodule, "image_loader"):  # pixels, also when the test split's features are cached
+            loader = trainer.datamodule.image_loader("test")
+        else:
+            loader = trainer.test_dataloaders
+            loader = loader[0] if isinstance(loader, (list, tuple)) else loader
         budget = math.ceil(self.max_images / trainer.world_size) if self.max_images else None
         gen = torch.Generator().manual_seed(self.seed + trainer.global_rank)
         with torch.inference_mode(False), inspecting(pl_module):  # Lightning tests in inference mode; attacks need gradients

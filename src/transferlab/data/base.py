@@ -17,17 +17,15 @@ import lightning.pytorch as pl
 import numpy as np
 import torch
 from filelock import FileLock
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, RandomSampler
 
-from transferlab.data.images import load_rgb
+from transferlab.data.images import ImageDataset, Sample, decode_all
 from transferlab.data.integrity import scan_images
 from transferlab.data.preprocessing import Preprocessing
 from transferlab.errors import DataError
+from transferlab.hardware import default_workers, usable_cores
 
 log = logging.getLogger(__name__)
-
-Sample = tuple[Path, int]
-
 
 @dataclass
 class Discovered:
@@ -36,23 +34,6 @@ class Discovered:
     class_names: list[str]
     samples: list[Sample]
     test_samples: Optional[list[Sample]] = None
-
-
-class ImageDataset(Dataset):
-    def __init__(self, samples: Sequence[Sample], transform: Any) -> None:
-        self.samples = list(samples)
-        self.transform = transform
-
-    def __len__(self) -> int:
-        return len(self.samples)
-
-    def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
-        path, label = self.samples[index]
-        try:
-            image = load_rgb(path)
-        except Exception as exc:
-            raise DataError(f"{path}: cannot be read any more ({exc}); it passed the integrity scan, so it changed during the run") from exc
-        return self.transform(image), label
 
 
 def stratified_split(labels: Sequence[int], val_fraction: float, test_fraction: float, seed: int) -> tuple[list[int], list[int], list[int]]:
@@ -85,8 +66,10 @@ class ImageClassificationDataModule(pl.LightningDataModule):
         test_fraction: float = 0.15,
         split_seed: int = 42,
         batch_size: int = 32,
-        num_workers: int = 2,
+        num_workers: Union[int, str] = "auto",
         pin_memory: Union[bool, str] = "auto",
+        prefetch_factor: Optional[int] = None,
+        image_cache: bool = False,
         augment: Optional[Mapping[str, Any]] = None,
         verify_images: bool = True,
         cache_dir: Optional[str] = None,
@@ -97,7 +80,12 @@ class ImageClassificationDataModule(pl.LightningDataModule):
             raise DataError(f"data.val_fraction={val_fraction}, data.test_fraction={test_fraction}: each must be in [0, 1) and their sum < 1")
         self.root = Path(str(root)).expanduser()
         self.val_fraction, self.test_fraction, self.split_seed = val_fraction, test_fraction, split_seed
+        if num_workers != "auto" and (not isinstance(num_workers, int) or num_workers < 0):
+            raise DataError(f"data.num_workers: expected auto or a whole number >= 0, got {num_workers!r}")
         self.batch_size, self.num_workers, self.pin_memory = batch_size, num_workers, pin_memory
+        self.prefetch_factor, self.image_cache = prefetch_factor, image_cache
+        self.feature_sets: dict[str, Dataset] = {}  # split -> cached (features, label) pairs (frozen backbone)
+        self._decoded: dict[str, list[torch.Tensor]] = {}
         self.augment = dict(augment or {})
         self.verify_images, self.cache_dir, self.download_enabled = verify_images, cache_dir, download
         self.preprocessing: Optional[Preprocessing] = None
@@ -161,34 +149,67 @@ class ImageClassificationDataModule(pl.LightningDataModule):
         good = {str(p) for p in report.good}
         return [s for s in samples if str(s[0]) in good]
 
-    def _loader(self, split: str, train: bool) -> DataLoader:
+    # -- loaders -------------------------------------------------------------------------------------
+    def _on_gpu(self) -> bool:
+        trainer = self.trainer
+        return trainer.strategy.root_device.type == "cuda" if trainer is not None else torch.cuda.is_available()
+
+    def workers(self) -> int:
+        """data.num_workers, with `auto` = derived from the cores this process may use (hardware.default_workers)."""
+        if self.num_workers != "auto":
+            return int(self.num_workers)
+        trainer = self.trainer
+        return default_workers(trainer.num_devices if trainer is not None else 1, gpu=self._on_gpu())
+
+    def samples_dataset(self, samples: Sequence[Sample], train: bool = False) -> ImageDataset:
+        """Training (augmented) or evaluation images of any (path, label) list, decoded at the size they need."""
         if self.preprocessing is None:
             raise RuntimeError("datamodule.preprocessing must be set (from the backbone) before loaders are built")
-        transform = self.preprocessing.train_transform(self.augment) if train else self.preprocessing.eval_transform()
-        pin = torch.cuda.is_available() if self.pin_memory == "auto" else bool(self.pin_memory)
-        dataset = ImageDataset(self.splits[split], transform)
-        sampler = None
+        augment = self.augment if train else None
+        transform = self.preprocessing.train_transform(augment) if train else self.preprocessing.eval_transform()
+        return ImageDataset(samples, transform, self.preprocessing.decode_size(augment))
+
+    def image_dataset(self, split: str, train: bool = False) -> ImageDataset:
+        dataset = self.samples_dataset(self.splits[split], train)
+        if self.image_cache:
+            cache_key = f"{split}:{dataset.min_short_side}"
+            if cache_key not in self._decoded:
+                self._decoded[cache_key] = decode_all(dataset, usable_cores())
+                log.info("Image cache: %d %s images decoded at %d px short side", len(dataset), split, dataset.min_short_side)
+            dataset.decoded = self._decoded[cache_key]
+        return dataset
+
+    def loader(self, dataset: Dataset, train: bool, workers: Optional[int] = None) -> DataLoader:
+        """Shuffling from a generator seeded by the run's seed: the order does not depend on worker settings."""
+        workers = self.workers() if workers is None else workers
+        on_gpu = self._on_gpu()
+        pin = on_gpu if self.pin_memory == "auto" else bool(self.pin_memory)
+        sampler = RandomSampler(dataset, generator=torch.Generator().manual_seed(torch.initial_seed())) if train else None
         if not train and torch.distributed.is_available() and torch.distributed.is_initialized():
             # Each image evaluated exactly once across ranks (Lightning's default sampler pads with repeats).
-            from lightning.pytorch.overrides.distributed import UnrepeatedDistributedSampler
+            from lightning.pytorch.overrides.distributed import (
+                UnrepeatedDistributedSampler,
+            )
 
             sampler = UnrepeatedDistributedSampler(dataset, shuffle=False)
-        return DataLoader(
-            dataset,
-            batch_size=self.batch_size,
-            shuffle=train,
-            sampler=sampler,
-            num_workers=self.num_workers,
-            pin_memory=pin,
-            persistent_workers=self.num_workers > 0,
-            drop_last=False,
-        )
+        extra = {"persistent_workers": True, "prefetch_factor": self.prefetch_factor or (4 if on_gpu else 2)} if workers > 0 else {}
+        return DataLoader(dataset, batch_size=self.batch_size, sampler=sampler, num_workers=workers, pin_memory=pin,
+                          drop_last=False, **extra)
+
+    def image_loader(self, split: str) -> DataLoader:
+        """Images even when features are cached (adversarial evaluation needs pixels)."""
+        return self.loader(self.image_dataset(split), train=False)
+
+    def _split_loader(self, split: str, train: bool) -> DataLoader:
+        if split in self.feature_sets:  # features come from memory / a memory map: no worker processes needed
+            return self.loader(self.feature_sets[split], train, workers=0)
+        return self.loader(self.image_dataset(split, train), train)
 
     def train_dataloader(self) -> DataLoader:
-        return self._loader("train", train=True)
+        return self._split_loader("train", train=True)
 
     def val_dataloader(self) -> DataLoader:
-        return self._loader("val", train=False)
+        return self._split_loader("val", train=False)
 
     def test_dataloader(self) -> DataLoader:
-        return self._loader("test", train=False)
+        return self._split_loader("test", train=False)

@@ -46,6 +46,13 @@ class Preprocessing:
     def _finish(self) -> list[v2.Transform]:
         return [v2.ToDtype(torch.float32, scale=True), v2.Normalize(self.mean, self.std)]
 
+    def decode_size(self, augment: Mapping[str, Any] | None = None) -> int:
+        """The short side (px) an image needs before the transform: the eval resize, or more when random crops
+        zoom in (a crop keeps >= scale_min of the area, so sqrt(scale_min) of the side)."""
+        resize = int(math.floor(self.input_size / self.crop_pct))
+        scale_min = float(dict(augment or {}).get("scale_min", 1.0))
+        return resize if scale_min >= 1.0 else int(math.ceil(resize / math.sqrt(max(scale_min, 1e-3))))
+
     def eval_transform(self) -> v2.Compose:
         """Resize the short side to size/crop_pct, centre-crop to size: what the weights were trained with."""
         resize = int(math.floor(self.input_size / self.crop_pct))

@@ -47,11 +47,14 @@ class TransferClassifier(pl.LightningModule):
         self.head = nn.Sequential(nn.Dropout(dropout), nn.Linear(self.backbone.num_features, num_classes))
         self.mode = finetune.get("mode", "frozen")
         self.backbone_frozen = False
+        self.channels_last = False
         if self.mode in ("frozen", "gradual"):
             self.freeze_backbone()
 
-        self.train_loss, self.val_loss, self.test_loss = MeanMetric(), MeanMetric(), MeanMetric()
-        self.train_acc = MulticlassAccuracy(num_classes, average="micro")
+        # Training-step metrics without input checks: each check is a GPU->CPU sync that stalls every step.
+        self.train_loss = MeanMetric(nan_strategy="disable")
+        self.val_loss, self.test_loss = MeanMetric(), MeanMetric()
+        self.train_acc = MulticlassAccuracy(num_classes, average="micro", validate_args=False)
         self.val_acc = MulticlassAccuracy(num_classes, average="micro")
         self.test_acc = MulticlassAccuracy(num_classes, average="micro")
         self.topk = 3 if num_classes > 3 else None
@@ -79,13 +82,25 @@ class TransferClassifier(pl.LightningModule):
             self.backbone.eval()  # Lightning calls .train() every epoch; keep the frozen backbone in eval
         return self
 
+    # -- runtime ---------------------------------------------------------------------------------------
+    def configure_runtime(self, channels_last: bool = False, compile: bool = False) -> None:
+        """Speed settings that do not change what the model computes (so they are not hyper-parameters)."""
+        self.channels_last = bool(channels_last)
+        if self.channels_last:
+            self.backbone.to(memory_format=torch.channels_last)
+        if compile:
+            self.backbone.body.compile()  # in place: parameter names (and so checkpoints) stay as they are
+
     # -- forward -----------------------------------------------------------------------------------------
     def features(self, images: torch.Tensor) -> torch.Tensor:
+        if self.channels_last:
+            images = images.contiguous(memory_format=torch.channels_last)
         with torch.set_grad_enabled(torch.is_grad_enabled() and not self.backbone_frozen):
             return self.backbone(images)
 
-    def forward(self, images: torch.Tensor) -> torch.Tensor:
-        return self.head(self.features(images))
+    def forward(self, inputs: torch.Tensor) -> torch.Tensor:
+        """Images [N, 3, H, W], or the backbone's pooled features [N, D] (from the frozen-feature cache)."""
+        return self.head(inputs if inputs.ndim == 2 else self.features(inputs))
 
     def imagenet_logits(self, images: torch.Tensor) -> torch.Tensor:
         """The backbone's own ImageNet classifier (visualisation and attacks use it)."""

@@ -1,0 +1,128 @@
+"""finetune=frozen: compute the backbone's pooled features of each image once; the head trains from them.
+
+A frozen backbone (weights fixed, BatchNorm in eval mode) gives the same features for an image every epoch,
+so recomputing them (as the lesson's loop does) spends ~all of a linear probe's time on identical work.
+This callback fills a FeatureStore (transferlab/data/feature_cache.py) at setup, shares the work over DDP
+ranks, and hands the datamodule (features, label) datasets; the model takes an [N, D] batch as features.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import time
+import uuid
+from pathlib import Path
+from typing import Any, Optional
+
+import lightning.pytorch as pl
+import torch
+from torch.utils.data import DataLoader
+
+from transferlab.data.feature_cache import (FeatureDataset, FeatureStore, ViewsDataset, compute_features, fingerprint,
+                                            image_key, weights_digest)
+from transferlab.errors import ConfigError
+
+log = logging.getLogger(__name__)
+
+STAGE_SPLITS = {"fit": ("train", "val"), "validate": ("val",), "test": ("test",)}
+STORAGES = ("disk", "memory")
+
+
+class FeatureCache(pl.Callback):
+    def __init__(self, storage: str = "disk", cache_dir: Optional[str] = None, augmented_views: int = 0, seed: int = 0,
+                 batch_size: int = 64) -> None:
+        if storage not in STORAGES:
+            raise ConfigError(f"performance.feature_cache.storage: expected disk or memory, got {storage!r}")
+        if storage == "disk" and not cache_dir:
+            raise ConfigError("performance.feature_cache.storage=disk needs paths.cache_dir; set it or use storage=memory")
+        if int(augmented_views) < 0:
+            raise ConfigError(f"performance.feature_cache.augmented_views: expected 0 or more views, got {augmented_views}")
+        self.root = Path(cache_dir).expanduser() / "features" if storage == "disk" else None
+        self.views, self.seed, self.batch_size = int(augmented_views), int(seed), int(batch_size)
+        self.stats: dict[str, dict[str, Any]] = {}
+        self._stores: dict[str, FeatureStore] = {}
+
+    def _store(self, pl_module: pl.LightningModule, datamodule: Any, precision: str, views: int) -> FeatureStore:
+        backbone = pl_module.backbone
+        prep = datamodule.preprocessing
+        transform = prep.train_transform(datamodule.augment) if views else prep.eval_transform()
+        description = {"backbone": backbone.name, "source": backbone.source, "weights_sha256": weights_digest(backbone.body),
+                       "transform": repr(transform), "decode_size": prep.decode_size(datamodule.augment if views else None),
+                       "precision": precision, "views": views, "seed": self.seed if views else None}
+        key = fingerprint(**description)
+        if key not in self._stores:
+            self._stores[key] = FeatureStore(self.root, key, description)
+        return self._stores[key]
+
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        datamodule = trainer.datamodule
+        if not getattr(pl_module, "backbone_frozen", False):
+            raise ConfigError("performance.feature_cache: only a frozen backbone (finetune=frozen) can use cached features")
+        started = time.perf_counter()
+        pl_module.backbone.to(trainer.strategy.root_device)  # Lightning moves the module after setup; extraction needs it now
+        # Fitting is followed by testing: fill the test split too, in the same pass (one loader, full batches).
+        splits = [s for s in STAGE_SPLITS.get(stage, ()) + (("test",) if stage == "fit" else ())
+                  if s not in datamodule.feature_sets and datamodule.splits.get(s)]
+        by_store: dict[str, list[str]] = {}
+        for split in splits:
+            views = self.views if split == "train" else 0
+            store = self._store(pl_module, datamodule, str(trainer.precision), views)
+            by_store.setdefault(store.key, []).append(split)
+        for key, store_splits in by_store.items():
+            store = self._stores[key]
+            samples = list({str(path): (path, label) for s in store_splits for path, label in datamodule.splits[s]}.values())
+            keys = [image_key(path) for path, _ in samples]
+            missing = set(store.missing(keys))
+            if missing:
+                self._fill(trainer, pl_module, datamodule, store, samples, keys, sorted(missing),
+                           self.views if "train" in store_splits else 0)
+            for split in store_splits:
+                split_keys = [image_key(path) for path, _ in datamodule.splits[split]]
+                datamodule.feature_sets[split] = FeatureDataset(store, split_keys, [label for _, label in datamodule.splits[split]])
+                computed = sum(k in missing for k in split_keys)
+                self.stats[split] = {"images": len(split_keys), "computed": computed, "reused": len(split_keys) - computed,
+                                     "views": self.views if split == "train" else 0, "store": str(store.folder or "memory")}
+        if splits:
+            seconds = time.perf_counter() - started
+            log.info("Feature cache (%s): %s; %.1f s", self.root or "memory",
+                     ", ".join(f"{s} {self.stats[s]['images']} ({self.stats[s]['computed']} computed, {self.stats[s]['reused']} reused)"
+                               for s in splits), seconds)
+            if trainer.is_global_zero:
+                out = Path(trainer.default_root_dir) / "feature_cache.json"
+                out.parent.mkdir(parents=True, exist_ok=True)
+                self.stats[f"seconds_{getattr(stage, 'value', stage)}"] = round(seconds, 2)
+                out.write_text(json.dumps(self.stats, indent=2))
+
+    def _fill(self, trainer: pl.Trainer, pl_module: pl.LightningModule, datamodule: Any, store: FeatureStore,
+              samples: list, keys: list[str], missing: list[str], views: int) -> None:
+        """Each rank computes its share of the missing images; the shares meet on disk, or through the process group."""
+        rank, world = trainer.global_rank, trainer.world_size
+        position = {key: i for i, key in enumerate(keys)}
+        mine = missing[rank::world]
+        dataset = datamodule.samples_dataset([samples[position[key]] for key in mine], train=views > 0)
+        if views:
+            dataset = ViewsDataset(dataset, mine, views, self.seed)
+        batch_size = max(1, self.batch_size // max(1, views))
+        workers = min(datamodule.workers(), math.ceil(len(dataset) / batch_size))  # no idle worker processes to start
+        loader = DataLoader(dataset, batch_size=batch_size, num_workers=workers, pin_memory=trainer.strategy.root_device.type == "cuda")
+        with torch.random.fork_rng(devices=[]):  # the run's random stream stays as if nothing had been computed here
+            features = compute_features(pl_module.backbone, loader, trainer.strategy.root_device,
+                                        trainer.precision_plugin.forward_context, getattr(pl_module, "channels_last", False))
+        split = "train" if views else "eval"
+        name = f"{split}-{uuid.uuid4().hex[:12]}-r{rank}"
+        if world == 1:
+            store.add(mine, features, name)
+            return
+        if store.folder is not None and len(mine):
+            store.add(mine, features, name)
+        trainer.strategy.barrier("feature_cache")
+        store.refresh()
+        # Memory storage, or a cache dir the nodes do not share: exchange the shares through the process group.
+        if trainer.strategy.reduce_boolean_decision(bool(store.missing(missing)), all=False):
+            gathered: list[Any] = [None] * world
+            torch.distributed.all_gather_object(gathered, (mine, features))
+            for other_rank, (other_keys, other_features) in enumerate(gathered):
+                if len(other_keys) and store.missing(other_keys):
+                    store.add(other_keys, other_features, f"{split}-{uuid.uuid4().hex[:12]}-from-r{other_rank}")
