@@ -74,10 +74,11 @@ class FeatureCache(pl.Callback):
             store = self._stores[key]
             samples = list({str(path): (path, label) for s in store_splits for path, label in datamodule.splits[s]}.values())
             keys = [image_key(path) for path, _ in samples]
-            missing = set(store.missing(keys))
+            # Rank 0's view decides for all ranks: the same shares everywhere, and every rank fills or none does.
+            missing = trainer.strategy.broadcast(sorted(store.missing(keys)), src=0)
             if missing:
-                self._fill(trainer, pl_module, datamodule, store, samples, keys, sorted(missing),
-                           self.views if "train" in store_splits else 0)
+                self._fill(trainer, pl_module, datamodule, store, samples, keys, missing, self.views if "train" in store_splits else 0)
+            missing = set(missing)
             for split in store_splits:
                 split_keys = [image_key(path) for path, _ in datamodule.splits[split]]
                 datamodule.feature_sets[split] = FeatureDataset(store, split_keys, [label for _, label in datamodule.splits[split]])
