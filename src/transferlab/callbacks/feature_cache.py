@@ -44,11 +44,11 @@ class FeatureCache(pl.Callback):
         self.stats: dict[str, dict[str, Any]] = {}
         self._stores: dict[str, FeatureStore] = {}
 
-    def _store(self, pl_module: pl.LightningModule, datamodule: Any, precision: str, views: int) -> FeatureStore:
+    def _store(self, pl_module: pl.LightningModule, datamodule: Any, precision: str, views: int, digest: str) -> FeatureStore:
         backbone = pl_module.backbone
         prep = datamodule.preprocessing
         transform = prep.train_transform(datamodule.augment) if views else prep.eval_transform()
-        description = {"backbone": backbone.name, "source": backbone.source, "weights_sha256": weights_digest(backbone.body),
+        description = {"backbone": backbone.name, "source": backbone.source, "weights_sha256": digest,
                        "transform": repr(transform), "decode_size": prep.decode_size(datamodule.augment if views else None),
                        "precision": precision, "views": views, "seed": self.seed if views else None}
         key = fingerprint(**description)
@@ -66,9 +66,10 @@ class FeatureCache(pl.Callback):
         splits = [s for s in STAGE_SPLITS.get(stage, ()) + (("test",) if stage == "fit" else ())
                   if s not in datamodule.feature_sets and datamodule.splits.get(s)]
         by_store: dict[str, list[str]] = {}
+        digest = weights_digest(pl_module.backbone.body) if splits else ""  # once: ~0.3 s for ResNet-50's 100 MB
         for split in splits:
             views = self.views if split == "train" else 0
-            store = self._store(pl_module, datamodule, str(trainer.precision), views)
+            store = self._store(pl_module, datamodule, str(trainer.precision), views, digest)
             by_store.setdefault(store.key, []).append(split)
         for key, store_splits in by_store.items():
             store = self._stores[key]

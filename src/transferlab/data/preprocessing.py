@@ -46,18 +46,21 @@ class Preprocessing:
     def _finish(self) -> list[v2.Transform]:
         return [v2.ToDtype(torch.float32, scale=True), v2.Normalize(self.mean, self.std)]
 
+    @property
+    def resize_size(self) -> int:
+        """Short side before the centre crop (timm's crop_pct convention)."""
+        return int(math.floor(self.input_size / self.crop_pct))
+
     def decode_size(self, augment: Mapping[str, Any] | None = None) -> int:
         """The short side (px) an image needs before the transform: the eval resize, or more when random crops
         zoom in (a crop keeps >= scale_min of the area, so sqrt(scale_min) of the side)."""
-        resize = int(math.floor(self.input_size / self.crop_pct))
         scale_min = float(dict(augment or {}).get("scale_min", 1.0))
-        return resize if scale_min >= 1.0 else int(math.ceil(resize / math.sqrt(max(scale_min, 1e-3))))
+        return self.resize_size if scale_min >= 1.0 else int(math.ceil(self.resize_size / math.sqrt(max(scale_min, 1e-3))))
 
     def eval_transform(self) -> v2.Compose:
         """Resize the short side to size/crop_pct, centre-crop to size: what the weights were trained with."""
-        resize = int(math.floor(self.input_size / self.crop_pct))
         return v2.Compose(
-            [v2.ToImage(), v2.Resize(resize, interpolation=self._mode, antialias=True), v2.CenterCrop(self.input_size)]
+            [v2.ToImage(), v2.Resize(self.resize_size, interpolation=self._mode, antialias=True), v2.CenterCrop(self.input_size)]
             + self._finish()
         )
 
@@ -69,8 +72,7 @@ class Preprocessing:
         if scale_min < 1.0:
             steps.append(v2.RandomResizedCrop(self.input_size, scale=(scale_min, 1.0), interpolation=self._mode, antialias=True))
         else:
-            resize = int(math.floor(self.input_size / self.crop_pct))
-            steps += [v2.Resize(resize, interpolation=self._mode, antialias=True), v2.CenterCrop(self.input_size)]
+            steps += [v2.Resize(self.resize_size, interpolation=self._mode, antialias=True), v2.CenterCrop(self.input_size)]
         if augment.get("hflip", False):
             steps.append(v2.RandomHorizontalFlip())
         jitter = float(augment.get("color_jitter", 0.0) or 0.0)
