@@ -22,7 +22,8 @@ from transferlab.pipeline import instantiate_group
 from transferlab.schema import validate_train_config
 
 CONF = Path(config_dir())
-GROUPS = ["data", "backbone", "finetune", "optimizer", "scheduler", "trainer", "performance", "logger", "callbacks", "experiment"]
+GROUPS = ["data", "backbone", "finetune", "optimizer", "scheduler", "trainer", "performance", "logger", "callbacks", "experiment",
+          "hparams_search"]
 
 
 def options(group: str) -> list[str]:

@@ -16,6 +16,8 @@ def test_wheel_ships_configs_and_experiments(tmp_path):
     wheel = next((tmp_path / "dist").glob("transferlab-*.whl"))
     names = zipfile.ZipFile(wheel).namelist()
     assert "transferlab/conf/train.yaml" in names and "transferlab/conf/experiment/pets_lite0_frozen.yaml" in names
+    assert "hydra_plugins/transferlab_optuna/optuna_sweeper.py" in names  # Hydra finds sweepers only there
+    assert "transferlab/conf/hparams_search/lite0_frozen.yaml" in names
     target = tmp_path / "site"
     zipfile.ZipFile(wheel).extractall(target)
     # Run from an unrelated folder with only the unpacked wheel ahead of the editable install on the path.

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -10,6 +11,7 @@ from typing import Any
 import hydra
 from omegaconf import DictConfig
 
+from transferlab import distributed, sweep
 from transferlab.config_paths import config_dir
 from transferlab.errors import close_matches
 
@@ -36,12 +38,30 @@ def check_group_choices(args: list[str]) -> None:
 
 
 def hydra_command(config_name: str, task: Callable[[DictConfig], Any]) -> Callable[[], Any]:
-    """`main()` for a console script / `python -m`: check group choices, then run `task` as a Hydra app."""
-    hydra_main = hydra.main(version_base="1.3", config_path=config_dir(), config_name=config_name)(task)
+    """`main()` for a console script / `python -m`: check group choices, then run `task` as a Hydra app.
+
+    In a multirun each job runs through `run_sweep_job` (its failure is recorded, the sweep goes on); the
+    command then exits 1 when any job failed.
+    """
+
+    module = task.__module__
+    if module == "__main__":  # `python -m transferlab.train`
+        spec = getattr(sys.modules["__main__"], "__spec__", None)
+        module = spec.name if spec else f"transferlab.{config_name}"
+
+    @functools.wraps(task)
+    def app(cfg: DictConfig) -> Any:
+        distributed.install(module)  # here, not in main(): submitit runs jobs in fresh processes
+        return sweep.run_sweep_job(task, cfg) if sweep.in_sweep() else task(cfg)
+
+    hydra_main = hydra.main(version_base="1.3", config_path=config_dir(), config_name=config_name)(app)
 
     def main() -> Any:
         check_group_choices(sys.argv[1:])
-        return hydra_main()
+        result = hydra_main()
+        if sweep.failed_jobs_of_last_sweep:
+            sys.exit(1)
+        return result
 
     main.__doc__ = task.__doc__
     return main

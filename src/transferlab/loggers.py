@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import netrc
 import os
+from pathlib import Path
 from typing import Any
 
 from lightning.pytorch.loggers import CSVLogger, Logger
@@ -42,15 +43,32 @@ def wandb_has_credentials() -> bool:
         return False
 
 
+def sweep_identity() -> tuple[str, str] | None:
+    """(group, run name) of this job when it is part of a multirun: the sweep folder, the job's overrides."""
+    from hydra.core.hydra_config import HydraConfig
+
+    from transferlab.sweep import in_sweep
+
+    if not in_sweep():
+        return None
+    hydra_cfg = HydraConfig.get()
+    sweep_dir = Path(hydra_cfg.sweep.dir)
+    group = f"{sweep_dir.parent.name}/{sweep_dir.name}" if sweep_dir.parent.name not in ("", ".") else sweep_dir.name
+    return group, f"{hydra_cfg.job.num}: {hydra_cfg.job.override_dirname or 'defaults'}"[:120]
+
+
 def resolve_logger_config(logger_cfg: DictConfig | None, run_name: str) -> None:
-    """Fill `offline: auto` and an empty W&B run name in place, before validation and instantiation."""
+    """Fill `offline: auto`, an empty W&B run name and, in a sweep, an empty group (one per sweep) in place."""
     for node in (logger_cfg or {}).values():
         if isinstance(node, DictConfig) and str(node.get("_target_", "")).endswith("WandbLogger"):
+            sweep = sweep_identity()
             with open_dict(node):
                 if node.get("offline") == "auto":
                     node.offline = os.environ.get("WANDB_MODE") == "offline" or not wandb_has_credentials()
                 if not node.get("name"):
-                    node.name = run_name
+                    node.name = sweep[1] if sweep else run_name
+                if sweep and not node.get("group"):
+                    node.group = sweep[0]
 
 
 def finish_loggers(loggers: list[Logger]) -> None:

@@ -18,12 +18,18 @@ from rich.tree import Tree
 
 
 def print_config_tree(cfg: DictConfig, save_to: Path | None = None) -> None:
-    """Show the resolved config group by group, and save it as <run>/config.yaml."""
-    tree = Tree("config", guide_style="dim")
-    for key, value in cfg.items():
-        text = OmegaConf.to_yaml(value, resolve=True) if isinstance(value, DictConfig) else str(value)
-        tree.add(f"[bold]{key}").add(Syntax(text, "yaml", theme="ansi_dark"))
-    Console(stderr=False).print(tree)
+    """Show the resolved config group by group, and save it as <run>/config.yaml.
+
+    Jobs of a sweep only save it: the sweep's log shows each job's overrides, not 20 full trees.
+    """
+    from transferlab.sweep import in_sweep
+
+    if not in_sweep():
+        tree = Tree("config", guide_style="dim")
+        for key, value in cfg.items():
+            text = OmegaConf.to_yaml(value, resolve=True) if isinstance(value, DictConfig) else str(value)
+            tree.add(f"[bold]{key}").add(Syntax(text, "yaml", theme="ansi_dark"))
+        Console(stderr=False).print(tree)
     if save_to is not None:
         save_to.parent.mkdir(parents=True, exist_ok=True)
         save_to.write_text(OmegaConf.to_yaml(cfg, resolve=True))

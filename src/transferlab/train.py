@@ -10,6 +10,7 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig
 
+from transferlab.callbacks.optuna_pruning import pruning_callbacks
 from transferlab.cli import hydra_command
 from transferlab.errors import ConfigError, user_errors_exit
 from transferlab.loggers import resolve_logger_config
@@ -54,6 +55,7 @@ def train(cfg: DictConfig) -> Optional[float]:
     )
 
     callbacks = instantiate_group(cfg.get("callbacks")) + apply_performance(cfg, model, datamodule, precision_note)
+    callbacks += pruning_callbacks()  # a trial of an Optuna sweep
     if cfg.finetune.mode == "gradual":
         callbacks.append(GradualUnfreeze(cfg.finetune.unfreeze_at_epoch, cfg.finetune.backbone_lr_factor))
     loggers = instantiate_group(cfg.get("logger"))

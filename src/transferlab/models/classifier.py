@@ -6,6 +6,7 @@ with `weights_only=True`): backbone spec, class names, preprocessing, and the da
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 from typing import Any, Optional
 
@@ -18,6 +19,7 @@ from torchmetrics import MaxMetric, MeanMetric
 from torchmetrics.classification import MulticlassAccuracy, MulticlassConfusionMatrix
 
 from transferlab.data.preprocessing import Preprocessing
+from transferlab.errors import TrainingDiverged
 from transferlab.models.backbones import Backbone, create_backbone
 
 
@@ -119,6 +121,16 @@ class TransferClassifier(pl.LightningModule):
         self.log("train/loss", self.train_loss, on_step=True, on_epoch=True, prog_bar=True)
         self.log("train/acc", self.train_acc, on_step=False, on_epoch=True, prog_bar=True)
         return loss
+
+    def on_train_epoch_end(self) -> None:
+        """Stop a diverged run with a clear error instead of training on NaNs (one sync per epoch, not per step)."""
+        if not self.train_loss.update_called:  # no training batch this epoch
+            return
+        loss = float(self.train_loss.compute())
+        if not math.isfinite(loss):
+            lr = self.trainer.optimizers[0].param_groups[0]["lr"] if self.trainer.optimizers else float("nan")
+            raise TrainingDiverged(f"train/loss is {loss} in epoch {self.current_epoch}: training diverged; "
+                                   f"lower optimizer.lr (now {lr:g}) or set trainer.gradient_clip_val")
 
     def on_train_epoch_start(self) -> None:
         if self.trainer.optimizers:

@@ -1,0 +1,61 @@
+"""Report a metric to this job's Optuna trial after every validation, and stop the job when the pruner says so."""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Optional
+
+import lightning.pytorch as pl
+
+
+class OptunaPruning(pl.Callback):
+    """Rank 0 talks to the study; every rank gets its decision, so a DDP job stops on all ranks together.
+
+    (optuna-integration's PyTorchLightningPruningCallback needs one more package and reads the decision from
+    the storage on every rank; this one is a broadcast.)
+    """
+
+    def __init__(self, storage: str, study_name: str, trial_number: int, pruner: Any, monitor: str = "val/acc") -> None:
+        """`pruner`: the sweep's optuna pruner (a study loaded without one would use Optuna's default)."""
+        self.storage, self.study_name, self.trial_number, self.monitor = storage, study_name, trial_number, monitor
+        self.pruner, self._trial = pruner, None
+
+    def _load_trial(self) -> Any:
+        import optuna
+
+        from transferlab.optuna_sweep import open_storage
+
+        storage = open_storage(self.storage)
+        study = optuna.load_study(study_name=self.study_name, storage=storage, pruner=self.pruner)
+        trial_id = storage.get_trial_id_from_study_id_trial_number(storage.get_study_id_from_name(self.study_name), self.trial_number)
+        return optuna.trial.Trial(study, trial_id)
+
+    def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if trainer.sanity_checking:
+            return
+        epoch, prune, value = trainer.current_epoch, False, trainer.callback_metrics.get(self.monitor)
+        if trainer.is_global_zero and value is not None and math.isfinite(float(value)):
+            self._trial = self._trial or self._load_trial()
+            self._trial.report(float(value), step=epoch)
+            prune = self._trial.should_prune()
+        if trainer.world_size > 1:
+            prune = trainer.strategy.broadcast(prune, src=0)
+        if prune:
+            import optuna
+
+            raise optuna.TrialPruned(f"pruned after epoch {epoch}: {self.monitor} = {float(value):.4g}")
+
+
+def pruning_callbacks() -> list[OptunaPruning]:
+    """[OptunaPruning] when this job is a trial of transferlab's Optuna sweeper (with a pruner), else []."""
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.utils import instantiate
+
+    if not HydraConfig.initialized():
+        return []
+    sweeper = HydraConfig.get().sweeper
+    number: Optional[int] = sweeper.get("trial_number")
+    if number is None or not sweeper.get("pruner") or not sweeper.get("storage"):
+        return []
+    return [OptunaPruning(sweeper.storage, sweeper.study_name, int(number), instantiate(sweeper.pruner),
+                          sweeper.get("pruning_metric") or "val/acc")]

@@ -1,0 +1,250 @@
+"""transferlab-report <sweep dir>: one table of every job of a sweep, and a report a person can read.
+
+Reads each job folder (Hydra's `.hydra/overrides.yaml`, our `job.json` and `metrics.json`) and writes, in the
+sweep folder: `summary.csv` (one row per job: its overrides as columns, `status`, its metrics), `summary.md`
+(sorted by the optimised metric, failures listed with their error) and a self-contained `report.html`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import math
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+import yaml
+
+from transferlab.errors import DataError, user_errors_exit
+from transferlab.sweep import ERROR_FILE, read_job_record
+
+SUMMARY_CSV, SUMMARY_MD, REPORT_HTML = "summary.csv", "summary.md", "report.html"
+_SKIP_DIRS = {"checkpoints", "csv", "tensorboard", "wandb", ".submitit", "feature_maps", "ideal_class", "adversarial"}
+
+
+@dataclass
+class Job:
+    name: str
+    path: Path
+    status: str
+    overrides: dict[str, str]
+    metrics: dict[str, Any]
+    error: Optional[str] = None
+    duration_s: Optional[float] = None
+
+    def value(self, metric: str) -> Optional[float]:
+        number = self.metrics.get(metric)
+        return float(number) if isinstance(number, (int, float)) and math.isfinite(number) else None
+
+
+@dataclass
+class Sweep:
+    path: Path
+    jobs: list[Job]
+    metric: str
+    direction: str  # maximize | minimize
+    swept: list[str] = field(default_factory=list)  # override keys whose value differs between jobs
+
+    @property
+    def best(self) -> Optional[Job]:
+        ranked = [j for j in self.jobs if j.status == "completed" and j.value(self.metric) is not None]
+        return ranked[0] if ranked else None
+
+    def count(self, status: str) -> int:
+        return sum(1 for j in self.jobs if j.status == status)
+
+
+def _yaml(path: Path) -> Any:
+    try:
+        return yaml.safe_load(path.read_text())
+    except (OSError, yaml.YAMLError):
+        return None
+
+
+def _job_dirs(sweep_dir: Path) -> list[Path]:
+    """Folders holding a job: Hydra's `.hydra/overrides.yaml` or our job.json (any sweep.subdir layout)."""
+    found, stack = [], [sweep_dir]
+    while stack:
+        folder = stack.pop()
+        for child in sorted(folder.iterdir()):
+            if not child.is_dir() or child.name.startswith(".") or child.name in _SKIP_DIRS:
+                continue
+            if (child / ".hydra" / "overrides.yaml").is_file() or (child / "job.json").is_file():
+                found.append(child)
+            elif len(child.relative_to(sweep_dir).parts) < 4:
+                stack.append(child)
+    return found
+
+
+def read_job(job_dir: Path, sweep_dir: Path) -> Job:
+    record = read_job_record(job_dir)
+    raw = _yaml(job_dir / ".hydra" / "overrides.yaml") or record.get("overrides") or []
+    overrides = dict(str(o).lstrip("+~").split("=", 1) for o in raw if "=" in str(o))
+    try:
+        metrics = json.loads((job_dir / "metrics.json").read_text())
+    except (OSError, ValueError):
+        metrics = {}
+    metrics = {k: v for k, v in metrics.items() if not k.startswith("test/acc_class/") and k != "best_checkpoint"}
+    status = record.get("status") or ("completed" if metrics else "incomplete")
+    if status == "running":
+        status = "incomplete"  # still running, or its process was killed
+    return Job(job_dir.relative_to(sweep_dir).as_posix(), job_dir, status, overrides, metrics,
+               record.get("error"), record.get("duration_s"))
+
+
+def _metric_and_direction(jobs: list[Job]) -> tuple[str, str]:
+    for job in jobs:
+        config, hydra = _yaml(job.path / ".hydra" / "config.yaml") or {}, _yaml(job.path / ".hydra" / "hydra.yaml") or {}
+        metric = config.get("optimized_metric")
+        if metric:
+            direction = ((hydra.get("hydra") or {}).get("sweeper") or {}).get("direction")
+            direction = direction[0] if isinstance(direction, list) else direction
+            guess = "minimize" if any(w in metric for w in ("loss", "err")) else "maximize"
+            return metric, str(direction or guess)
+    return "val/acc_best", "maximize"
+
+
+def _sort_key(job: Job, metric: str, direction: str) -> tuple:
+    order = {"completed": 0, "pruned": 1, "incomplete": 2, "interrupted": 3, "failed": 4}
+    value = job.value(metric)
+    score = (value if direction == "minimize" else -value) if value is not None else math.inf
+    return order.get(job.status, 5), score, _natural(job.name)
+
+
+def _natural(name: str) -> tuple:
+    return tuple(int(p) if p.isdigit() else p for p in name.replace("/", " ").split())
+
+
+def collect(sweep_dir: str | Path, metric: Optional[str] = None, direction: Optional[str] = None) -> Sweep:
+    path = Path(sweep_dir)
+    if not path.is_dir():
+        raise DataError(f"{path} is not a folder; give the sweep folder (hydra.sweep.dir) of a multirun")
+    jobs = [read_job(d, path) for d in _job_dirs(path)]
+    if not jobs:
+        raise DataError(f"{path} holds no job folders (.hydra/overrides.yaml); is it a multirun's sweep dir?")
+    found_metric, found_direction = _metric_and_direction(jobs)
+    metric, direction = metric or found_metric, direction or found_direction
+    jobs.sort(key=lambda j: _sort_key(j, metric, direction))
+    keys = list(dict.fromkeys(k for j in jobs for k in j.overrides))
+    swept = [k for k in keys if len({j.overrides.get(k) for j in jobs}) > 1]
+    return Sweep(path, jobs, metric, direction, swept)
+
+
+def _columns(sweep: Sweep) -> tuple[list[str], list[str]]:
+    keys = list(dict.fromkeys(k for j in sweep.jobs for k in j.overrides))
+    names = list(dict.fromkeys(k for j in sweep.jobs for k in j.metrics))
+    first = [sweep.metric] if sweep.metric in names else []
+    rank = {"val": 0, "test": 1, "adv": 2}
+    metrics = first + sorted((n for n in names if n != sweep.metric), key=lambda n: (rank.get(n.split("/")[0], 3), n))
+    return keys, metrics
+
+
+def _cell(value: Any) -> str:
+    """Short text for tables: numbers (also numeric override strings) to 4 significant digits."""
+    if isinstance(value, str):
+        try:
+            number = float(value)
+        except ValueError:
+            return value
+        return f"{number:.4g}" if "." in value or "e" in value.lower() else value
+    if isinstance(value, float):
+        return f"{value:.4g}"
+    return "" if value is None else str(value)
+
+
+def write_csv(sweep: Sweep) -> Path:
+    keys, metrics = _columns(sweep)
+    with open(sweep.path / SUMMARY_CSV, "w", newline="") as fh:
+        writer = csv.writer(fh)
+        writer.writerow(["job", *keys, "status", *metrics, "duration_s", "error"])
+        for job in sweep.jobs:
+            writer.writerow([job.name, *(job.overrides.get(k, "") for k in keys), job.status,
+                             *(job.metrics.get(m, "") if job.metrics.get(m) is not None else "" for m in metrics),
+                             job.duration_s if job.duration_s is not None else "", job.error or ""])
+    return sweep.path / SUMMARY_CSV
+
+
+def headline(sweep: Sweep) -> str:
+    counts = ", ".join(f"{sweep.count(s)} {s}" for s in ("completed", "pruned", "failed", "incomplete", "interrupted") if sweep.count(s))
+    best = sweep.best
+    text = f"{len(sweep.jobs)} jobs: {counts}."
+    if best:
+        text += f" Best ({sweep.direction} {sweep.metric}): job {best.name}, {sweep.metric} = {best.value(sweep.metric):.4g}"
+        text += f" ({', '.join(f'{k}={_cell(best.overrides[k])}' for k in sweep.swept if k in best.overrides) or 'defaults'})."
+    return text
+
+
+def write_markdown(sweep: Sweep) -> Path:
+    keys, metrics = _columns(sweep)
+    shown = [m for m in metrics if m.split("/")[0] in ("val", "test")][:6] or metrics[:6]
+    columns = ["job", *(sweep.swept or keys), "status", *shown]
+    lines = [f"# Sweep {sweep.path}", "", headline(sweep), "",
+             "| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+    for job in sweep.jobs:
+        cells = [job.name, *(_cell(job.overrides.get(k, "")) for k in (sweep.swept or keys)), job.status, *(_cell(job.metrics.get(m)) for m in shown)]
+        lines.append("| " + " | ".join(c.replace("|", "\\|") for c in cells) + " |")
+    failed = [j for j in sweep.jobs if j.status == "failed"]
+    if failed:
+        lines += ["", "## Failures", ""]
+        for job in failed:
+            detail = job.path / ERROR_FILE
+            where = f" (traceback: `{detail}`)" if detail.is_file() else ""
+            lines.append(f"- job {job.name} ({', '.join(f'{k}={v}' for k, v in job.overrides.items() if k in sweep.swept)}): {job.error}{where}")
+    (sweep.path / SUMMARY_MD).write_text("\n".join(lines) + "\n")
+    return sweep.path / SUMMARY_MD
+
+
+def write_report(sweep_dir: str | Path, html: bool = True, metric: Optional[str] = None, direction: Optional[str] = None) -> Sweep:
+    sweep = collect(sweep_dir, metric, direction)
+    write_csv(sweep)
+    write_markdown(sweep)
+    if html:
+        from transferlab.report_html import write_html
+
+        write_html(sweep, sweep.path / REPORT_HTML)
+    return sweep
+
+
+def print_summary(sweep: Sweep, limit: int = 20) -> None:
+    """The table, the best job and each distinct error with its jobs, on stderr (text is never read as markup)."""
+    from rich.console import Console
+    from rich.table import Table
+    from rich.text import Text
+
+    table = Table(title=Text(f"Sweep {sweep.path}"), title_justify="left")
+    for column in ("job", *sweep.swept, "status", sweep.metric):
+        table.add_column(Text(column))
+    for job in sweep.jobs[:limit]:
+        style = {"failed": "red", "pruned": "yellow", "incomplete": "yellow", "interrupted": "yellow"}.get(job.status, "")
+        cells = [job.name, *(_cell(job.overrides.get(k, "")) for k in sweep.swept), job.status, _cell(job.value(sweep.metric))]
+        table.add_row(*map(Text, cells), style=style)
+    console = Console(stderr=True, highlight=False)
+    console.print(table)
+    console.print(Text(headline(sweep)))
+    by_error: dict[str, list[Job]] = {}
+    for job in (j for j in sweep.jobs if j.status == "failed"):
+        by_error.setdefault(job.error or "unknown error", []).append(job)
+    for error, jobs in by_error.items():
+        names = ", ".join(j.name for j in sorted(jobs, key=lambda j: _natural(j.name)))
+        console.print(Text.assemble((f"{len(jobs)} job(s) failed", "red"), f" ({names}): {error} (traceback: {jobs[0].path / ERROR_FILE})"))
+    console.print(Text(f"Summary: {sweep.path / SUMMARY_MD}; report: {sweep.path / REPORT_HTML}"))
+
+
+@user_errors_exit
+def main(argv: Optional[list[str]] = None) -> int:
+    parser = argparse.ArgumentParser(prog="transferlab-report", description=__doc__.splitlines()[0])
+    parser.add_argument("sweep_dir", help="the sweep folder of a multirun (hydra.sweep.dir)")
+    parser.add_argument("--metric", help="the metric to rank by (default: the jobs' optimized_metric)")
+    parser.add_argument("--direction", choices=("maximize", "minimize"), help="default: the sweeper's, else by the metric's name")
+    parser.add_argument("--no-html", action="store_true", help="only summary.csv and summary.md")
+    args = parser.parse_args(argv)
+    sweep = write_report(args.sweep_dir, html=not args.no_html, metric=args.metric, direction=args.direction)
+    print_summary(sweep)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
