@@ -42,7 +42,7 @@ def overrides_of(job: Path) -> dict[str, str]:
 @pytest.fixture(scope="module")
 def grid_sweep(tmp_path_factory) -> Path:
     sweep = tmp_path_factory.mktemp("grid") / "sweep"
-    run_cli("train", "-m", "optimizer.lr=1e-3,3e-3", "scheduler=cosine,none", f"hydra.sweep.dir={sweep}", *SPECIES)
+    run_cli("train", "-m", "optimizer.lr=1e-3,3e-3", "optimizer=adam,sgd", f"hydra.sweep.dir={sweep}", *SPECIES)
     return sweep
 
 
@@ -55,17 +55,18 @@ def test_grid_sweep_writes_one_dir_per_job_and_a_summary_row_each(grid_sweep):
     seen = set()
     for job in jobs:
         row, overrides, metrics = rows[job.name], overrides_of(job), read_metrics(job)
-        assert row["optimizer.lr"] == overrides["optimizer.lr"] and row["scheduler"] == overrides["scheduler"]
+        assert row["optimizer.lr"] == overrides["optimizer.lr"] and row["optimizer"] == overrides["optimizer"]
         assert row["status"] == "completed"
         for key in ("val/acc_best", "test/acc", "val/loss"):
             assert float(row[key]) == pytest.approx(metrics[key]), key
-        assert metrics["test/acc"] >= 0.9  # cats vs dogs from Lite0 features: right after one epoch
-        seen.add((row["optimizer.lr"], row["scheduler"]))
-    assert seen == {(lr, s) for lr in ("0.001", "0.003") for s in ("cosine", "none")}
+        if row["optimizer"] == "adam":
+            assert metrics["test/acc"] >= 0.9  # cats vs dogs from Lite0 features: right after one epoch
+        seen.add((row["optimizer.lr"], row["optimizer"]))
+    assert seen == {(lr, o) for lr in ("0.001", "0.003") for o in ("adam", "sgd")}
     ranked = [float(r["val/acc_best"]) for r in summary_rows(grid_sweep)]
     assert ranked == sorted(ranked, reverse=True)  # sorted by the optimised metric
     markdown = (grid_sweep / "summary.md").read_text()
-    assert "4 jobs: 4 completed" in markdown and "| optimizer.lr | scheduler | status |" in markdown
+    assert "4 jobs: 4 completed" in markdown and "| optimizer.lr | optimizer | status |" in markdown
 
 
 def test_report_command_rebuilds_the_summary(grid_sweep, tmp_path):
@@ -198,6 +199,9 @@ def test_optuna_marks_nan_trials_failed_and_prunes_from_val_acc(tmp_path):
     assert [t.state.name for t in trials] == ["PRUNED", "PRUNED"]
     assert all(list(t.intermediate_values) == [0] for t in trials)
     assert all(job_record(j)["status"] == "pruned" for j in job_dirs(pruned))
+    # the report shows how far a pruned trial got (from its CSV log: it never wrote metrics.json)
+    assert all(r["status"] == "pruned" and float(r["val/acc"]) == pytest.approx(t.intermediate_values[0])
+               for r, t in zip(sorted(summary_rows(pruned), key=lambda r: r["job"]), trials))
 
 
 # -- launchers and DDP ----------------------------------------------------------------------------------------

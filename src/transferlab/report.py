@@ -47,6 +47,7 @@ class Sweep:
     metric: str
     direction: str  # maximize | minimize
     swept: list[str] = field(default_factory=list)  # override keys whose value differs between jobs
+    log_scale: Optional[set[str]] = None  # parameters the Optuna space samples on a log scale (None: not an Optuna sweep)
 
     @property
     def best(self) -> Optional[Job]:
@@ -89,22 +90,38 @@ def read_job(job_dir: Path, sweep_dir: Path) -> Job:
         metrics = {}
     metrics = {k: v for k, v in metrics.items() if not k.startswith("test/acc_class/") and k != "best_checkpoint"}
     status = record.get("status") or ("completed" if metrics else "incomplete")
+    if not metrics:
+        metrics = _curve_metrics(job_dir)
     if status == "running":
         status = "incomplete"  # still running, or its process was killed
     return Job(job_dir.relative_to(sweep_dir).as_posix(), job_dir, status, overrides, metrics,
                record.get("error"), record.get("duration_s"))
 
 
-def _metric_and_direction(jobs: list[Job]) -> tuple[str, str]:
+def _sweep_settings(jobs: list[Job]) -> tuple[str, str, Optional[set[str]]]:
+    """(optimised metric, direction, log-scale parameters) from the jobs' saved Hydra configs."""
     for job in jobs:
         config, hydra = _yaml(job.path / ".hydra" / "config.yaml") or {}, _yaml(job.path / ".hydra" / "hydra.yaml") or {}
         metric = config.get("optimized_metric")
         if metric:
-            direction = ((hydra.get("hydra") or {}).get("sweeper") or {}).get("direction")
+            sweeper = (hydra.get("hydra") or {}).get("sweeper") or {}
+            direction = sweeper.get("direction")
             direction = direction[0] if isinstance(direction, list) else direction
             guess = "minimize" if any(w in metric for w in ("loss", "err")) else "maximize"
-            return metric, str(direction or guess)
-    return "val/acc_best", "maximize"
+            params = sweeper.get("params")
+            log_scale = {k for k, v in params.items() if "log" in str(v)} if isinstance(params, dict) else None
+            return metric, str(direction or guess), log_scale
+    return "val/acc_best", "maximize", None
+
+
+def _curve_metrics(job_dir: Path) -> dict[str, Any]:
+    """val/acc of a job that ended before metrics.json (pruned, killed), from its csv/metrics.csv."""
+    try:
+        with open(job_dir / "csv" / "metrics.csv", newline="") as fh:
+            values = [float(r["val/acc"]) for r in csv.DictReader(fh) if r.get("val/acc")]
+    except (OSError, KeyError, ValueError):
+        return {}
+    return {"val/acc": values[-1], "val/acc_best": max(values), "epochs": len(values)} if values else {}
 
 
 def _sort_key(job: Job, metric: str, direction: str) -> tuple:
@@ -125,12 +142,12 @@ def collect(sweep_dir: str | Path, metric: Optional[str] = None, direction: Opti
     jobs = [read_job(d, path) for d in _job_dirs(path)]
     if not jobs:
         raise DataError(f"{path} holds no job folders (.hydra/overrides.yaml); is it a multirun's sweep dir?")
-    found_metric, found_direction = _metric_and_direction(jobs)
+    found_metric, found_direction, log_scale = _sweep_settings(jobs)
     metric, direction = metric or found_metric, direction or found_direction
     jobs.sort(key=lambda j: _sort_key(j, metric, direction))
     keys = list(dict.fromkeys(k for j in jobs for k in j.overrides))
     swept = [k for k in keys if len({j.overrides.get(k) for j in jobs}) > 1]
-    return Sweep(path, jobs, metric, direction, swept)
+    return Sweep(path, jobs, metric, direction, swept, log_scale)
 
 
 def _columns(sweep: Sweep) -> tuple[list[str], list[str]]:

@@ -25,7 +25,7 @@ h1{font-size:1.5rem} h2{font-size:1.2rem;margin-top:2rem;border-bottom:1px solid
 table{border-collapse:collapse;font-size:.85rem;margin:.5rem 0} th,td{border:1px solid #ddd;padding:.25rem .5rem;text-align:left}
 th{background:#f4f4f4} tr.failed td{background:#fde8e8} tr.pruned td,tr.incomplete td,tr.interrupted td{background:#fff6dc} tr.best td{background:#e6f4ea}
 .headline{background:#f4f8ff;border-left:4px solid #3b73d1;padding:.6rem 1rem} img{max-width:100%;border:1px solid #eee}
-.pictures{display:grid;grid-template-columns:repeat(auto-fill,minmax(260px,1fr));gap:.8rem} figcaption{font-size:.8rem;color:#555}
+.pictures{display:grid;grid-template-columns:repeat(auto-fill,minmax(320px,1fr));gap:.8rem} .pictures img{width:100%} figcaption{font-size:.8rem;color:#555}
 code{background:#f4f4f4;padding:0 .2rem}
 """
 
@@ -51,7 +51,8 @@ def _number(text: Optional[str]) -> Optional[float]:
 
 
 def metric_vs_parameters(sweep: Sweep) -> Optional[str]:
-    """One panel per swept parameter; numbers on a (log) axis, other values as categories; failures as red x."""
+    """One panel per swept parameter; numbers on a (log) axis, other values as categories; pruned trials in
+    orange (their best val/acc before pruning), failures as red x."""
     if not sweep.swept:
         return None
     plt = pyplot()
@@ -67,13 +68,15 @@ def metric_vs_parameters(sweep: Sweep) -> Optional[str]:
         if numeric:
             position = {v: _number(v) for v in raw}
             positive = [p for p in position.values() if p > 0]
-            if len(positive) == len(position) and max(positive) / min(positive) >= 100:
+            wide = len(positive) == len(position) and max(positive) / min(positive) >= 100
+            if key in (sweep.log_scale or ()) or (sweep.log_scale is None and wide):  # Optuna's own scale, else a guess
                 ax.set_xscale("log")
         else:
             categories = sorted(set(raw))
             position = {v: i for i, v in enumerate(categories)}
             ax.set_xticks(range(len(categories)), categories, rotation=30 if len(categories) > 3 else 0, fontsize=8)
-        ax.scatter([position[j.overrides.get(key, "")] for j in done], values, color="#3b73d1", zorder=3)
+        colors = ["#e0a000" if j.status == "pruned" else "#3b73d1" for j in done]
+        ax.scatter([position[j.overrides.get(key, "")] for j in done], values, c=colors, zorder=3)
         failed = [j for j in sweep.jobs if j.status == "failed"]
         if failed:
             ax.scatter([position[j.overrides.get(key, "")] for j in failed], [floor] * len(failed), marker="x", color="#d13b3b",
@@ -110,13 +113,18 @@ def learning_curves(sweep: Sweep, limit: int = 12) -> Optional[str]:
     plt = pyplot()
     fig, axes = plt.subplots(1, 2, figsize=(11, 3.8))
     best = sweep.best.name if sweep.best else None
+    epochs = sorted({e for c in curves.values() for points in c.values() for e, _ in points})
     for ax, key in zip(axes, ("val/acc", "train/loss_epoch")):
         for name, curve in curves.items():
             points = sorted(dict(curve[key]).items())
             if points:
                 ax.plot(*zip(*points), marker="o", linewidth=2.5 if name == best else 1.2, label=f"job {name}")
         ax.set_xlabel("epoch")
-        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        if len(epochs) <= 12:
+            ax.set_xticks(epochs)
+            ax.set_xlim(epochs[0] - 0.5, epochs[-1] + 0.5)
+        else:
+            ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.set_ylabel(key)
         ax.grid(alpha=0.3)
     axes[0].legend(fontsize=7, ncol=2)
