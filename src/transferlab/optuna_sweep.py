@@ -118,7 +118,8 @@ class OptunaStudy:
 
         study_id = storage.get_study_id_from_name(study.study_name)
         for trial in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
-            storage.set_trial_state_values(storage.get_trial_id_from_study_id_trial_number(study_id, trial.number), TrialState.FAIL)
+            trial_id = storage.get_trial_id_from_study_id_trial_number(study_id, trial.number)
+            storage.set_trial_state_values(trial_id, TrialState.FAIL)
             study.enqueue_trial(trial.params, user_attrs={"retry_of": trial.number})
             self._mark_interrupted(trial.number)
             log.warning("trial %d was interrupted: marked failed, its parameters run again", trial.number)
@@ -127,7 +128,8 @@ class OptunaStudy:
         for path in self.sweep_dir.glob("**/job.json"):
             record = read_job_record(path.parent)
             if record.get("trial") == number and record.get("status") == "running":
-                write_job_record(path.parent, {**record, "status": "interrupted", "error": "killed with the sweep; its parameters ran again"})
+                note = {"status": "interrupted", "error": "killed with the sweep; its parameters ran again"}
+                write_job_record(path.parent, {**record, **note})
 
     def _count(self, study: Any, *states: str) -> int:
         from optuna.trial import TrialState
@@ -135,6 +137,8 @@ class OptunaStudy:
         return len(study.get_trials(deepcopy=False, states=tuple(TrialState[s] for s in states)))
 
     def _loop(self, study: Any, space: dict[str, Any], fixed: list[str], url: str) -> None:
+        from optuna.trial import TrialState
+
         n_trials, n_jobs = int(self.cfg.n_trials), max(1, int(self.cfg.n_jobs))
         max_failures = int(self.cfg.max_failures) if self.cfg.get("max_failures") is not None else n_trials
         failures, errors = 0, []
@@ -149,7 +153,12 @@ class OptunaStudy:
             trials = [study.ask(space) for _ in range(min(n_jobs, n_trials - done))]
             batch = [[*fixed, *(_as_override(k, v) for k, v in t.params.items()), f"hydra.sweeper.trial_number={t.number}",
                       f"hydra.sweeper.storage={quoted(url)}"] for t in trials]
-            self.validate(batch)
+            try:
+                self.validate(batch)  # the jobs' configs compose (a search-space key that does not exist stops here)
+            except Exception:
+                for trial in trials:
+                    study.tell(trial, state=TrialState.FAIL)
+                raise
             returns = self.launcher.launch(batch, initial_job_idx=trials[0].number)
             for trial, ret in zip(trials, returns):
                 state, error = self._tell(study, trial, ret)
