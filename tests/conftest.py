@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import functools
+import http.server
 import json
 import os
 import shutil
 import subprocess
 import sys
+import threading
 from pathlib import Path
 
 import pytest
@@ -62,10 +65,16 @@ def _isolated_env(tmp_path_factory, monkeypatch):
     monkeypatch.delenv("WANDB_API_KEY", raising=False)
 
 
-def run_cli(module: str, *overrides: str, cwd: Path | None = None, timeout: int = 900, check: bool = True) -> subprocess.CompletedProcess:
-    """`python -m transferlab.<module> overrides...` as a user runs it."""
-    env = {**os.environ, "PYTHONUNBUFFERED": "1", "HYDRA_FULL_ERROR": os.environ.get("HYDRA_FULL_ERROR_TESTS", "0")}
-    proc = subprocess.run([sys.executable, "-m", f"transferlab.{module}", *overrides], cwd=cwd, env=env,
+def cli_env(**extra: str) -> dict[str, str]:
+    """The environment CLI subprocesses get; the tests folder is importable (fault-injection callbacks)."""
+    return {**os.environ, "PYTHONUNBUFFERED": "1", "HYDRA_FULL_ERROR": os.environ.get("HYDRA_FULL_ERROR_TESTS", "0"),
+            "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO / "tests"), os.environ.get("PYTHONPATH")])), **extra}
+
+
+def run_cli(module: str, *overrides: str, cwd: Path | None = None, timeout: int = 900, check: bool = True,
+            prefix: tuple[str, ...] = (), env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+    """`python -m transferlab.<module> overrides...` as a user runs it (`prefix`: e.g. a privilege-dropping wrapper)."""
+    proc = subprocess.run([*prefix, sys.executable, "-m", f"transferlab.{module}", *overrides], cwd=cwd, env=env or cli_env(),
                           capture_output=True, text=True, timeout=timeout)
     if check and proc.returncode != 0:
         raise AssertionError(f"transferlab.{module} exited {proc.returncode}\n--- stdout\n{proc.stdout[-4000:]}\n--- stderr\n{proc.stderr[-6000:]}")
@@ -81,6 +90,19 @@ def corrupt_copy_tree(folder: Path) -> list[Path]:
     truncated.write_bytes(good[: len(good) // 2])
     text.write_text("not an image")
     return [empty, truncated, text]
+
+
+@pytest.fixture()
+def http_server(tmp_path):
+    """A real HTTP server on 127.0.0.1 serving tmp_path/www."""
+    www = tmp_path / "www"
+    www.mkdir()
+    handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(www))
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield www, f"http://127.0.0.1:{server.server_address[1]}"
+    server.shutdown()
 
 
 def read_metrics(run_dir: Path) -> dict:

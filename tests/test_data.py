@@ -2,16 +2,13 @@
 
 from __future__ import annotations
 
-import functools
-import http.server
-import threading
 import zipfile
 from collections import Counter
 from pathlib import Path
 
 import pytest
-
 from conftest import PETS, make_small_copy, pet_photos
+
 from transferlab.data.base import stratified_split
 from transferlab.data.cats_dogs import CatsDogsDataModule
 from transferlab.data.download import download_file, safe_extract_zip, sha256_of
@@ -106,19 +103,6 @@ def test_safe_extract_refuses_traversal(tmp_path):
     assert not (tmp_path / "escaped.txt").exists()
 
 
-@pytest.fixture()
-def http_server(tmp_path):
-    """A real HTTP server on 127.0.0.1 serving tmp_path/www."""
-    www = tmp_path / "www"
-    www.mkdir()
-    handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(www))
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    yield www, f"http://127.0.0.1:{server.server_address[1]}"
-    server.shutdown()
-
-
 def make_cats_dogs_zip(path: Path, n: int = 4) -> None:
     with zipfile.ZipFile(path, "w") as zf:
         for folder, is_cat in (("Cat", True), ("Dog", False)):
@@ -157,16 +141,14 @@ def test_cats_dogs_downloads_from_local_server(tmp_path, http_server):
 
 def test_missing_root_without_download_is_one_clear_line(tmp_path):
     dm = OxfordPetsDataModule(str(tmp_path / "nowhere"), download=False)
-    with pytest.raises(DataError, match=r"data.root: no dataset found at .*nowhere; set data.root="):
+    with pytest.raises(DataError, match=r"data.root: no dataset found at .*nowhere \(no such folder\); expected images/.*; set data.root="):
         dm.setup()
 
 
 def test_failed_download_says_how_to_point_at_local_copy(tmp_path, monkeypatch):
-    from torchvision.datasets import OxfordIIITPet
-
-    # torchvision's real download code, aimed at a closed port on this machine: fails the same way everywhere.
-    dead = tuple((f"http://127.0.0.1:9/{Path(url).name}", md5) for url, md5 in OxfordIIITPet._RESOURCES)
-    monkeypatch.setattr(OxfordIIITPet, "_RESOURCES", dead)
+    # The real download code, aimed at a closed port on this machine: fails the same way everywhere.
+    dead = tuple((f"http://127.0.0.1:9/{Path(url).name}", md5) for url, md5 in OxfordPetsDataModule.resources)
+    monkeypatch.setattr(OxfordPetsDataModule, "resources", dead)
     dm = OxfordPetsDataModule(str(tmp_path / "pets"), download=True)
     with pytest.raises(DataError, match=r"download failed .* set data.root="):
         dm.setup()

@@ -30,6 +30,12 @@ class TrainingDiverged(TransferlabError):
     """The loss became NaN or infinite: no point training on (a sweep records the job as failed)."""
 
 
+class ResourceError(TransferlabError):
+    """The machine ran out of something (disk, memory, a worker process): not the user's config, so exit 1."""
+
+    exit_code = 1
+
+
 def close_matches(word: str, candidates: Iterable[str], n: int = 3) -> str:
     """' (did you mean: a, b?)' or '' — appended to messages about mistyped names."""
     matches = difflib.get_close_matches(word, list(candidates), n=n, cutoff=0.6)
@@ -45,26 +51,65 @@ def one_line(exc: BaseException) -> str:
     return " ".join(str(exc).split())
 
 
+def explain_runtime_failure(exc: BaseException) -> TransferlabError | None:
+    """Known failures of the machine, as one actionable line: a DataLoader worker that died, a full disk."""
+    import errno
+    import re
+    import signal
+
+    seen: set[int] = set()
+    while exc is not None and id(exc) not in seen:  # the cause may sit under Lightning's or torch's wrappers
+        seen.add(id(exc))
+        if isinstance(exc, TransferlabError):
+            return exc
+        text = " ".join(str(exc).split())
+        worker = re.search(r"DataLoader worker \(pids?\(?s?\)? ?([\d, ]+)\)? ?(?:is killed by signal: (.+?)\.|exited unexpectedly)", text)
+        if worker:
+            pid, sig = worker.group(1).strip(), worker.group(2)
+            if sig:
+                names = {signal.strsignal(s): s.name for s in signal.Signals if signal.strsignal(s)}
+                how = f"was killed by {names.get(sig, sig)} ({sig})"
+            else:
+                how = "exited unexpectedly"
+            hint = ("usually the out-of-memory killer: lower data.num_workers or data.batch_size, or turn off data.image_cache"
+                    if not sig or "Kill" in sig else "an image decoder or native library crashed in it: run with data.num_workers=0 to see where")
+            return ResourceError(f"data.num_workers: DataLoader worker (pid {pid}) {how}; {hint}")
+        if isinstance(exc, OSError) and exc.errno == errno.ENOSPC:
+            where = f" writing {exc.filename}" if exc.filename else ""
+            return ResourceError(f"paths.output_dir: no space left on the device{where}; free some space or point "
+                                 f"hydra.run.dir / paths.output_dir at a larger disk, then resume with ckpt_path=last")
+        exc = exc.__cause__ or exc.__context__
+    return None
+
+
 def _in_sweep() -> bool:
     from transferlab.sweep import in_sweep
 
     return in_sweep()
 
 
-def user_errors_exit(func: F) -> F:
-    """Turn TransferlabError / OmegaConf errors into `error: <one line>` and exit code 2.
+def exit_code(exc: BaseException) -> int:
+    return getattr(exc, "exit_code", 2)
 
-    HYDRA_FULL_ERROR=1 keeps the traceback, as Hydra does for its own errors.
+
+def user_errors_exit(func: F) -> F:
+    """Turn TransferlabError / OmegaConf errors into `error: <one line>` and exit code 2 (1 for ResourceError).
+
+    Failures of the machine rather than the config (disk full, a killed DataLoader worker) are translated by
+    `explain_runtime_failure` first. HYDRA_FULL_ERROR=1 keeps the traceback, as Hydra does for its own errors.
     """
 
     @functools.wraps(func)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
         try:
             return func(*args, **kwargs)
-        except (TransferlabError, OmegaConfBaseException) as exc:
-            if os.environ.get("HYDRA_FULL_ERROR") == "1" or _in_sweep():
+        except Exception as raised:  # noqa: BLE001 - sorted below; anything unknown is re-raised unchanged
+            exc = raised if isinstance(raised, (TransferlabError, OmegaConfBaseException)) else explain_runtime_failure(raised)
+            if exc is None or os.environ.get("HYDRA_FULL_ERROR") == "1" or _in_sweep():
                 raise  # a sweep records the failure in the job's folder and goes on with the next job
-            print(f"error: {one_line(exc)}", file=sys.stderr, flush=True)
-            sys.exit(2)
+            from transferlab.redaction import redact
+
+            print(f"error: {redact(one_line(exc))}", file=sys.stderr, flush=True)
+            sys.exit(exit_code(exc))
 
     return wrapper  # type: ignore[return-value]

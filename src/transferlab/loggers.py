@@ -10,7 +10,9 @@ from typing import Any
 
 from lightning.pytorch.loggers import CSVLogger, Logger
 from lightning.pytorch.loggers.csv_logs import ExperimentWriter
-from omegaconf import DictConfig, open_dict
+from omegaconf import DictConfig, ListConfig, OmegaConf, open_dict
+
+from transferlab.redaction import redact
 
 
 class _AppendingWriter(ExperimentWriter):
@@ -69,6 +71,9 @@ def resolve_logger_config(logger_cfg: DictConfig | None, run_name: str) -> None:
                     node.name = sweep[1] if sweep else run_name
                 if sweep and not node.get("group"):
                     node.group = sweep[0]
+                for key in ("name", "group", "notes", "tags", "job_type"):  # shown on wandb.ai: credentials masked
+                    if node.get(key) is not None:
+                        node[key] = redact(OmegaConf.to_container(node[key], resolve=True) if isinstance(node[key], ListConfig) else node[key])
 
 
 def finish_loggers(loggers: list[Logger]) -> None:

@@ -14,10 +14,12 @@ from lightning.pytorch.loggers import Logger
 from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig, OmegaConf
 
+from transferlab.checkpointing import AtomicCheckpointIO, read_checkpoint
 from transferlab.data.base import ImageClassificationDataModule
-from transferlab.errors import DataError, TransferlabError
+from transferlab.errors import ConfigError, DataError, TransferlabError, one_line
 from transferlab.loggers import finish_loggers, flat_hparams
 from transferlab.models.classifier import TransferClassifier
+from transferlab.redaction import redact
 from transferlab.reporting import to_float_dict, write_json, write_skipped, write_test_report
 
 log = logging.getLogger(__name__)
@@ -28,29 +30,39 @@ def container(node: Any) -> Any:
     return OmegaConf.to_container(node, resolve=True) if isinstance(node, DictConfig) else node
 
 
+def instantiate_config(node: DictConfig, **kwargs: Any) -> Any:
+    """hydra.utils.instantiate, with the target's complaint about its arguments as a ConfigError naming the node."""
+    try:
+        return instantiate(node, **kwargs)
+    except InstantiationException as exc:
+        cause = exc.__cause__
+        if isinstance(cause, TransferlabError):
+            raise cause from None
+        if isinstance(cause, (ValueError, TypeError)) or type(cause).__name__ == "MisconfigurationException":
+            raise ConfigError(f"{node._get_full_key(None) or 'config'}: {one_line(cause)}") from exc
+        raise
+
+
 def instantiate_group(node: DictConfig | None) -> list[Any]:
     """Callbacks / loggers: every sub-node with a `_target_`, in config order."""
-    return [instantiate(child) for child in (node or {}).values() if isinstance(child, DictConfig) and "_target_" in child]
+    return [instantiate_config(child) for child in (node or {}).values() if isinstance(child, DictConfig) and "_target_" in child]
 
 
 def build_datamodule(data_cfg: dict[str, Any], preprocessing: Any) -> ImageClassificationDataModule:
-    try:
-        datamodule = instantiate(data_cfg)
-    except InstantiationException as exc:  # our own one-line errors, not Hydra's wrapper around them
-        if isinstance(exc.__cause__, TransferlabError):
-            raise exc.__cause__ from None
-        raise
+    datamodule = instantiate_config(OmegaConf.create({"data": data_cfg}).data)
     datamodule.preprocessing = preprocessing
     datamodule.setup()
     return datamodule
 
 
 def build_trainer(trainer_cfg: DictConfig, callbacks: list[pl.Callback], loggers: list[Logger]) -> pl.Trainer:
-    return instantiate(trainer_cfg, callbacks=callbacks, logger=loggers or False)
+    """The Trainer from config; checkpoints are written atomically unless trainer.plugins says otherwise."""
+    extra = {} if trainer_cfg.get("plugins") else {"plugins": [AtomicCheckpointIO()]}
+    return instantiate_config(trainer_cfg, callbacks=callbacks, logger=loggers or False, **extra)
 
 
 def log_run_config(loggers: list[Logger], cfg: DictConfig) -> None:
-    values = container(cfg)
+    values = redact(container(cfg))
     for lg in loggers:
         lg.log_hyperparams(flat_hparams(values) if type(lg).__name__ != "WandbLogger" else values)
 
@@ -85,14 +97,12 @@ def resolve_device(name: str) -> torch.device:
 
 def load_checkpoint(path: str | Path) -> tuple[TransferClassifier, dict[str, Any]]:
     """Rebuild a trained classifier without downloading anything: the weights come from the checkpoint."""
-    file = Path(path).expanduser()
-    if not file.is_file():
-        raise DataError(f"ckpt_path: {file} is not a file; give the path of a best.ckpt / last.ckpt")
+    ckpt = read_checkpoint(path)
     try:
-        ckpt = torch.load(file, map_location="cpu", weights_only=True)
         hparams = dict(ckpt["hyper_parameters"])
-    except Exception as exc:  # noqa: BLE001
-        raise DataError(f"ckpt_path: {file} is not a transferlab checkpoint ({type(exc).__name__}: {str(exc).splitlines()[0]})") from exc
+        hparams["class_names"], hparams["backbone"]["name"]  # noqa: B018 - what every transferlab checkpoint holds
+    except (KeyError, TypeError) as exc:
+        raise DataError(f"ckpt_path: {path} is not a transferlab checkpoint (no {exc} in its hyper_parameters)") from None
     hparams["backbone"] = {**hparams["backbone"], "weights": "none"}
     model = TransferClassifier(**hparams)
     model.load_state_dict(ckpt["state_dict"], strict=True)

@@ -1,4 +1,8 @@
-"""transferlab-predict: label image files with a checkpoint; a file that cannot be read gets a row with its error."""
+"""transferlab-predict: label image files with a checkpoint; a file that cannot be used gets a row with its reason.
+
+Given a folder, every non-hidden file in it gets exactly one row: the unreadable, the non-images and the
+refused (decompression bombs) with their reason, so nothing is silently left out.
+"""
 
 from __future__ import annotations
 
@@ -12,7 +16,7 @@ from omegaconf import DictConfig
 from torch.utils.data import DataLoader, Dataset
 
 from transferlab.cli import hydra_command
-from transferlab.data.images import IMAGE_SUFFIXES, decode_rgb, list_files
+from transferlab.data.images import decode_rgb, describe_failure, list_files
 from transferlab.errors import DataError, user_errors_exit
 from transferlab.pipeline import load_checkpoint, resolve_device
 
@@ -32,7 +36,7 @@ class _Files(Dataset):
         try:
             return i, self.transform(decode_rgb(self.files[i], self.decode_size)), ""
         except Exception as exc:  # noqa: BLE001 - each failure becomes that row's error
-            return i, torch.zeros(3, self.size, self.size), f"{type(exc).__name__}: {' '.join(str(exc).split())}"
+            return i, torch.zeros(3, self.size, self.size), describe_failure(exc, self.files[i])
 
 
 def collect_inputs(input_path: str) -> list[Path]:
@@ -40,7 +44,7 @@ def collect_inputs(input_path: str) -> list[Path]:
     if path.is_file():
         return [path]
     if path.is_dir():
-        return [p for p in list_files(path) if p.suffix.lower() in IMAGE_SUFFIXES]
+        return list_files(path)
     raise DataError(f"input: {path} is neither a file nor a folder")
 
 
@@ -51,7 +55,7 @@ def predict(cfg: DictConfig) -> Path:
     model.to(device)
     files = collect_inputs(cfg.input)
     if not files:
-        raise DataError(f"input: no image files ({', '.join(sorted(IMAGE_SUFFIXES))}) under {cfg.input}")
+        raise DataError(f"input: no files under {cfg.input}; give an image file or a folder of images")
     prep = model.backbone.preprocessing
     loader = DataLoader(_Files(files, prep.eval_transform(), prep.input_size, prep.decode_size()), batch_size=cfg.batch_size, num_workers=cfg.num_workers)
     k = max(1, min(int(cfg.topk), len(model.class_names)))
@@ -71,7 +75,7 @@ def predict(cfg: DictConfig) -> Path:
                 ranked = [v for j in range(k) for v in (model.class_names[l[j]], f"{s[j]:.6f}")]
                 writer.writerow([str(files[i]), model.class_names[l[0]], f"{s[0]:.6f}", ""] + ranked)
                 rows_ok += 1
-    log.info("Wrote %s: %d image(s) labelled, %d unreadable", output, rows_ok, len(files) - rows_ok)
+    log.info("Wrote %s: %d image(s) labelled, %d not usable (their reason is in the error column)", output, rows_ok, len(files) - rows_ok)
     return output
 
 

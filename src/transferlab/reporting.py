@@ -16,6 +16,8 @@ from rich.console import Console
 from rich.syntax import Syntax
 from rich.tree import Tree
 
+from transferlab.redaction import redact
+
 
 def print_config_tree(cfg: DictConfig, save_to: Path | None = None) -> None:
     """Show the resolved config group by group, and save it as <run>/config.yaml.
@@ -24,15 +26,16 @@ def print_config_tree(cfg: DictConfig, save_to: Path | None = None) -> None:
     """
     from transferlab.sweep import in_sweep
 
+    values = redact(OmegaConf.to_container(cfg, resolve=True))  # credentials never reach the screen or the file
     if not in_sweep():
         tree = Tree("config", guide_style="dim")
-        for key, value in cfg.items():
-            text = OmegaConf.to_yaml(value, resolve=True) if isinstance(value, DictConfig) else str(value)
+        for key, value in values.items():
+            text = OmegaConf.to_yaml(value) if isinstance(value, (dict, list)) else str(value)
             tree.add(f"[bold]{key}").add(Syntax(text, "yaml", theme="ansi_dark"))
         Console(stderr=False).print(tree)
     if save_to is not None:
         save_to.parent.mkdir(parents=True, exist_ok=True)
-        save_to.write_text(OmegaConf.to_yaml(cfg, resolve=True))
+        save_to.write_text(OmegaConf.to_yaml(values))
 
 
 def to_float_dict(metrics: Mapping[str, Any]) -> dict[str, float]:

@@ -11,7 +11,7 @@ import dataclasses
 import inspect
 import types
 import typing
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any, Literal, Optional, Union
 
 from hydra.utils import get_object
@@ -96,9 +96,31 @@ def _matches(value: Any, annotation: Any) -> bool | None:
     return None
 
 
+def _literals(annotation: Any) -> list[Any]:
+    """Every Literal value inside an annotation (through Optional/Union)."""
+    if typing.get_origin(annotation) is Literal:
+        return list(typing.get_args(annotation))
+    if typing.get_origin(annotation) in (typing.Union, types.UnionType):
+        return [v for arg in typing.get_args(annotation) for v in _literals(arg)]
+    return []
+
+
 def _type_name(annotation: Any) -> str:
-    text = str(annotation).replace("typing.", "")
-    return getattr(annotation, "__name__", text) if typing.get_origin(annotation) is None else text
+    """A readable expected form: `one of 32-true, bf16-mixed, ...`, `int or null`, `list`."""
+    origin = typing.get_origin(annotation)
+    if origin is Literal:
+        return "one of " + ", ".join(str(a) for a in typing.get_args(annotation))
+    if origin in (typing.Union, types.UnionType):
+        args = typing.get_args(annotation)
+        literals = [a for arg in args if typing.get_origin(arg) is Literal for a in typing.get_args(arg)]
+        others = [_type_name(arg) for arg in args if typing.get_origin(arg) is not Literal and arg is not type(None)]
+        parts = ([f"one of {', '.join(dict.fromkeys(map(str, literals)))}"] if literals else []) + others
+        return " or ".join(parts) + (" or null" if type(None) in args else "")
+    return getattr(annotation, "__name__", str(annotation).replace("typing.", ""))
+
+
+def _join(key: str, name: str) -> str:
+    return f"{key}.{name}" if key else name
 
 
 def check_fields(key: str, values: Mapping[str, Any], params: Mapping[str, Any], open_ended: bool) -> None:
@@ -110,11 +132,13 @@ def check_fields(key: str, values: Mapping[str, Any], params: Mapping[str, Any],
             if open_ended:
                 continue
             raise ConfigError(
-                f"{key}.{name}: unknown key{close_matches(name, params)}; valid keys: {', '.join(sorted(params))}"
+                f"{_join(key, name)}: unknown key{close_matches(name, params)}; valid keys: {', '.join(sorted(params))}"
             )
         ok = _matches(value, params[name])
         if ok is False:
-            raise ConfigError(f"{key}.{name}: expected {_type_name(params[name])}, got {_describe(value)}")
+            choices = [str(a) for a in _literals(params[name])]
+            hint = close_matches(value, choices) if isinstance(value, str) else ""
+            raise ConfigError(f"{_join(key, name)}: expected {_type_name(params[name])}, got {_describe(value)}{hint}")
 
 
 def check_dataclass(key: str, values: Mapping[str, Any], schema: type) -> None:
@@ -122,7 +146,7 @@ def check_dataclass(key: str, values: Mapping[str, Any], schema: type) -> None:
     fields = {f.name: hints[f.name] for f in dataclasses.fields(schema)}
     for f in dataclasses.fields(schema):
         if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING and f.name not in values:
-            raise ConfigError(f"{key}.{f.name}: required value is missing")
+            raise ConfigError(f"{_join(key, f.name)}: required value is missing")
     check_fields(key, values, fields, open_ended=False)
 
 
@@ -189,6 +213,58 @@ def _missing_keys(node: Any, prefix: str = "") -> list[str]:
     return found
 
 
+def _number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+# Values every run needs in range: key -> (test, expected form). Checked after the types.
+LIMITS: dict[str, tuple[Callable[[Any], bool], str]] = {
+    "seed": (lambda v: 0 <= v < 2**32, "an integer in [0, 2**32)"),
+    "data.batch_size": (lambda v: v >= 1, "an integer >= 1"),
+    "optimizer.lr": (lambda v: v > 0, "a number > 0, e.g. optimizer.lr=1e-3"),
+    "optimizer.weight_decay": (lambda v: v >= 0, "a number >= 0"),
+    "optimizer.momentum": (lambda v: 0 <= v < 1, "a number in [0, 1)"),
+    "trainer.max_epochs": (lambda v: v >= 1 or v == -1, "an integer >= 1 (or -1 for no limit)"),
+    "trainer.accumulate_grad_batches": (lambda v: v >= 1, "an integer >= 1"),
+    "trainer.gradient_clip_val": (lambda v: v >= 0, "a number >= 0 or null"),
+    "finetune.head_dropout": (lambda v: 0 <= v < 1, "a probability in [0, 1)"),
+    "finetune.backbone_lr_factor": (lambda v: v >= 0, "a number >= 0 (the backbone's lr = optimizer.lr x this)"),
+    "finetune.unfreeze_at_epoch": (lambda v: v >= 0, "an epoch number >= 0"),
+    "backbone.input_size": (lambda v: v >= 16, "a size in pixels >= 16, or null for the backbone's own"),
+    "performance.feature_cache.batch_size": (lambda v: v >= 1, "an integer >= 1"),
+    "performance.feature_cache.augmented_views": (lambda v: v >= 0, "an integer >= 0"),
+}
+
+
+def _lookup(values: Mapping[str, Any], dotted: str) -> tuple[bool, Any]:
+    node: Any = values
+    for part in dotted.split("."):
+        if not isinstance(node, Mapping) or part not in node:
+            return False, None
+        node = node[part]
+    return True, node
+
+
+def check_limits(values: Mapping[str, Any]) -> None:
+    for key, (ok, form) in LIMITS.items():
+        found, value = _lookup(values, key)
+        if found and value is not None and not (_number(value) and ok(value)):
+            raise ConfigError(f"{key}: expected {form}, got {value!r}")
+    trainer = values.get("trainer") or {}
+    accelerator = trainer.get("accelerator")
+    if isinstance(accelerator, str):
+        from lightning.pytorch.accelerators import AcceleratorRegistry
+
+        names = sorted({"auto", "gpu", *AcceleratorRegistry.available_accelerators()})
+        if accelerator not in names:
+            raise ConfigError(f"trainer.accelerator: expected one of {', '.join(names)}, got {accelerator!r}{close_matches(accelerator, names)}")
+    finetune = values.get("finetune") or {}
+    unfreeze, max_epochs = finetune.get("unfreeze_at_epoch"), trainer.get("max_epochs")
+    if finetune.get("mode") == "gradual" and _number(unfreeze) and _number(max_epochs) and max_epochs != -1 and unfreeze >= max_epochs:
+        raise ConfigError(f"finetune.unfreeze_at_epoch: expected an epoch below trainer.max_epochs={max_epochs} "
+                          f"(else the backbone is never unfrozen), got {unfreeze}")
+
+
 def validate_train_config(cfg: DictConfig) -> None:
     """Raise ConfigError naming the first bad key of a composed transferlab-train config."""
     missing = sorted(key for key in _missing_keys(cfg))
@@ -196,7 +272,7 @@ def validate_train_config(cfg: DictConfig) -> None:
         raise ConfigError(f"{missing[0]}: Missing mandatory value (???); set it on the command line, e.g. {missing[0]}=...")
     values = OmegaConf.to_container(cfg, resolve=True)
     run_keys = {f.name: values.get(f.name) for f in dataclasses.fields(RunSchema) if f.name in values}
-    check_dataclass("<root>", run_keys, RunSchema)
+    check_dataclass("", run_keys, RunSchema)
     check_dataclass("backbone", values.get("backbone") or {}, BackboneSchema)
     performance = values.get("performance") or {}
     check_dataclass("performance", performance, PerformanceSchema)
@@ -215,5 +291,6 @@ def validate_train_config(cfg: DictConfig) -> None:
         trainer["precision"] = choose_precision("auto", trainer.get("accelerator"))
     for group in ("data", "trainer", "optimizer", "scheduler", "logger", "callbacks"):
         _check_targets(group, values.get(group) or {})
+    check_limits(values)
     if not (values.get("data") or {}).get("_target_"):
         raise ConfigError("data: no dataset selected; choose one with data=oxford_pets|cats_dogs|image_folder")

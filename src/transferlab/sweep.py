@@ -27,6 +27,7 @@ from hydra.types import RunMode
 from omegaconf import DictConfig
 from omegaconf.errors import OmegaConfBaseException
 
+from transferlab.redaction import redact
 from transferlab.distributed import isolated_process_state
 from transferlab.errors import TransferlabError, one_line
 
@@ -116,7 +117,7 @@ def run_sweep_job(task: Callable[[DictConfig], Any], cfg: DictConfig) -> Any:
 def write_job_record(out_dir: Path, record: dict[str, Any]) -> None:
     out_dir.mkdir(parents=True, exist_ok=True)
     tmp = out_dir / f".{JOB_FILE}.tmp"
-    tmp.write_text(json.dumps(record, indent=2) + "\n")
+    tmp.write_text(json.dumps(redact(record), indent=2) + "\n")
     tmp.replace(out_dir / JOB_FILE)
 
 

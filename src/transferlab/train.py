@@ -11,26 +11,19 @@ from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig
 
 from transferlab.callbacks.optuna_pruning import pruning_callbacks
+from transferlab.checkpointing import LastCheckpoint, resume_checkpoint
 from transferlab.cli import hydra_command
-from transferlab.errors import ConfigError, user_errors_exit
+from transferlab.errors import user_errors_exit
 from transferlab.loggers import resolve_logger_config
 from transferlab.models.backbones import create_backbone
 from transferlab.models.classifier import TransferClassifier
 from transferlab.models.finetune import GradualUnfreeze
 from transferlab.performance import apply_performance, resolve_precision
+from transferlab.redaction import redact
 from transferlab.pipeline import (announce_skipped, build_datamodule, build_trainer, container, instantiate_group,
                                   log_run_config, test_and_report)
 from transferlab.reporting import print_config_tree, to_float_dict
 from transferlab.schema import validate_train_config
-
-
-def resolve_ckpt_path(ckpt_path: Optional[str], out_dir: Path) -> Optional[str]:
-    if ckpt_path in (None, ""):
-        return None
-    path = out_dir / "checkpoints" / "last.ckpt" if ckpt_path == "last" else Path(ckpt_path).expanduser()
-    if not path.is_file():
-        raise ConfigError(f"ckpt_path: {path} does not exist; give an existing .ckpt file to resume from")
-    return str(path)
 
 
 @user_errors_exit
@@ -41,16 +34,16 @@ def train(cfg: DictConfig) -> Optional[float]:
     validate_train_config(cfg)
     if rank_zero_only.rank == 0:
         print_config_tree(cfg, save_to=out_dir / "config.yaml")
-    ckpt_path = resolve_ckpt_path(cfg.get("ckpt_path"), out_dir)
+    ckpt_path = resume_checkpoint(cfg.get("ckpt_path"), out_dir)
     pl.seed_everything(cfg.seed, workers=True)
 
     backbone = create_backbone(**container(cfg.backbone))
     data_cfg = container(cfg.data)
     datamodule = build_datamodule(data_cfg, backbone.preprocessing)
-    model = TransferClassifier(
-        backbone=container(cfg.backbone), class_names=datamodule.class_names, finetune=container(cfg.finetune),
-        optimizer=container(cfg.optimizer), scheduler=container(cfg.scheduler),
-        run={"data": data_cfg, "seed": cfg.seed, "precision": str(cfg.trainer.get("precision"))},
+    model = TransferClassifier(  # hyper-parameters go into every checkpoint: credentials masked
+        backbone=redact(container(cfg.backbone)), class_names=datamodule.class_names, finetune=redact(container(cfg.finetune)),
+        optimizer=redact(container(cfg.optimizer)), scheduler=redact(container(cfg.scheduler)),
+        run=redact({"data": data_cfg, "seed": cfg.seed, "precision": str(cfg.trainer.get("precision"))}),
         prebuilt_backbone=backbone,
     )
 
@@ -65,7 +58,7 @@ def train(cfg: DictConfig) -> Optional[float]:
 
     trainer.fit(model, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=True if ckpt_path else None)
     fit_metrics = {k: v for k, v in trainer.callback_metrics.items() if k.startswith("val/")}
-    checkpoint = next((c for c in trainer.callbacks if isinstance(c, ModelCheckpoint)), None)
+    checkpoint = next((c for c in trainer.callbacks if isinstance(c, ModelCheckpoint) and not isinstance(c, LastCheckpoint)), None)
     best = checkpoint.best_model_path if checkpoint and checkpoint.best_model_path else None
     extra = {**to_float_dict(fit_metrics), "best_checkpoint": best, "epochs": trainer.current_epoch}
     metrics = test_and_report(trainer, model, datamodule, out_dir, best, extra)

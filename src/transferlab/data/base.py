@@ -6,9 +6,11 @@ it can fetch itself); see image_folder.py for the smallest example.
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
-from collections.abc import Mapping, Sequence
+import random
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional, Union
@@ -22,7 +24,7 @@ from torch.utils.data import DataLoader, Dataset, RandomSampler
 from transferlab.data.images import ImageDataset, Sample, decode_all
 from transferlab.data.integrity import scan_images
 from transferlab.data.preprocessing import Preprocessing
-from transferlab.errors import DataError
+from transferlab.errors import ConfigError, DataError
 from transferlab.hardware import default_workers, usable_cores
 
 log = logging.getLogger(__name__)
@@ -34,6 +36,50 @@ class Discovered:
     class_names: list[str]
     samples: list[Sample]
     test_samples: Optional[list[Sample]] = None
+
+
+class EpochRandomSampler(RandomSampler):
+    """Shuffles as a function of (seed, epoch), not of how many epochs this process has run. Still a
+    RandomSampler, so under DDP Lightning swaps it for a DistributedSampler (also a function of seed and epoch)."""
+
+    def __init__(self, data_source: Dataset, seed: int) -> None:
+        super().__init__(data_source)
+        self.seed, self.epoch = seed, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __iter__(self) -> Iterator[int]:
+        generator = torch.Generator().manual_seed(self.seed % 2**32 + self.epoch * 2**32)
+        yield from torch.randperm(len(self.data_source), generator=generator).tolist()
+
+
+def epoch_seed(seed: int, epoch: int, rank: int = 0) -> int:
+    """A well-mixed 32-bit seed per (run seed, epoch, rank), valid for torch, numpy and random."""
+    return int(np.random.SeedSequence([seed % 2**32, epoch, rank]).generate_state(1)[0])
+
+
+class EpochDataLoader(DataLoader):
+    """The training loader. Each epoch's iterator starts from random state f(seed, epoch, rank): sampler epoch set,
+    torch/numpy/random reseeded (augmentation in this process, dropout, the workers' seeds) at the moment the
+    iterator is created. That moment is the one a resumed run shares with an uninterrupted one (Lightning creates
+    a resumed run's first iterator before any epoch hook), so a run resumed from a checkpoint continues exactly as
+    the uninterrupted run would have."""
+
+    def __init__(self, *args: Any, epoch_state: Optional[Callable[[], tuple[int, int]]] = None, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.epoch_state = epoch_state  # () -> (epoch, seed)
+
+    def __iter__(self) -> Any:
+        if self.epoch_state is not None:
+            epoch, seed = self.epoch_state()
+            for sampler in (self.sampler, getattr(self.batch_sampler, "sampler", None)):
+                if callable(getattr(sampler, "set_epoch", None)):
+                    sampler.set_epoch(epoch)
+            torch.manual_seed(seed)
+            np.random.seed(seed)
+            random.seed(seed)
+        return super().__iter__()
 
 
 def stratified_split(labels: Sequence[int], val_fraction: float, test_fraction: float, seed: int) -> tuple[list[int], list[int], list[int]]:
@@ -59,6 +105,8 @@ def stratified_split(labels: Sequence[int], val_fraction: float, test_fraction: 
 class ImageClassificationDataModule(pl.LightningDataModule):
     """Base class. `preprocessing` (from the backbone) must be set before setup()."""
 
+    layout = "a folder with the images"  # what data.root must hold, for error messages
+
     def __init__(
         self,
         root: str,
@@ -76,8 +124,10 @@ class ImageClassificationDataModule(pl.LightningDataModule):
         download: bool = False,
     ) -> None:
         super().__init__()
-        if not 0 <= val_fraction < 1 or not 0 <= test_fraction < 1 or val_fraction + test_fraction >= 1:
-            raise DataError(f"data.val_fraction={val_fraction}, data.test_fraction={test_fraction}: each must be in [0, 1) and their sum < 1")
+        for key, value in (("val_fraction", val_fraction), ("test_fraction", test_fraction)):
+            if not isinstance(value, (int, float)) or not 0 <= value < 1 or val_fraction + test_fraction >= 1:
+                raise ConfigError(f"data.{key}: expected a fraction in [0, 1) with data.val_fraction + data.test_fraction < 1, "
+                                  f"got {value!r} (val {val_fraction!r} + test {test_fraction!r})")
         self.root = Path(str(root)).expanduser()
         self.val_fraction, self.test_fraction, self.split_seed = val_fraction, test_fraction, split_seed
         if num_workers != "auto" and (not isinstance(num_workers, int) or num_workers < 0):
@@ -109,7 +159,10 @@ class ImageClassificationDataModule(pl.LightningDataModule):
         if self.is_present():
             return
         if not self.download_enabled:
-            raise DataError(f"data.root: no dataset found at {self.root}; set data.root=<folder with the images> or data.download=true")
+            found = "an empty folder" if self.root.is_dir() else "a file" if self.root.exists() else "no such folder"
+            fetch = " or data.download=true" if type(self).download is not ImageClassificationDataModule.download else ""
+            raise DataError(f"data.root: no dataset found at {self.root} ({found}); expected {self.layout}; "
+                            f"set data.root=<that folder>{fetch}")
         self.root.mkdir(parents=True, exist_ok=True)
         with FileLock(str(self.root) + ".lock"):  # several processes (DDP, sweeps) may start at once
             if not self.is_present():
@@ -130,15 +183,22 @@ class ImageClassificationDataModule(pl.LightningDataModule):
             "val": [pool[i] for i in val_i],
             "test": official_test if official_test is not None else [pool[i] for i in test_i],
         }
+        if not pool:
+            raise DataError(f"data.root: none of the {len(found.samples)} file(s) under {self.root} is a usable image "
+                            f"(each is listed with its reason above); expected {self.layout}")
         present = {label for _, label in self.splits["train"]}
-        empty = [name for i, name in enumerate(self.class_names) if i not in present]
+        empty = [i for i in range(len(self.class_names)) if i not in present]
         if empty:
-            raise DataError(f"data.root: class(es) with no usable training images under {self.root}: {', '.join(empty[:5])}")
+            name = self.class_names[empty[0]]
+            files = sum(1 for _, label in found.samples if label == empty[0])
+            raise DataError(f"data.root: class {name!r} has no usable training images under {self.root} ({files} file(s) found, "
+                            f"{files - sum(1 for _, label in pool if label == empty[0])} refused); expected at least one image per "
+                            f"class: add images or remove the class" + (f" (and {len(empty) - 1} more such class(es))" if len(empty) > 1 else ""))
         log.info("Data: %s classes; %s", len(self.class_names), ", ".join(f"{k} {len(v)}" for k, v in self.splits.items()))
 
     def _usable(self, samples: list[Sample]) -> list[Sample]:
         if not samples:
-            raise DataError(f"data.root: no images found under {self.root}")
+            raise DataError(f"data.root: no files found under {self.root}; expected {self.layout}")
         if not self.verify_images:
             return samples
         report = scan_images([p for p, _ in samples], self.root, self.cache_dir)
@@ -180,11 +240,12 @@ class ImageClassificationDataModule(pl.LightningDataModule):
         return dataset
 
     def loader(self, dataset: Dataset, train: bool, workers: Optional[int] = None) -> DataLoader:
-        """Shuffling from a generator seeded by the run's seed: the order does not depend on worker settings."""
+        """Shuffling by (run seed, epoch): the order depends neither on worker settings nor on resuming."""
         workers = self.workers() if workers is None else workers
         on_gpu = self._on_gpu()
         pin = on_gpu if self.pin_memory == "auto" else bool(self.pin_memory)
-        sampler = RandomSampler(dataset, generator=torch.Generator().manual_seed(torch.initial_seed())) if train else None
+        run_seed = torch.initial_seed()  # what seed_everything(cfg.seed) set
+        sampler = EpochRandomSampler(dataset, run_seed) if train else None
         if not train and torch.distributed.is_available() and torch.distributed.is_initialized():
             # Each image evaluated exactly once across ranks (Lightning's default sampler pads with repeats).
             from lightning.pytorch.overrides.distributed import (
@@ -192,9 +253,19 @@ class ImageClassificationDataModule(pl.LightningDataModule):
             )
 
             sampler = UnrepeatedDistributedSampler(dataset, shuffle=False)
-        extra = {"persistent_workers": True, "prefetch_factor": self.prefetch_factor or (4 if on_gpu else 2)} if workers > 0 else {}
-        return DataLoader(dataset, batch_size=self.batch_size, sampler=sampler, num_workers=workers, pin_memory=pin,
-                          drop_last=False, **extra)
+        # Deterministic mode: workers are started per epoch, so their seeds follow the epoch's (EpochDataLoader).
+        persistent = not torch.are_deterministic_algorithms_enabled()
+        extra = {"persistent_workers": persistent, "prefetch_factor": self.prefetch_factor or (4 if on_gpu else 2)} if workers > 0 else {}
+        if train:
+            extra["epoch_state"] = functools.partial(self._epoch_state, run_seed)
+        return (EpochDataLoader if train else DataLoader)(dataset, batch_size=self.batch_size, sampler=sampler, num_workers=workers,
+                                                          pin_memory=pin, drop_last=False, **extra)
+
+    def _epoch_state(self, run_seed: int) -> tuple[int, int]:
+        """(the epoch about to be trained, its seed): Lightning's own count, restored from a checkpoint on resume."""
+        trainer = self.trainer
+        epoch = trainer.fit_loop.epoch_progress.current.processed if trainer is not None else 0
+        return epoch, epoch_seed(run_seed, epoch, trainer.global_rank if trainer is not None else 0)
 
     def image_loader(self, split: str) -> DataLoader:
         """Images even when features are cached (adversarial evaluation needs pixels)."""

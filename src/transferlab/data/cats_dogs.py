@@ -15,6 +15,8 @@ CLASS_DIRS = ("Cat", "Dog")
 
 
 class CatsDogsDataModule(ImageClassificationDataModule):
+    layout = "PetImages/Cat and PetImages/Dog"
+
     def __init__(self, root: str, url: str = DEFAULT_URL, sha256: Optional[str] = None, download: bool = True, **kwargs) -> None:
         super().__init__(root=root, download=download, **kwargs)
         self.url, self.sha256 = url, sha256

@@ -8,6 +8,8 @@ from transferlab.errors import DataError
 
 
 class ImageFolderDataModule(ImageClassificationDataModule):
+    layout = "one sub-folder of images per class (root/<class>/<image>)"
+
     def discover(self) -> Discovered:
         if not self.root.is_dir():
             raise DataError(f"data.root: {self.root} is not a folder; set data.root=<folder with one sub-folder per class>")

@@ -1,15 +1,19 @@
-"""Reading images the same way everywhere: EXIF orientation applied, RGB, truncated files refused.
+"""Reading images the same way everywhere: EXIF orientation applied, RGB, truncated files and bombs refused.
 
 Training and evaluation decode with `decode_rgb` (uint8 CHW tensors): JPEGs through torchvision's
 libjpeg-turbo decoder (about 1.5x a Pillow open/convert/resize loop on one core, scripts/benchmark.py), large
 JPEGs through Pillow's DCT-domain downscaling (`draft`) when the transform will shrink them anyway, anything
-else through Pillow.
+else through Pillow. Every path first opens the header with Pillow, so an image over Pillow's
+decompression-bomb limit (`PIL.Image.MAX_IMAGE_PIXELS`) is refused before a single pixel is decoded.
+16-bit images are scaled to 8 bits (not clipped) and transparent pixels are composited on white.
 """
 
 from __future__ import annotations
 
+import contextlib
+import re
 import warnings
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any, Optional
 
@@ -22,75 +26,134 @@ from transferlab.errors import DataError
 
 Sample = tuple[Path, int]  # (image file, class index)
 
-IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm"}
+
+
+@contextlib.contextmanager
+def open_image(path: str | Path) -> Iterator[Image.Image]:
+    """Pillow's lazy open (header only) with the decompression-bomb warning turned into an error."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # e.g. "Corrupt EXIF data" on files that decode fine
+        warnings.simplefilter("error", Image.DecompressionBombWarning)
+        with Image.open(path) as img:
+            yield img
+
+
+def to_rgb(img: Image.Image) -> Image.Image:
+    """RGB without surprises: 16/32-bit grey scaled to 8 bits, alpha and palette transparency over white."""
+    if img.mode in ("I;16", "I;16L", "I;16B", "I;16N", "I"):
+        array = np.asarray(img, dtype=np.float64)
+        top = 65535.0 if img.mode.startswith("I;16") or array.max(initial=0) > 255 else 255.0
+        img = Image.fromarray(np.clip(array * (255.0 / top) + 0.5, 0, 255).astype(np.uint8), "L")
+    elif img.mode == "F":
+        img = Image.fromarray(np.clip(np.asarray(img) * 255.0 + 0.5, 0, 255).astype(np.uint8), "L")
+    if img.mode == "P" and "transparency" in img.info or img.mode in ("PA", "LA", "La", "RGBa"):
+        img = img.convert("RGBA")
+    if img.mode == "RGBA":
+        background = Image.new("RGBA", img.size, (255, 255, 255, 255))
+        return Image.alpha_composite(background, img).convert("RGB")
+    return img.convert("RGB")
 
 
 def load_rgb(path: str | Path) -> Image.Image:
     """Decode fully (so truncation raises here, not inside a transform), honour EXIF rotation, return RGB."""
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # e.g. "Corrupt EXIF data" on files that decode fine
-        with Image.open(path) as img:
-            img.load()
-            img = ImageOps.exif_transpose(img)
-            return img.convert("RGB")
+    with open_image(path) as img:
+        img.load()
+        return to_rgb(ImageOps.exif_transpose(img))
 
 
 def _pil_to_tensor(img: Image.Image) -> torch.Tensor:
-    return torch.from_numpy(np.array(img.convert("RGB"), dtype=np.uint8, copy=True)).permute(2, 0, 1).contiguous()
+    return torch.from_numpy(np.array(to_rgb(img), dtype=np.uint8, copy=True)).permute(2, 0, 1).contiguous()
 
 
-def _draft_decode(path: Path, min_short_side: int) -> Optional[torch.Tensor]:
+def _draft_decode(img: Image.Image, min_short_side: int) -> Optional[torch.Tensor]:
     """Pillow decode at 1/2, 1/4 or 1/8 scale in the DCT domain when the image is at least twice what is needed."""
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        with Image.open(path) as img:
-            if img.format != "JPEG" or min(img.size) < 2 * min_short_side:
-                return None
-            scale = min(img.size) / min_short_side
-            img.draft("RGB", (max(1, int(img.width / scale)), max(1, int(img.height / scale))))
-            img.load()
-            return _pil_to_tensor(ImageOps.exif_transpose(img))
+    if img.format != "JPEG" or min(img.size) < 2 * min_short_side:
+        return None
+    scale = min(img.size) / min_short_side
+    img.draft("RGB", (max(1, int(img.width / scale)), max(1, int(img.height / scale))))
+    img.load()
+    return _pil_to_tensor(ImageOps.exif_transpose(img))
 
 
 def decode_rgb(path: str | Path, min_short_side: Optional[int] = None) -> torch.Tensor:
     """uint8 [3, H, W] tensor with EXIF orientation applied; `min_short_side` allows a cheaper reduced decode."""
     path = Path(path)
-    if path.suffix.lower() in (".jpg", ".jpeg"):
-        if min_short_side:
-            reduced = _draft_decode(path, min_short_side)
-            if reduced is not None:
-                return reduced
-        from torchvision.io import ImageReadMode, decode_jpeg, read_file
+    with open_image(path) as img:  # the header: format, size, and the bomb check
+        if img.format == "JPEG":
+            if min_short_side:
+                reduced = _draft_decode(img, min_short_side)
+                if reduced is not None:
+                    return reduced
+            from torchvision.io import ImageReadMode, decode_jpeg, read_file
 
+            try:
+                with warnings.catch_warnings():
+                    warnings.simplefilter("ignore")
+                    return decode_jpeg(read_file(str(path)), mode=ImageReadMode.RGB, apply_exif_orientation=True)
+            except Exception:  # noqa: BLE001 - CMYK, progressive oddities: Pillow decides
+                pass
+        img.load()
+        return _pil_to_tensor(ImageOps.exif_transpose(img))
+
+
+_SIGNATURES = [(b"<svg", "SVG (vector graphics)"), (b"<?xml", "XML/SVG"), (b"%PDF", "PDF"), (b"PK\x03\x04", "a zip archive"),
+               (b"\x1f\x8b", "a gzip archive"), (b"8BPS", "Photoshop PSD")]
+_ISO_BRANDS = {b"heic": "HEIC", b"heix": "HEIC", b"mif1": "HEIF", b"avif": "AVIF", b"isom": "MP4 video", b"qt  ": "QuickTime video"}
+
+
+def sniff_format(path: str | Path) -> str:
+    """What an unidentifiable file looks like, from its first bytes: named formats, text, or unknown."""
+    with open(path, "rb") as fh:
+        head = fh.read(512)
+    if not head:
+        return "empty file (0 bytes)"
+    if head[4:8] == b"ftyp":
+        return f"unsupported format {_ISO_BRANDS.get(head[8:12], head[8:12].decode('latin-1').strip())}"
+    for magic, name in _SIGNATURES:
+        if head.lstrip().startswith(magic):
+            return f"unsupported format {name}"
+    if all(32 <= b < 127 or b in b"\t\r\n" for b in head):
+        return "a text file, not an image"
+    return "not an image (unknown binary format)"
+
+
+def describe_failure(exc: BaseException, path: str | Path) -> str:
+    """One line on why an image cannot be used, without repeating its path."""
+    from PIL import UnidentifiedImageError
+
+    if isinstance(exc, (Image.DecompressionBombError, Image.DecompressionBombWarning)):
+        size = re.search(r"\((\d+) pixels\)", str(exc))
+        pixels = f"{int(size.group(1)):,} pixels" if size else "the image"
+        return (f"refused, not decoded: {pixels} is over Pillow's decompression-bomb limit of {Image.MAX_IMAGE_PIXELS:,}; "
+                f"raise PIL.Image.MAX_IMAGE_PIXELS only for files you trust")
+    if isinstance(exc, UnidentifiedImageError):
         try:
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore")
-                return decode_jpeg(read_file(str(path)), mode=ImageReadMode.RGB, apply_exif_orientation=True)
-        except Exception:  # noqa: BLE001 - CMYK, progressive oddities, mislabelled files: Pillow decides
+            return sniff_format(path)
+        except OSError:
             pass
-    return _pil_to_tensor(load_rgb(path))
+    if isinstance(exc, OSError) and exc.strerror:
+        return f"{type(exc).__name__}: {exc.strerror}"
+    text = " ".join(str(exc).replace(str(path), "<file>").split()) or type(exc).__name__
+    return f"{type(exc).__name__}: {text}"
 
 
 def check_image(path: str | Path) -> str | None:
     """None when the file decodes completely, else the reason it cannot be used."""
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            with Image.open(path) as img:
-                if img.format == "JPEG":
-                    img.draft("RGB", (img.width // 8 or 1, img.height // 8 or 1))  # DCT-scaled: fast, still reads every byte
-                img.load()
+        with open_image(path) as img:
+            if img.format == "JPEG":
+                img.draft("RGB", (img.width // 8 or 1, img.height // 8 or 1))  # DCT-scaled: fast, still reads every byte
+            img.load()
         return None
     except Exception as exc:  # noqa: BLE001 - every failure becomes a reported reason
-        reason = " ".join(str(exc).split()) or type(exc).__name__
-        return f"{type(exc).__name__}: {reason}"
+        return describe_failure(exc, path)
 
 
 def list_files(folder: Path) -> list[Path]:
-    """Every non-hidden file below folder, sorted; the integrity scan decides which are images."""
+    """Every non-hidden file below folder, sorted, broken links included: the integrity scan decides and reports."""
     return sorted(
         p for p in folder.rglob("*")
-        if p.is_file() and not any(part.startswith(".") for part in p.relative_to(folder).parts)
+        if (p.is_file() or p.is_symlink() and not p.is_dir()) and not any(part.startswith(".") for part in p.relative_to(folder).parts)
     )
 
 

@@ -8,7 +8,8 @@ from pathlib import Path
 from typing import Literal, Optional
 
 from transferlab.data.base import Discovered, ImageClassificationDataModule, Sample
-from transferlab.errors import DataError
+from transferlab.data.download import download_file, safe_extract_tar
+from transferlab.errors import ConfigError, DataError, close_matches
 
 _NUMBER_SUFFIX = re.compile(r"_\d+$")
 SPECIES = ["cat", "dog"]
@@ -27,10 +28,20 @@ def display_name(breed: str) -> str:
     return " ".join(part[:1].upper() + part[1:] for part in breed.split("_"))
 
 
+# (url, md5): the official archives, with the checksums torchvision's OxfordIIITPet publishes for them.
+RESOURCES = (
+    ("https://www.robots.ox.ac.uk/~vgg/data/pets/data/images.tar.gz", "5c4f3ee8e5d25df40f4fd59a7f44e54c"),
+    ("https://www.robots.ox.ac.uk/~vgg/data/pets/data/annotations.tar.gz", "95a8c909bbe2e81eed6a22bccdf3f68f"),
+)
+
+
 class OxfordPetsDataModule(ImageClassificationDataModule):
+    resources = RESOURCES
+    layout = "images/*.jpg (+ annotations/) or the photos themselves, named like Abyssinian_101.jpg"
+
     def __init__(self, root: str, task: Literal["breeds", "species"] = "breeds", download: bool = True, **kwargs) -> None:
         if task not in ("breeds", "species"):
-            raise DataError(f"data.task: expected breeds or species, got {task!r}")
+            raise ConfigError(f"data.task: expected breeds or species, got {task!r}{close_matches(str(task), ['breeds', 'species'])}")
         super().__init__(root=root, download=download, **kwargs)
         self.task = task
 
@@ -44,13 +55,14 @@ class OxfordPetsDataModule(ImageClassificationDataModule):
         return self._images_dir() is not None
 
     def download(self) -> None:
-        from torchvision.datasets import OxfordIIITPet
-
+        """The two official archives (md5 as published with torchvision), checked, then safely extracted into root."""
         try:
-            OxfordIIITPet(root=str(self.root), download=True)
-        except Exception as exc:  # noqa: BLE001 - network errors come in many types
+            for url, md5 in self.resources:
+                archive = download_file(url, self.root / Path(url).name, md5=md5)
+                safe_extract_tar(archive, self.root)
+        except DataError as exc:
             raise DataError(
-                f"data.root: no Oxford-IIIT Pet images at {self.root} and the download failed ({type(exc).__name__}: {exc}); "
+                f"data.root: no Oxford-IIIT Pet images at {self.root} and the download failed ({exc}); "
                 f"without network, set data.root=<folder with images/ or the photos themselves>"
             ) from exc
 

@@ -82,13 +82,12 @@ def _download_failed(name: str, exc: Exception) -> ConfigError:
 
 
 def _load_state_dict_file(model: nn.Module, path: str) -> None:
+    from transferlab.checkpointing import read_checkpoint
+
     file = Path(path).expanduser()
     if not file.is_file():
         raise ConfigError(f"backbone.weights: {file} is not a file; use imagenet, none, bundled or a state_dict path")
-    try:
-        state = torch.load(file, map_location="cpu", weights_only=True)
-    except Exception as exc:  # noqa: BLE001
-        raise ConfigError(f"backbone.weights: {file} is not a loadable state_dict ({type(exc).__name__}: {exc})") from exc
+    state = read_checkpoint(file, key="backbone.weights")
     state = state.get("state_dict", state) if isinstance(state, dict) else state
     try:
         model.load_state_dict(state, strict=True)

@@ -1,0 +1,153 @@
+"""Checkpoints that survive crashes and strangers: atomic writes, safe loading, finding the one to resume from.
+
+- `AtomicCheckpointIO` (a Lightning CheckpointIO plugin) streams `<name>.ckpt` into a temporary file in the same
+  folder, fsyncs it and renames it over the old one: a kill, a power cut or a full disk during a save leaves the
+  previous checkpoint as it was, never a truncated one.
+- `read_checkpoint` loads with `weights_only=True`: tensors and plain containers only. A checkpoint whose
+  unpickling would call a function (the classic pickle exploit) is refused with one line naming the file.
+- `resume_checkpoint` turns `ckpt_path` (`last`, `auto`, a run folder or a file) into a verified file.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import os
+import re
+from pathlib import Path
+from typing import Any, Optional
+
+import torch
+from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.plugins.io import TorchCheckpointIO
+
+from transferlab.errors import ConfigError, DataError, ResourceError
+
+log = logging.getLogger(__name__)
+
+
+def read_checkpoint(path: str | Path, key: str = "ckpt_path") -> dict[str, Any]:
+    """The checkpoint's dict (tensors memory-mapped, so a look at its metadata costs no full read)."""
+    file = Path(path).expanduser()
+    if not file.is_file():
+        raise DataError(f"{key}: {file} is not a file; give the path of a .ckpt (e.g. <run>/checkpoints/last.ckpt)")
+    try:
+        try:
+            return torch.load(file, map_location="cpu", weights_only=True, mmap=True)
+        except RuntimeError as exc:  # files from torch.save(_use_new_zipfile_serialization=False) cannot be mapped
+            if "mmap" not in str(exc):
+                raise
+            return torch.load(file, map_location="cpu", weights_only=True)
+    except Exception as exc:  # noqa: BLE001 - sorted into the two causes a user can act on
+        text = " ".join(str(exc).split())
+        unsafe = re.search(r"Unsupported global: GLOBAL (\S+)|unsupported GLOBAL (\S+)", text)
+        if unsafe or "Weights only load failed" in text:
+            what = (unsafe.group(1) or unsafe.group(2)) if unsafe else "an object that is not a tensor"
+            raise DataError(f"{key}: {file} refused: loading it would call {what} (a pickle can run arbitrary code); "
+                            f"transferlab only loads tensors and plain values (torch.load weights_only=True). "
+                            f"Use checkpoints from sources you trust, saved by transferlab or as a plain state_dict") from None
+        raise DataError(f"{key}: {file} is not a readable checkpoint (truncated, or not a .ckpt: {text[:160]})") from None
+
+
+def _progress(ckpt: dict[str, Any]) -> tuple[int, int]:
+    return int(ckpt.get("epoch", -1)), int(ckpt.get("global_step", -1))
+
+
+def newest_checkpoint(folder: Path) -> Optional[Path]:
+    """The most advanced readable *.ckpt in folder (by epoch and step; on a tie last.ckpt, which is written at the
+    very end of an epoch, then the newest); unreadable ones are skipped with a warning."""
+    ranked = []
+    for file in sorted(folder.glob("*.ckpt")):
+        try:
+            ranked.append((_progress(read_checkpoint(file)), file.name == "last.ckpt", file.stat().st_mtime_ns, file))
+        except DataError as exc:
+            log.warning("Not resuming from %s: %s", file, exc)
+    return max(ranked)[-1] if ranked else None
+
+
+def resume_checkpoint(ckpt_path: Optional[str], out_dir: Path) -> Optional[str]:
+    """`last`: the run's last.ckpt; `auto`: the newest checkpoint of this run dir, or a fresh start; a folder: the
+    newest checkpoint in it (or in its checkpoints/); a file: that file. Every choice is read once (safely) here."""
+    if ckpt_path in (None, ""):
+        return None
+    if ckpt_path in ("auto", "last"):
+        folder = out_dir / "checkpoints"
+        chosen = newest_checkpoint(folder) if ckpt_path == "auto" and folder.is_dir() else None
+        if ckpt_path == "auto":
+            log.info("ckpt_path=auto: %s", f"resuming from {chosen}" if chosen else f"no checkpoint in {folder}, starting fresh")
+            return str(chosen) if chosen else None
+        chosen = folder / "last.ckpt"
+    else:
+        chosen = Path(ckpt_path).expanduser()
+        if chosen.is_dir():
+            folder = chosen / "checkpoints" if (chosen / "checkpoints").is_dir() else chosen
+            newest = newest_checkpoint(folder)
+            if newest is None:
+                raise ConfigError(f"ckpt_path: no readable .ckpt in {folder}; give a checkpoint file or a run folder that has one")
+            chosen = newest
+    if not chosen.is_file():
+        raise ConfigError(f"ckpt_path: {chosen} does not exist; expected last, auto, a run folder or a .ckpt file")
+    read_checkpoint(chosen)
+    return str(chosen)
+
+
+class LastCheckpoint(ModelCheckpoint):
+    """`last.ckpt` at the end of every epoch, whatever the metrics did: what `ckpt_path=last|auto` resumes from.
+
+    ModelCheckpoint(save_last=True) cannot do it in Lightning 2.6 (it refreshes last.ckpt only together with a new
+    best), and a plain second ModelCheckpoint would clash with any monitor-less one a user adds (same state key).
+    """
+
+    def __init__(self, dirpath: str, filename: str = "last", **kwargs: Any) -> None:
+        kwargs = {"monitor": None, "save_top_k": 1, "enable_version_counter": False, **kwargs}
+        super().__init__(dirpath=dirpath, filename=filename, **kwargs)
+
+
+def disk_full(exc: BaseException | None) -> bool:
+    """ENOSPC/EDQUOT, also when torch's zip writer reports it as a RuntimeError around the OSError."""
+    while exc is not None:
+        if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT) or "No space left on device" in str(exc):
+            return True
+        exc = exc.__cause__ or exc.__context__
+    return False
+
+
+class AtomicCheckpointIO(TorchCheckpointIO):
+    """torch.save into `.<name>.<pid>.tmp`, fsync, rename: the old checkpoint stays whole until the new one is.
+
+    Lightning's own writer is atomic on local disks too (an fsspec transaction), but it first serialises the
+    whole checkpoint into memory (two copies), never fsyncs, and a full disk surfaces as a bare OSError. This
+    one streams to disk, makes file and rename durable, clears temporary files of killed runs, and says what to
+    do when the disk is full.
+    """
+
+    def save_checkpoint(self, checkpoint: dict[str, Any], path: str | os.PathLike, storage_options: Optional[Any] = None) -> None:
+        if storage_options is not None or "://" in str(path):  # object stores: Lightning's own (fsspec) writer
+            return super().save_checkpoint(checkpoint, path, storage_options)
+        target = Path(path)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        for stale in target.parent.glob(f".{target.name}.*.tmp"):  # left by a run killed while saving
+            stale.unlink(missing_ok=True)
+        tmp = target.with_name(f".{target.name}.{os.getpid()}.tmp")
+        try:
+            with open(tmp, "wb") as fh:
+                torch.save(checkpoint, fh)
+                fh.flush()
+                os.fsync(fh.fileno())
+            os.replace(tmp, target)
+        except BaseException as exc:
+            tmp.unlink(missing_ok=True)
+            if disk_full(exc):
+                kept = "the previous one is intact" if target.exists() else "no earlier checkpoint existed"
+                raise ResourceError(f"paths.output_dir: no space left on the device while saving checkpoint {target} "
+                                    f"({kept}); free some space or point hydra.run.dir at a larger disk, then resume with "
+                                    f"ckpt_path=last") from exc
+            raise
+        try:  # make the rename itself durable
+            dir_fd = os.open(target.parent, os.O_RDONLY)
+            try:
+                os.fsync(dir_fd)
+            finally:
+                os.close(dir_fd)
+        except OSError:
+            pass
