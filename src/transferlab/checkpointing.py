@@ -10,7 +10,6 @@
 
 from __future__ import annotations
 
-import errno
 import logging
 import os
 import re
@@ -21,7 +20,7 @@ import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 
-from transferlab.errors import ConfigError, DataError, ResourceError
+from transferlab.errors import ConfigError, DataError, ResourceError, disk_full
 
 log = logging.getLogger(__name__)
 
@@ -101,15 +100,6 @@ class LastCheckpoint(ModelCheckpoint):
     def __init__(self, dirpath: str, filename: str = "last", **kwargs: Any) -> None:
         kwargs = {"monitor": None, "save_top_k": 1, "enable_version_counter": False, **kwargs}
         super().__init__(dirpath=dirpath, filename=filename, **kwargs)
-
-
-def disk_full(exc: BaseException | None) -> bool:
-    """ENOSPC/EDQUOT, also when torch's zip writer reports it as a RuntimeError around the OSError."""
-    while exc is not None:
-        if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT) or "No space left on device" in str(exc):
-            return True
-        exc = exc.__cause__ or exc.__context__
-    return False
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import difflib
+import errno
 import functools
 import os
 import sys
@@ -51,9 +52,19 @@ def one_line(exc: BaseException) -> str:
     return " ".join(str(exc).split())
 
 
+def disk_full(exc: BaseException | None) -> bool:
+    """ENOSPC/EDQUOT, also when torch's zip writer reports it as a RuntimeError around the OSError."""
+    for _ in range(16):  # along __cause__ / __context__, bounded
+        if exc is None:
+            return False
+        if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT) or "No space left on device" in str(exc):
+            return True
+        exc = exc.__cause__ or exc.__context__
+    return False
+
+
 def explain_runtime_failure(exc: BaseException) -> TransferlabError | None:
     """Known failures of the machine, as one actionable line: a DataLoader worker that died, a full disk."""
-    import errno
     import re
     import signal
 
@@ -74,8 +85,8 @@ def explain_runtime_failure(exc: BaseException) -> TransferlabError | None:
             hint = ("usually the out-of-memory killer: lower data.num_workers or data.batch_size, or turn off data.image_cache"
                     if not sig or "Kill" in sig else "an image decoder or native library crashed in it: run with data.num_workers=0 to see where")
             return ResourceError(f"data.num_workers: DataLoader worker (pid {pid}) {how}; {hint}")
-        if isinstance(exc, OSError) and exc.errno == errno.ENOSPC:
-            where = f" writing {exc.filename}" if exc.filename else ""
+        if disk_full(exc):
+            where = f" writing {exc.filename}" if getattr(exc, "filename", None) else ""
             return ResourceError(f"paths.output_dir: no space left on the device{where}; free some space or point "
                                  f"hydra.run.dir / paths.output_dir at a larger disk, then resume with ckpt_path=last")
         exc = exc.__cause__ or exc.__context__
