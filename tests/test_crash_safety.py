@@ -116,6 +116,8 @@ def _kill_during_save(kind: str, target: Path) -> None:
         time.sleep(0.001)
     proc.kill()
     proc.wait(30)
+    if kind == "atomic":  # the kill landed inside a save: its temporary file is still there
+        assert list(target.parent.glob(f".{target.name}.*.tmp"))
 
 
 def test_a_kill_during_a_checkpoint_save_leaves_the_previous_one_whole(tmp_path):
