@@ -93,6 +93,18 @@ def test_integrity_scan_reports_and_caches(tmp_path):
     assert third.checked == 1 and str(bad[0]) not in third.bad
 
 
+def test_shuffle_order_is_a_function_of_seed_and_epoch():
+    from transferlab.data.base import EpochRandomSampler
+
+    sampler = EpochRandomSampler(list(range(50)), seed=5)
+    orders = [list(sampler) for _ in range(3)]  # a plain loop without Lightning: each pass is the next epoch
+    assert len({tuple(o) for o in orders}) == 3 and all(sorted(o) == list(range(50)) for o in orders)
+    for epoch, order in enumerate(orders):  # what Lightning (or a resumed run) asks for
+        sampler.set_epoch(epoch)
+        assert list(sampler) == order
+    assert list(EpochRandomSampler(list(range(50)), seed=6)) != orders[0]
+
+
 def test_safe_extract_refuses_traversal(tmp_path):
     evil = tmp_path / "evil.zip"
     with zipfile.ZipFile(evil, "w") as zf:

@@ -45,12 +45,16 @@ class EpochRandomSampler(RandomSampler):
     def __init__(self, data_source: Dataset, seed: int) -> None:
         super().__init__(data_source)
         self.seed, self.epoch = seed, 0
+        self._epoch_given, self._iterated = False, False
 
     def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
+        self.epoch, self._epoch_given = epoch, True
 
     def __iter__(self) -> Iterator[int]:
-        generator = torch.Generator().manual_seed(self.seed % 2**32 + self.epoch * 2**32)
+        if self._iterated and not self._epoch_given:  # a loop without Lightning: the next pass is the next epoch
+            self.epoch += 1
+        self._epoch_given, self._iterated = False, True
+        generator = torch.Generator().manual_seed(epoch_seed(self.seed, self.epoch))  # torch keeps 32 bits of a seed
         yield from torch.randperm(len(self.data_source), generator=generator).tolist()
 
 
@@ -66,13 +70,14 @@ class EpochDataLoader(DataLoader):
     a resumed run's first iterator before any epoch hook), so a run resumed from a checkpoint continues exactly as
     the uninterrupted run would have."""
 
-    def __init__(self, *args: Any, epoch_state: Optional[Callable[[], tuple[int, int]]] = None, **kwargs: Any) -> None:
+    def __init__(self, *args: Any, epoch_state: Optional[Callable[[], Optional[tuple[int, int]]]] = None, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
-        self.epoch_state = epoch_state  # () -> (epoch, seed)
+        self.epoch_state = epoch_state  # () -> (epoch, seed), or None outside a Lightning fit (nothing is reseeded)
 
     def __iter__(self) -> Any:
-        if self.epoch_state is not None:
-            epoch, seed = self.epoch_state()
+        state = self.epoch_state() if self.epoch_state is not None else None
+        if state is not None:
+            epoch, seed = state
             for sampler in (self.sampler, getattr(self.batch_sampler, "sampler", None)):
                 if callable(getattr(sampler, "set_epoch", None)):
                     sampler.set_epoch(epoch)
@@ -261,11 +266,13 @@ class ImageClassificationDataModule(pl.LightningDataModule):
         return (EpochDataLoader if train else DataLoader)(dataset, batch_size=self.batch_size, sampler=sampler, num_workers=workers,
                                                           pin_memory=pin, drop_last=False, **extra)
 
-    def _epoch_state(self, run_seed: int) -> tuple[int, int]:
+    def _epoch_state(self, run_seed: int) -> Optional[tuple[int, int]]:
         """(the epoch about to be trained, its seed): Lightning's own count, restored from a checkpoint on resume."""
         trainer = self.trainer
-        epoch = trainer.fit_loop.epoch_progress.current.processed if trainer is not None else 0
-        return epoch, epoch_seed(run_seed, epoch, trainer.global_rank if trainer is not None else 0)
+        if trainer is None:
+            return None
+        epoch = trainer.fit_loop.epoch_progress.current.processed
+        return epoch, epoch_seed(run_seed, epoch, trainer.global_rank)
 
     def image_loader(self, split: str) -> DataLoader:
         """Images even when features are cached (adversarial evaluation needs pixels)."""
