@@ -32,8 +32,6 @@ from torch.utils.data import DataLoader, Dataset
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED = Path(os.environ.get("TRANSFERLAB_SHARED", REPO.parent / "shared")) / "data"
-KEYS = ("frozen_speedup", "frozen_acc_baseline", "frozen_acc_transferlab", "finetune_overhead", "bf16_speedup_resnet50_train",
-        "bf16_speedup_lite0_train", "decode_speedup", "peak_fraction", "hardware")
 SECTIONS = ("frozen", "finetune", "precision", "accuracy", "decode", "peak")
 LITE0 = "tf_efficientnet_lite0"
 
@@ -64,11 +62,15 @@ def subset_folder(source: Path, per_breed: Optional[int], into: Path) -> Path:
 
 def species_splits(root: Path, cache_dir: Path, seed: int) -> tuple[Any, list[str]]:
     """The split transferlab-train makes for data.task=species with the default fractions and this seed."""
-    from transferlab.data.oxford_pets import OxfordPetsDataModule
+    from hydra.utils import instantiate
+
+    from transferlab.cli.train import command
     from transferlab.models.backbones import create_backbone
 
-    dm = OxfordPetsDataModule(root=str(root), task="species", val_fraction=0.15, test_fraction=0.2, split_seed=seed,
-                              download=False, cache_dir=str(cache_dir))
+    cfg = command.compose(
+        [f"data.root={root}", "data.task=species", f"seed={seed}", "data.download=false", f"paths.cache_dir={cache_dir}"], cache_dir / "unused-run"
+    )
+    dm = instantiate(cfg.data)
     dm.preprocessing = create_backbone(LITE0, weights="bundled").preprocessing
     dm.setup()
     return dm, dm.class_names
@@ -133,21 +135,21 @@ def baseline_frozen(dm: Any, epochs: int, lr: float, device: torch.device, seed:
 
 
 def transferlab_run(overrides: list[str], out_dir: Path) -> dict[str, Any]:
-    """transferlab-train in this process (Hydra's compose API), timed from config to metrics.json."""
-    from hydra import compose, initialize_config_dir
+    """transferlab-train in this process (Hydra's compose API), timed from the validated config to metrics.json."""
+    from transferlab.cli.train import command
 
-    from transferlab.config_paths import config_dir
-    from transferlab.train import train
-
-    with initialize_config_dir(config_dir(), version_base="1.3"):
-        cfg = compose("train", overrides=[f"paths.output_dir={out_dir}", *overrides])
+    cfg = command.compose(overrides, out_dir)
     started = time.perf_counter()
-    train(cfg)
+    command.run(cfg)
     seconds = time.perf_counter() - started
     metrics = json.loads((out_dir / "metrics.json").read_text())
     cache = out_dir / "feature_cache.json"
-    return {"seconds": seconds, "val_acc": metrics.get("val/acc"), "test_acc": metrics.get("test/acc"),
-            "feature_cache": json.loads(cache.read_text()) if cache.is_file() else None}
+    return {
+        "seconds": seconds,
+        "val_acc": metrics.get("val/acc"),
+        "test_acc": metrics.get("test/acc"),
+        "feature_cache": json.loads(cache.read_text()) if cache.is_file() else None,
+    }
 
 
 def frozen_section(root: Path, work: Path, epochs: int, device: torch.device, seed: int) -> dict[str, Any]:
@@ -155,14 +157,29 @@ def frozen_section(root: Path, work: Path, epochs: int, device: torch.device, se
     lr = 1e-3  # conf/optimizer/adam.yaml's default, so both sides use the same learning rate
     baseline = baseline_frozen(dm, epochs, lr, device, seed)
     accelerator = "gpu" if device.type == "cuda" else "cpu"
-    common = [f"data.root={root}", "data.task=species", "finetune=frozen", f"trainer.max_epochs={epochs}", f"seed={seed}",
-              f"trainer.accelerator={accelerator}", "callbacks.progress_bar=null", "trainer.enable_progress_bar=false",
-              f"paths.cache_dir={work / 'cache'}"]
+    common = [
+        f"data.root={root}",
+        "data.task=species",
+        "finetune=frozen",
+        f"trainer.max_epochs={epochs}",
+        f"seed={seed}",
+        f"trainer.accelerator={accelerator}",
+        "callbacks.progress_bar=null",
+        "trainer.enable_progress_bar=false",
+        f"paths.cache_dir={work / 'cache'}",
+    ]
     cold = transferlab_run(common, work / "frozen-cold")
     warm = transferlab_run(common, work / "frozen-warm")
-    return {"baseline": baseline, "transferlab": cold, "transferlab_warm_cache": warm, "epochs": epochs,
-            "train_images": len(dm.splits["train"]), "val_images": len(dm.splits["val"]),
-            "speedup": baseline["seconds"] / cold["seconds"], "speedup_warm_cache": baseline["seconds"] / warm["seconds"]}
+    return {
+        "baseline": baseline,
+        "transferlab": cold,
+        "transferlab_warm_cache": warm,
+        "epochs": epochs,
+        "train_images": len(dm.splits["train"]),
+        "val_images": len(dm.splits["val"]),
+        "speedup": baseline["seconds"] / cold["seconds"],
+        "speedup_warm_cache": baseline["seconds"] / warm["seconds"],
+    }
 
 
 # --------------------------------------------------------------------------- (b) fine-tuning overhead
@@ -170,9 +187,12 @@ def make_classifier(name: str, weights: str, classes: int) -> Any:
     from transferlab.models.classifier import TransferClassifier
 
     return TransferClassifier(
-        backbone={"name": name, "weights": weights}, class_names=[f"c{i}" for i in range(classes)],
-        finetune={"mode": "full", "backbone_lr_factor": 0.1},
-        optimizer={"_target_": "torch.optim.Adam", "_partial_": True, "lr": 1e-4}, scheduler=None)
+        backbone={"name": name, "weights": weights},
+        class_names=[f"c{i}" for i in range(classes)],
+        finetune={"mode": "full", "backbone_lr_factor": 0.1, "head_dropout": 0.0},
+        optimizer={"_target_": "torch.optim.Adam", "_partial_": True, "lr": 1e-4},
+        scheduler=None,
+    )
 
 
 def raw_steps(model: Any, batches: list, warmup: int, device: torch.device, bf16: bool) -> float:
@@ -233,19 +253,40 @@ def lightning_steps(model: Any, batches: list, warmup: int, device: torch.device
     """transferlab's TransferClassifier under Lightning with the run defaults (CSV logger, metrics every step)."""
     import lightning.pytorch as pl
 
-    from transferlab.loggers import ResumableCSVLogger
+    from transferlab.training.loggers import ResumableCSVLogger
 
     timer = _StepTimer(warmup, device)
-    trainer = pl.Trainer(accelerator="gpu" if device.type == "cuda" else "cpu", devices=1, precision=precision,
-                         max_epochs=1, limit_val_batches=0, num_sanity_val_steps=0, log_every_n_steps=10,
-                         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
-                         logger=ResumableCSVLogger(str(work), name="overhead"), callbacks=[timer.callback])
+    trainer = pl.Trainer(
+        accelerator="gpu" if device.type == "cuda" else "cpu",
+        devices=1,
+        precision=precision,
+        max_epochs=1,
+        limit_val_batches=0,
+        num_sanity_val_steps=0,
+        log_every_n_steps=10,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        logger=ResumableCSVLogger(save_dir=str(work), name="overhead", version=""),
+        callbacks=[timer.callback],
+    )
     trainer.fit(model, train_dataloaders=_Batches(batches))
     return (timer.ended - timer.started) / (len(batches) - warmup)
 
 
-def finetune_section(files: list[Path], name: str, weights: str, batch: int, steps: int, warmup: int, rounds: int,
-                     device: torch.device, bf16: bool, channels_last: bool, work: Path) -> dict[str, Any]:
+def finetune_section(
+    files: list[Path],
+    name: str,
+    weights: str,
+    batch: int,
+    steps: int,
+    warmup: int,
+    rounds: int,
+    device: torch.device,
+    bf16: bool,
+    channels_last: bool,
+    work: Path,
+) -> dict[str, Any]:
     from transferlab.models.backbones import create_backbone
 
     prep = create_backbone(name, weights="none").preprocessing
@@ -264,14 +305,25 @@ def finetune_section(files: list[Path], name: str, weights: str, batch: int, ste
             else:
                 ours.append(lightning_steps(model, batches, warmup, device, "bf16-mixed" if bf16 else "32-true", work))
     best_raw, best_ours = min(raw), min(ours)
-    return {"model": name, "batch": batch, "steps": steps, "rounds": rounds, "precision": "bf16-mixed" if bf16 else "32-true",
-            "channels_last": channels_last, "raw_step_s": raw, "transferlab_step_s": ours,
-            "raw_img_s": batch / best_raw, "transferlab_img_s": batch / best_ours, "overhead": best_ours / best_raw}
+    return {
+        "model": name,
+        "batch": batch,
+        "steps": steps,
+        "rounds": rounds,
+        "precision": "bf16-mixed" if bf16 else "32-true",
+        "channels_last": channels_last,
+        "raw_step_s": raw,
+        "transferlab_step_s": ours,
+        "raw_img_s": batch / best_raw,
+        "transferlab_img_s": batch / best_ours,
+        "overhead": best_ours / best_raw,
+    }
 
 
 # ------------------------------------------------------------------------------ (c) precision/layout
-def throughput(name: str, weights: str, batch: int, steps: int, warmup: int, device: torch.device, bf16: bool,
-               channels_last: bool, train: bool) -> float:
+def throughput(
+    name: str, weights: str, batch: int, steps: int, warmup: int, device: torch.device, bf16: bool, channels_last: bool, train: bool
+) -> float:
     """Images/s of a train step (forward, backward, Adam) or of inference, in one precision and layout."""
     torch.manual_seed(0)
     model = make_classifier(name, weights, 10).to(device)
@@ -299,8 +351,9 @@ def throughput(name: str, weights: str, batch: int, steps: int, warmup: int, dev
     return batch / statistics.median(timings)
 
 
-def precision_section(models: list[tuple[str, str]], batch: int, steps: int, warmup: int, device: torch.device,
-                      variants: list[tuple[str, bool, bool]]) -> dict[str, Any]:
+def precision_section(
+    models: list[tuple[str, str]], batch: int, steps: int, warmup: int, device: torch.device, variants: list[tuple[str, bool, bool]]
+) -> dict[str, Any]:
     results: dict[str, Any] = {}
     for name, weights in models:
         for mode in ("train", "inference"):
@@ -314,13 +367,28 @@ def precision_section(models: list[tuple[str, str]], batch: int, steps: int, war
 def accuracy_section(root: Path, work: Path, device: torch.device, epochs: int, compile_too: bool) -> dict[str, Any]:
     """Frozen Lite0 on the breeds task: test accuracy per speed setting (each a transferlab-train run)."""
     accelerator = "gpu" if device.type == "cuda" else "cpu"
-    common = [f"data.root={root}", "data.task=breeds", "finetune=frozen", "optimizer.lr=3e-3", f"trainer.max_epochs={epochs}",
-              "seed=42", f"trainer.accelerator={accelerator}", "callbacks.progress_bar=null", "trainer.enable_progress_bar=false"]
-    settings = {"fp32": ["trainer.precision=32-true", "performance.channels_last=false"],
-                "fp32+channels_last": ["trainer.precision=32-true", "performance.channels_last=true"],
-                "bf16-mixed+channels_last": ["trainer.precision=bf16-mixed", "performance.channels_last=true"],
-                "fp32, no feature cache": ["trainer.precision=32-true", "performance.feature_cache.enabled=false",
-                                           "data.augment.scale_min=1.0", "data.augment.hflip=false"]}
+    common = [
+        f"data.root={root}",
+        "data.task=breeds",
+        "finetune=frozen",
+        "optimizer.lr=3e-3",
+        f"trainer.max_epochs={epochs}",
+        "seed=42",
+        f"trainer.accelerator={accelerator}",
+        "callbacks.progress_bar=null",
+        "trainer.enable_progress_bar=false",
+    ]
+    settings = {
+        "fp32": ["trainer.precision=32-true", "performance.channels_last=false"],
+        "fp32+channels_last": ["trainer.precision=32-true", "performance.channels_last=true"],
+        "bf16-mixed+channels_last": ["trainer.precision=bf16-mixed", "performance.channels_last=true"],
+        "fp32, no feature cache": [
+            "trainer.precision=32-true",
+            "performance.feature_cache.enabled=false",
+            "data.augment.scale_min=1.0",
+            "data.augment.hflip=false",
+        ],
+    }
     if compile_too:
         settings["bf16-mixed+compile"] = ["trainer.precision=bf16-mixed", "performance.compile=true"]
     out = {}
@@ -365,8 +433,13 @@ def decode_section(files: list[Path], rounds: int) -> dict[str, Any]:
     finally:
         torch.set_num_threads(threads)
     rates = {k: len(files) / v for k, v in best.items()}
-    return {"images": len(files), "rounds": rounds, "pillow_img_s": rates["pillow"], "transferlab_img_s": rates["transferlab"],
-            "speedup": rates["transferlab"] / rates["pillow"]}
+    return {
+        "images": len(files),
+        "rounds": rounds,
+        "pillow_img_s": rates["pillow"],
+        "transferlab_img_s": rates["transferlab"],
+        "speedup": rates["transferlab"] / rates["pillow"],
+    }
 
 
 # ------------------------------------------------------------------------------------- (e) peak
@@ -393,16 +466,21 @@ def forward_flops(name: str) -> float:
 
 def peak_section(precision: dict[str, Any], device: torch.device, quick: bool) -> dict[str, Any]:
     n = 8192 if device.type == "cuda" else (1024 if quick else 2048)
-    peaks = {"bf16": matmul_flops(device, torch.bfloat16, n, 10 if device.type == "cuda" else 3),
-             "fp32": matmul_flops(device, torch.float32, n, 10 if device.type == "cuda" else 3)}
+    peaks = {
+        "bf16": matmul_flops(device, torch.bfloat16, n, 10 if device.type == "cuda" else 3),
+        "fp32": matmul_flops(device, torch.float32, n, 10 if device.type == "cuda" else 3),
+    }
     out: dict[str, Any] = {"matmul_n": n, "matmul_gflops": {k: v / 1e9 for k, v in peaks.items()}, "models": {}}
     for key, row in precision["images_per_s"].items():
         name, mode = key.split("/")
         flops = forward_flops(name) * (3 if mode == "train" else 1)  # backward ~ twice the forward
         for variant, dtype in (("bf16+channels_last", "bf16"), ("fp32", "fp32")):
             achieved = flops * row[variant]
-            out["models"][f"{key}/{variant}"] = {"gflop_per_image": flops / 1e9, "achieved_gflops": achieved / 1e9,
-                                                 "fraction": achieved / peaks[dtype]}
+            out["models"][f"{key}/{variant}"] = {
+                "gflop_per_image": flops / 1e9,
+                "achieved_gflops": achieved / 1e9,
+                "fraction": achieved / peaks[dtype],
+            }
     best_key = "resnet50/train/bf16+channels_last"
     out["headline"] = best_key if best_key in out["models"] else next(iter(out["models"]), None)
     return out
@@ -418,39 +496,57 @@ def markdown(result: dict[str, Any]) -> str:
     rows = ["| measurement | baseline | transferlab | ratio | target |", "|---|---|---|---|---|"]
     if "frozen" in d:
         f = d["frozen"]
-        rows.append(f"| (a) frozen Lite0, species, {f['epochs']} epochs: wall s (cold cache) | {f['baseline']['seconds']:.1f} | "
-                    f"{f['transferlab']['seconds']:.1f} | **{f['speedup']:.1f}x** | >= 10x |")
-        rows.append(f"| (a) same, cache reused by a second run: wall s | {f['baseline']['seconds']:.1f} | "
-                    f"{f['transferlab_warm_cache']['seconds']:.1f} | {f['speedup_warm_cache']:.1f}x | |")
-        rows.append(f"| (a) final val accuracy ({f['val_images']} images) | {f['baseline']['val_acc']:.3f} | "
-                    f"{f['transferlab']['val_acc']:.3f} | | >= baseline - 0.01 |")
+        rows.append(
+            f"| (a) frozen Lite0, species, {f['epochs']} epochs: wall s (cold cache) | {f['baseline']['seconds']:.1f} | "
+            f"{f['transferlab']['seconds']:.1f} | **{f['speedup']:.1f}x** | >= 10x |"
+        )
+        rows.append(
+            f"| (a) same, cache reused by a second run: wall s | {f['baseline']['seconds']:.1f} | "
+            f"{f['transferlab_warm_cache']['seconds']:.1f} | {f['speedup_warm_cache']:.1f}x | |"
+        )
+        rows.append(
+            f"| (a) final val accuracy ({f['val_images']} images) | {f['baseline']['val_acc']:.3f} | "
+            f"{f['transferlab']['val_acc']:.3f} | | >= baseline - 0.01 |"
+        )
     if "finetune" in d:
         f = d["finetune"]
-        rows.append(f"| (b) full fine-tuning {f['model']} batch {f['batch']} {f['precision']}: img/s (raw loop vs Lightning) | "
-                    f"{f['raw_img_s']:.1f} | {f['transferlab_img_s']:.1f} | {f['overhead']:.3f} (time/step) | <= 1.05 |")
+        rows.append(
+            f"| (b) full fine-tuning {f['model']} batch {f['batch']} {f['precision']}: img/s (raw loop vs Lightning) | "
+            f"{f['raw_img_s']:.1f} | {f['transferlab_img_s']:.1f} | {f['overhead']:.3f} (time/step) | <= 1.05 |"
+        )
     if "precision" in d:
         for key, row in d["precision"]["images_per_s"].items():
             others = ", ".join(f"{k} {v:.1f}" for k, v in row.items() if k not in ("fp32", "bf16+channels_last", "bf16_speedup"))
-            rows.append(f"| (c) {key} batch {d['precision']['batch']}: img/s fp32 vs bf16+channels_last ({others}) | "
-                        f"{row['fp32']:.1f} | {row['bf16+channels_last']:.1f} | **{row['bf16_speedup']:.2f}x** | "
-                        f"{'>= 2.5x' if key == 'resnet50/train' else ''} |")
+            rows.append(
+                f"| (c) {key} batch {d['precision']['batch']}: img/s fp32 vs bf16+channels_last ({others}) | "
+                f"{row['fp32']:.1f} | {row['bf16+channels_last']:.1f} | **{row['bf16_speedup']:.2f}x** | "
+                f"{'>= 2.5x' if key == 'resnet50/train' else ''} |"
+            )
     if "accuracy" in d:
         for label, run in d["accuracy"]["runs"].items():
-            rows.append(f"| (c) frozen Lite0 breeds {d['accuracy']['epochs']} ep, {label}: test acc | | {fmt(run['test_acc'], 3)} | "
-                        f"{run['seconds']:.0f} s | |")
+            rows.append(
+                f"| (c) frozen Lite0 breeds {d['accuracy']['epochs']} ep, {label}: test acc | | {fmt(run['test_acc'], 3)} | "
+                f"{run['seconds']:.0f} s | |"
+            )
     if "decode" in d:
         f = d["decode"]
-        rows.append(f"| (d) decode + resize to 224, one core, {f['images']} JPEGs: img/s (Pillow loop vs ours) | "
-                    f"{f['pillow_img_s']:.0f} | {f['transferlab_img_s']:.0f} | **{f['speedup']:.2f}x** | >= 1.4x |")
+        rows.append(
+            f"| (d) decode + resize to 224, one core, {f['images']} JPEGs: img/s (Pillow loop vs ours) | "
+            f"{f['pillow_img_s']:.0f} | {f['transferlab_img_s']:.0f} | **{f['speedup']:.2f}x** | >= 1.4x |"
+        )
     if "peak" in d and d["peak"].get("headline"):
         f = d["peak"]
         head = f["models"][f["headline"]]
-        rows.append(f"| (e) {f['headline']}: achieved GFLOP/s vs bf16 matmul GFLOP/s | {f['matmul_gflops']['bf16']:.0f} | "
-                    f"{head['achieved_gflops']:.0f} | **{head['fraction']:.2f}** of peak | |")
+        rows.append(
+            f"| (e) {f['headline']}: achieved GFLOP/s vs bf16 matmul GFLOP/s | {f['matmul_gflops']['bf16']:.0f} | "
+            f"{head['achieved_gflops']:.0f} | **{head['fraction']:.2f}** of peak | |"
+        )
     hw = result["hardware"]
     rows.append("")
-    rows.append(f"Hardware: {hw['cpu_model']}, {hw['cores']} cores, flags {' '.join(hw['flags'])}; GPU {hw['gpu'] or 'none'}; "
-                f"torch {hw['torch']}. Mode: {result['mode']}, {result['seconds']:.0f} s.")
+    rows.append(
+        f"Hardware: {hw['cpu_model']}, {hw['cores']} cores, flags {' '.join(hw['flags'])}; GPU {hw['gpu'] or 'none'}; "
+        f"torch {hw['torch']}. Mode: {result['mode']}, {result['seconds']:.0f} s."
+    )
     return "\n".join(rows)
 
 
@@ -473,10 +569,7 @@ def main(argv: Optional[list[str]] = None) -> int:
 
     import logging
 
-    from transferlab.hardware import detect
-    from transferlab.pipeline import (
-        resolve_device,  # imports Lightning, which sets its own log level
-    )
+    from transferlab.core.hardware import detect, resolve_device
 
     logging.basicConfig(level=logging.WARNING)
     for name in ("lightning.pytorch", "lightning.fabric", "transferlab"):
@@ -498,9 +591,19 @@ def main(argv: Optional[list[str]] = None) -> int:
         if "finetune" in sections:
             name, batch = ("resnet50", 256) if gpu else (LITE0, 8 if quick else 32)
             steps, warmup, rounds = (30, 10, 2) if gpu else ((3, 1, 1) if quick else (6, 2, 2))
-            details["finetune"] = finetune_section(files, name, "none" if name == "resnet50" else "bundled", batch, steps, warmup,
-                                                   rounds, device, bf16=True,
-                                                   channels_last=True, work=work)
+            details["finetune"] = finetune_section(
+                files,
+                name,
+                "none" if name == "resnet50" else "bundled",
+                batch,
+                steps,
+                warmup,
+                rounds,
+                device,
+                bf16=True,
+                channels_last=True,
+                work=work,
+            )
         if "precision" in sections or "peak" in sections:
             variants = [("fp32", False, False), ("bf16+channels_last", True, True)]
             if not quick:

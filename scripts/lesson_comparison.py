@@ -13,24 +13,24 @@ yardsticks (total variation; Lite0's and the held-out Lite1's probability for th
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import shutil
-import subprocess
-import sys
 import tempfile
 from pathlib import Path
 
 from PIL import Image
 
+from transferlab.core.plotting import pyplot, save_figure
 from transferlab.insight.pixels import PixelClassifier, second_opinion, to_pixels, total_variation
-from transferlab.reporting import pyplot, save_figure
 
 REPO = Path(__file__).resolve().parents[1]
 IDEAL = {"ideal_cat": ("ideal-cat.png", "Siamese cat"), "ideal_zebra": ("ideal-zebra.png", "zebra")}
 
 
 def run(module: str, run_dir: Path, *overrides: str) -> dict:
-    subprocess.run([sys.executable, "-m", f"transferlab.{module}", *overrides, f"hydra.run.dir={run_dir}"], check=True, cwd=REPO)
+    """transferlab-<module> in this process (the same validated command as the CLI); its result.json."""
+    importlib.import_module(f"transferlab.cli.{module}").command.run_in_process(overrides, run_dir)
     return json.loads((run_dir / "result.json").read_text())
 
 
@@ -73,12 +73,20 @@ def main() -> None:
                 theirs = judge(models, img, target)
                 tv = float(total_variation(to_pixels(img)))
             rows.append(f"| ideal {target} | lesson (VGG-16) | {theirs['Lite0']:.3f} | {theirs['Lite1']:.3f} | {tv:.3f} | |")
-            rows.append(f"| ideal {target} | transferlab (Lite0) | {ours['target_prob']:.3f} | {ours['heldout_prob']:.3f} | "
-                        f"{ours['total_variation']:.3f} | {ours['steps']} steps, {ours['seconds']:.0f} s CPU |")
-            side_by_side(args.out / "side_by_side" / f"{name}.png", [
-                (seeds / lesson_file, f"lesson: Lite0 {theirs['Lite0']:.3f}, Lite1 {theirs['Lite1']:.3f}, TV {tv:.3f}"),
-                (args.out / f"{name}.png", f"transferlab: Lite0 {ours['target_prob']:.3f}, Lite1 {ours['heldout_prob']:.3f}, "
-                                           f"TV {ours['total_variation']:.3f}")])
+            rows.append(
+                f"| ideal {target} | transferlab (Lite0) | {ours['target_prob']:.3f} | {ours['heldout_prob']:.3f} | "
+                f"{ours['total_variation']:.3f} | {ours['steps']} steps, {ours['seconds']:.0f} s CPU |"
+            )
+            side_by_side(
+                args.out / "side_by_side" / f"{name}.png",
+                [
+                    (seeds / lesson_file, f"lesson: Lite0 {theirs['Lite0']:.3f}, Lite1 {theirs['Lite1']:.3f}, TV {tv:.3f}"),
+                    (
+                        args.out / f"{name}.png",
+                        f"transferlab: Lite0 {ours['target_prob']:.3f}, Lite1 {ours['heldout_prob']:.3f}, TV {ours['total_variation']:.3f}",
+                    ),
+                ],
+            )
 
         attack_dir = Path(tmp) / "adversarial_dog"
         ours = run("attack", attack_dir, "experiment=lesson/adversarial_dog", f"input={seeds / 'dog-from-unsplash.jpg'}")
@@ -87,19 +95,27 @@ def main() -> None:
             theirs = judge(models, adv, "Siamese cat")
             a, o = (to_pixels(i.convert("RGB").resize((224, 224), Image.Resampling.BICUBIC)) for i in (adv, orig))
             change = float((a - o).abs().mean() * 255)
-        rows.append(f"| dog -> Siamese cat | lesson (VGG-16, unbounded) | {theirs['Lite0']:.3f} | {theirs['Lite1']:.3f} | | "
-                    f"mean change ≈ {change:.1f}/255 per pixel (files differ in size; approximate) |")
+        rows.append(
+            f"| dog -> Siamese cat | lesson (VGG-16, unbounded) | {theirs['Lite0']:.3f} | {theirs['Lite1']:.3f} | | "
+            f"mean change ≈ {change:.1f}/255 per pixel (files differ in size; approximate) |"
+        )
         with Image.open(attack_dir / "adversarial.png") as adv, Image.open(attack_dir / "original.png") as orig:
             our_change = float((to_pixels(adv) - to_pixels(orig)).abs().mean() * 255)
         transfer = ours.get("transfer", {}).get("adversarial", {}).get("target_prob")
-        rows.append(f"| dog -> Siamese cat | transferlab (Lite0, eps = 1/255) | {ours['target_prob']:.3f} | "
-                    f"{transfer if transfer is None else f'{transfer:.3f}'} | | linf {ours['linf'] * 255:.0f}/255, "
-                    f"mean change {our_change:.2f}/255 per pixel, {ours['steps']} steps |")
-        side_by_side(args.out / "side_by_side" / "adversarial_dog.png", [
-            (seeds / "original-dog.png", "lesson: original"),
-            (seeds / "adversarial-dog.png", f"lesson: adversarial (Lite0 {theirs['Lite0']:.3f})"),
-            (attack_dir / "adversarial.png", f"transferlab: eps 1/255 (Lite0 {ours['target_prob']:.3f})"),
-            (attack_dir / "difference.png", f"transferlab: change x{ours['difference_amplification']:.0f}")])
+        rows.append(
+            f"| dog -> Siamese cat | transferlab (Lite0, eps = 1/255) | {ours['target_prob']:.3f} | "
+            f"{transfer if transfer is None else f'{transfer:.3f}'} | | linf {ours['linf'] * 255:.0f}/255, "
+            f"mean change {our_change:.2f}/255 per pixel, {ours['steps']} steps |"
+        )
+        side_by_side(
+            args.out / "side_by_side" / "adversarial_dog.png",
+            [
+                (seeds / "original-dog.png", "lesson: original"),
+                (seeds / "adversarial-dog.png", f"lesson: adversarial (Lite0 {theirs['Lite0']:.3f})"),
+                (attack_dir / "adversarial.png", f"transferlab: eps 1/255 (Lite0 {ours['target_prob']:.3f})"),
+                (attack_dir / "difference.png", f"transferlab: change x{ours['difference_amplification']:.0f}"),
+            ],
+        )
     (args.out / "comparison.md").write_text("\n".join(rows) + "\n")
     print("\n".join(rows))
 

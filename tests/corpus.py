@@ -13,8 +13,9 @@ import zlib
 from pathlib import Path
 
 import numpy as np
-from conftest import pet_photos
 from PIL import Image
+
+from conftest import pet_photos
 
 EXIF_ORIENTATION = 0x0112
 

@@ -8,7 +8,7 @@ import torch
 from PIL import Image
 
 from conftest import PETS
-from transferlab.errors import ConfigError
+from transferlab.core.errors import ConfigError
 from transferlab.models.backbones import create_backbone
 
 DOMESTIC_CATS = {281, 282, 283, 284, 285}  # tabby, tiger cat, Persian, Siamese, Egyptian cat
@@ -27,6 +27,7 @@ def imagenet_top1(backbone, image: Image.Image) -> tuple[int, str, float]:
     return index, backbone.categories[index], float(probs[index])
 
 
+@pytest.mark.shared
 def test_bundled_lite0_names_a_siamese_cat(lite0):
     index, name, prob = imagenet_top1(lite0, Image.open(sorted(PETS.glob("Siamese_*.jpg"))[0]).convert("RGB"))
     assert index == 284 and name.startswith("Siamese cat") and prob > 0.5

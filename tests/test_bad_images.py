@@ -16,7 +16,7 @@ import pytest
 import torch
 from PIL import Image, ImageFile
 
-from conftest import FAST, cli_env, run_cli
+from conftest import FAST, cli_env, run_mains
 from corpus import build_corpus
 from transferlab.data.images import check_image, decode_rgb
 
@@ -54,8 +54,9 @@ print(json.dumps({"good": [str(p.relative_to(root)) for p in report.good],
 
 def test_integrity_scan_reports_each_bad_file_once_with_its_reason(corpus):
     root, bad, good = corpus
-    proc = subprocess.run([*UNPRIVILEGED, sys.executable, "-c", SCAN, str(root)], capture_output=True, text=True, env=cli_env(),
-                          check=True, timeout=300)
+    proc = subprocess.run(
+        [*UNPRIVILEGED, sys.executable, "-c", SCAN, str(root)], capture_output=True, text=True, env=cli_env(), check=True, timeout=300
+    )
     result = json.loads(proc.stdout)
     assert sorted(result["good"]) == sorted(good)
     assert sorted(result["bad"]) == sorted(bad)
@@ -107,24 +108,48 @@ def _data_counts(log: str) -> dict[str, int]:
     return dict(zip(("train", "val", "test"), map(int, line.groups())))
 
 
-def test_training_uses_every_good_file_and_lists_every_bad_one_once(corpus, tmp_path):
+@pytest.fixture(scope="module")
+def corpus_runs(corpus, species_run, tmp_path_factory) -> tuple[Path, Path, dict, dict]:
+    """Training on the corpus and predict over it, both through the real main()s in one process without root's
+    right to read any file (the mode-000 file must be unreadable)."""
+    root, _, _ = corpus
+    base = tmp_path_factory.mktemp("corpus_runs")
+    train, predict = run_mains(
+        [
+            ("train", ["data=image_folder", f"data.root={root}", f"hydra.run.dir={base / 'train'}", "trainer.max_epochs=1", *FAST]),
+            (
+                "predict",
+                [
+                    f"ckpt_path={species_run}/checkpoints/best.ckpt",
+                    f"input={root}",
+                    f"output={base / 'predictions.csv'}",
+                    f"hydra.run.dir={base / 'predict'}",
+                ],
+            ),
+        ],
+        base,
+        prefix=UNPRIVILEGED,
+    )
+    return base / "train", base / "predictions.csv", train, predict
+
+
+def test_training_uses_every_good_file_and_lists_every_bad_one_once(corpus, corpus_runs):
     root, bad, good = corpus
-    run_cli("train", "data=image_folder", f"data.root={root}", f"hydra.run.dir={tmp_path}", "trainer.max_epochs=1", *FAST,
-            prefix=UNPRIVILEGED)
-    rows = list(csv.DictReader(open(tmp_path / "skipped_images.csv")))
+    run_dir, _, proc, _ = corpus_runs
+    assert proc["code"] == 0, proc["stderr"][-3000:]
+    rows = list(csv.DictReader(open(run_dir / "skipped_images.csv")))
     assert sorted(str(Path(r["path"]).relative_to(root)) for r in rows) == sorted(bad)  # each once
     for row in rows:
         assert bad[str(Path(row["path"]).relative_to(root))] in row["reason"]
-    assert sum(_data_counts((tmp_path / "train.log").read_text()).values()) == len(good)
-    assert json.loads((tmp_path / "metrics.json").read_text())["test/acc"] is not None
+    assert sum(_data_counts((run_dir / "train.log").read_text()).values()) == len(good)
+    assert json.loads((run_dir / "metrics.json").read_text())["test/acc"] is not None
     assert all((root / name).is_symlink() or (root / name).exists() for name in bad)  # nothing deleted
 
 
-def test_predict_gives_every_file_one_row(corpus, species_run, tmp_path):
+def test_predict_gives_every_file_one_row(corpus, corpus_runs):
     root, bad, good = corpus
-    out = tmp_path / "predictions.csv"
-    run_cli("predict", f"ckpt_path={species_run}/checkpoints/best.ckpt", f"input={root}", f"output={out}",
-            f"hydra.run.dir={tmp_path / 'run'}", prefix=UNPRIVILEGED)
+    _, out, _, proc = corpus_runs
+    assert proc["code"] == 0, proc["stderr"][-3000:]
     rows = {str(Path(r["path"]).relative_to(root)): r for r in csv.DictReader(open(out))}
     assert sorted(rows) == sorted([*bad, *good])
     for name, reason in bad.items():

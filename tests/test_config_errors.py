@@ -2,14 +2,14 @@
 
 from __future__ import annotations
 
-import json
 import os
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
-from conftest import make_small_copy, pet_photos
+
+from conftest import make_small_copy, pet_photos, run_mains
 
 # (id, overrides, the line's start, further parts it must contain). "{empty}" / "{one_class}" are data folders.
 CASES = [
@@ -25,23 +25,47 @@ CASES = [
     ("dropout out of range", ["finetune.head_dropout=1.5"], "error: finetune.head_dropout: expected a probability in [0, 1)", ["got 1.5"]),
     ("split fractions out of range", ["data.val_fraction=1.2"], "error: data.val_fraction: expected a fraction in [0, 1)", ["got 1.2"]),
     ("missing required value", ["data=image_folder"], "error: data.root: Missing mandatory value", ["data.root=..."]),
-    ("nonexistent data root", ["data=image_folder", "data.root=/no/such/folder"], "error: data.root: no dataset found at /no/such/folder",
-     ["(no such folder)", "expected one sub-folder of images per class"]),
-    ("empty dataset", ["data=image_folder", "data.root={empty}"], "error: data.root: no dataset found at {empty}",
-     ["(an empty folder)", "expected one sub-folder"]),
-    ("a class with no images", ["data=image_folder", "data.root={one_class}"], "error: data.root: class 'dog' has no usable training images",
-     ["(0 file(s) found, 0 refused)", "expected at least one image per class"]),
+    (
+        "nonexistent data root",
+        ["data=image_folder", "data.root=/no/such/folder"],
+        "error: data.root: no dataset found at /no/such/folder",
+        ["(no such folder)", "expected one sub-folder of images per class"],
+    ),
+    (
+        "empty dataset",
+        ["data=image_folder", "data.root={empty}"],
+        "error: data.root: no dataset found at {empty}",
+        ["(an empty folder)", "expected one sub-folder"],
+    ),
+    (
+        "a class with no images",
+        ["data=image_folder", "data.root={one_class}"],
+        "error: data.root: class 'dog' has no usable training images",
+        ["(0 file(s) found, 0 refused)", "expected at least one image per class"],
+    ),
     ("unknown backbone", ["backbone.name=resnt50"], "error: backbone.name: unknown backbone 'resnt50'", ["did you mean", "resnet50"]),
-    ("gradual without an unfreeze epoch", ["finetune=gradual", "finetune.unfreeze_at_epoch=null"], "error: finetune.unfreeze_at_epoch:",
-     ["finetune=gradual needs the epoch", "finetune.unfreeze_at_epoch=2"]),
-    ("unfreeze epoch after the last epoch", ["finetune=gradual", "finetune.unfreeze_at_epoch=8", "trainer.max_epochs=5"],
-     "error: finetune.unfreeze_at_epoch: expected an epoch below trainer.max_epochs=5", ["got 8"]),
+    (
+        "gradual without an unfreeze epoch",
+        ["finetune=gradual", "finetune.unfreeze_at_epoch=null"],
+        "error: finetune.unfreeze_at_epoch:",
+        ["finetune=gradual needs the epoch", "finetune.unfreeze_at_epoch=2"],
+    ),
+    (
+        "unfreeze epoch after the last epoch",
+        ["finetune=gradual", "finetune.unfreeze_at_epoch=8", "trainer.max_epochs=5"],
+        "error: finetune.unfreeze_at_epoch: expected an epoch below trainer.max_epochs=5",
+        ["got 8"],
+    ),
     ("gradual with DDP", ["finetune=gradual", "trainer=ddp_cpu"], "error: finetune=gradual: unfreezing the backbone during a DDP run", []),
     ("unknown precision", ["trainer.precision=fp8"], "error: trainer.precision: expected one of", ["bf16-mixed", "got 'fp8'"]),
     ("unknown accelerator", ["trainer.accelerator=gpuu"], "error: trainer.accelerator: expected one of", ["got 'gpuu'", "did you mean: gpu"]),
     ("unknown task", ["data.task=bread"], "error: data.task: expected one of breeds, species", ["got 'bread'", "did you mean: breeds"]),
-    ("unknown cache storage", ["performance.feature_cache.storage=ram"], "error: performance.feature_cache.storage: expected one of disk, memory",
-     ["got 'ram'"]),
+    (
+        "unknown cache storage",
+        ["performance.feature_cache.storage=ram"],
+        "error: performance.feature_cache.storage: expected one of disk, memory",
+        ["got 'ram'"],
+    ),
     ("unknown finetune mode", ["finetune.mode=freeze"], "error: finetune.mode: expected one of frozen, full, gradual", ["did you mean: frozen"]),
     ("override syntax", ["optimizer.lr=[1,"], "error: optimizer.lr: expected key=value in Hydra's override syntax", ["got 'optimizer.lr=[1,'"]),
     ("nonexistent checkpoint", ["ckpt_path=/no/such/run/last.ckpt"], "error: ckpt_path: /no/such/run/last.ckpt does not exist", []),
@@ -60,45 +84,21 @@ def folders(tmp_path_factory) -> dict[str, str]:
 
 def _run(overrides: list[str], out: Path, full_error: bool = False) -> subprocess.CompletedProcess:
     env = {**os.environ, "HYDRA_FULL_ERROR": "1" if full_error else "0"}
-    return subprocess.run([sys.executable, "-m", "transferlab.train", *COMMON, *overrides, f"hydra.run.dir={out}"], env=env,
-                          capture_output=True, text=True, timeout=300)
+    return subprocess.run(
+        [sys.executable, "-m", "transferlab.train", *COMMON, *overrides, f"hydra.run.dir={out}"], env=env, capture_output=True, text=True, timeout=300
+    )
 
 
 COMMON = ["trainer.max_epochs=1"]  # every case fails before any data is read
 
-# Every case through the real `main()` of transferlab-train, in one process (one import of torch instead of 26):
-# argv as a shell gives it, SystemExit's code, everything written to stdout/stderr.
-DRIVER = """
-import contextlib, io, json, sys
-from transferlab.train import main
-result_file, argvs, results = sys.argv[1], json.loads(sys.argv[2]), []
-for argv in argvs:
-    sys.argv = ["transferlab-train", *argv]
-    out, err = io.StringIO(), io.StringIO()
-    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-        try:
-            main()
-            code = 0
-        except SystemExit as exc:
-            code = exc.code
-        except BaseException as exc:  # an escaped exception is a failure of the case, shown with its traceback
-            import traceback
-            traceback.print_exc(file=err)
-            code = "raised"
-    results.append({"code": code, "stdout": out.getvalue(), "stderr": err.getvalue()})
-open(result_file, "w").write(json.dumps(results))
-"""
-
 
 @pytest.fixture(scope="module")
 def outcomes(folders, tmp_path_factory) -> dict[str, tuple[list[str], dict]]:
+    """Every case through the real `main()` of transferlab-train, all in one process (conftest.run_mains)."""
     base = tmp_path_factory.mktemp("bad_configs")
     argvs = [[*COMMON, *(o.format(**folders) for o in case[1]), f"hydra.run.dir={base / str(i)}"] for i, case in enumerate(CASES)]
-    result_file = base / "results.json"
-    proc = subprocess.run([sys.executable, "-c", DRIVER, str(result_file), json.dumps(argvs)], timeout=600, capture_output=True,
-                          text=True, env={**os.environ, "HYDRA_FULL_ERROR": "0"})
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    return {case[0]: (argv, result) for case, argv, result in zip(CASES, argvs, json.loads(result_file.read_text()))}
+    results = run_mains([("train", argv) for argv in argvs], base, env={**os.environ, "HYDRA_FULL_ERROR": "0"})
+    return {case[0]: (argv, result) for case, argv, result in zip(CASES, argvs, results)}
 
 
 def test_at_least_15_kinds_of_bad_config():

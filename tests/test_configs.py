@@ -12,34 +12,36 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.utils import instantiate
 from omegaconf import OmegaConf, open_dict
 
-from transferlab.config_paths import config_dir
+from transferlab.cli.app import group_options
+from transferlab.config.paths import config_dir
+from transferlab.config.validation import validate
+from transferlab.core.errors import ConfigError
 from transferlab.data.base import ImageClassificationDataModule
-from transferlab.errors import ConfigError
-from transferlab.loggers import resolve_logger_config
-from transferlab.performance import resolve_precision
 from transferlab.models.backbones import create_backbone
-from transferlab.pipeline import instantiate_group
-from transferlab.schema import validate_train_config
+from transferlab.training.builders import instantiate_group
+from transferlab.training.loggers import resolve_logger_config
+from transferlab.training.performance import resolve_precision
 
 CONF = Path(config_dir())
-GROUPS = ["data", "backbone", "finetune", "optimizer", "scheduler", "trainer", "performance", "logger", "callbacks", "experiment",
-          "hparams_search"]
+GROUPS = ["data", "backbone", "finetune", "optimizer", "scheduler", "trainer", "performance", "logger", "callbacks", "experiment", "hparams_search"]
 
 
 def options(group: str) -> list[str]:
-    return sorted(p.stem for p in (CONF / group).glob("*.yaml"))
+    return [o for o in group_options(CONF / group) if "/" not in o]
 
 
-def compose_train(tmp_path: Path, *overrides: str):
+def compose_train(tmp_path: Path, *overrides: str, validated: bool = True):
     with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
         cfg = compose("train", overrides=[f"hydra.run.dir={tmp_path}", "data.root=/nonexistent", *overrides], return_hydra_config=True)
     with open_dict(cfg):
         cfg.hydra.runtime.output_dir = str(tmp_path)
     HydraConfig.instance().set_config(cfg)
-    resolve_logger_config(cfg.logger, "test")
-    resolve_precision(cfg)  # trainer.precision=auto -> what this machine runs fastest, as train() does
     with open_dict(cfg):
         del cfg["hydra"]
+    if validated:
+        validate(cfg, "train")  # before the auto values are resolved, as the command does
+    resolve_logger_config(cfg.logger, "test")
+    resolve_precision(cfg)  # trainer.precision=auto -> what this machine runs fastest, as train() does
     return cfg
 
 
@@ -48,8 +50,15 @@ CASES = [(g, o) for g in GROUPS for o in options(g)]
 
 def test_every_group_has_options():
     assert all(options(g) for g in GROUPS)
-    assert {"pets_lite0_frozen", "cats_dogs_lite0_frozen", "cats_dogs_vgg16_frozen", "cats_dogs_vgg16_finetune",
-            "cats_dogs_mobilenet_v2_frozen", "pets_resnet50_frozen", "pets_resnet50_finetune"} <= set(options("experiment"))
+    assert {
+        "pets_lite0_frozen",
+        "cats_dogs_lite0_frozen",
+        "cats_dogs_vgg16_frozen",
+        "cats_dogs_vgg16_finetune",
+        "cats_dogs_mobilenet_v2_frozen",
+        "pets_resnet50_frozen",
+        "pets_resnet50_finetune",
+    } <= set(options("experiment"))
 
 
 @pytest.mark.parametrize("group,option", CASES, ids=[f"{g}={o}" for g, o in CASES])
@@ -58,7 +67,6 @@ def test_option_composes_and_instantiates(tmp_path, group, option):
     if (group, option) == ("backbone", "custom"):
         overrides.append("backbone.name=convnext_tiny")
     cfg = compose_train(tmp_path, *overrides)
-    validate_train_config(cfg)
 
     datamodule = instantiate(cfg.data)
     assert isinstance(datamodule, ImageClassificationDataModule)
@@ -70,7 +78,9 @@ def test_option_composes_and_instantiates(tmp_path, group, option):
     trainer_cfg = OmegaConf.merge(cfg.trainer, {"accelerator": "cpu"} if cfg.trainer.accelerator == "gpu" else {})
     if trainer_cfg.get("devices") == -1:
         trainer_cfg.devices = 2
-    trainer = instantiate(trainer_cfg, callbacks=instantiate_group(cfg.callbacks), logger=instantiate_group(cfg.logger) or False)
+    trainer = instantiate(
+        trainer_cfg, callbacks=instantiate_group(cfg.callbacks, "callbacks"), logger=instantiate_group(cfg.logger, "logger") or False
+    )
     assert isinstance(trainer, pl.Trainer)
     assert trainer.max_epochs == cfg.trainer.max_epochs
 
@@ -100,9 +110,9 @@ def test_backbone_presets_carry_their_preprocessing():
     ],
 )
 def test_validation_names_the_key(tmp_path, override, message):
-    cfg = compose_train(tmp_path, *override.split())
+    cfg = compose_train(tmp_path, *override.split(), validated=False)
     with pytest.raises(ConfigError, match=None) as info:
-        validate_train_config(cfg)
+        validate(cfg, "train")
     assert message in str(info.value)
     assert "\n" not in str(info.value)
 

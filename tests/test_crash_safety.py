@@ -16,22 +16,33 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import FAST, cli_env, read_metrics, run_cli  # noqa: I001
 
-from transferlab.checkpointing import AtomicCheckpointIO
+from conftest import FAST, cli_env, read_metrics, run, run_cli
+from transferlab.training.checkpointing import AtomicCheckpointIO
 
 # Full fine-tuning with augmentation, dropout and a worker process: every source of randomness is in play.
-DETERMINISTIC = ["data=image_folder", "finetune=full", "finetune.head_dropout=0.2", "trainer.deterministic=true",
-                 "trainer.precision=32-true", "trainer.max_epochs=4", "optimizer.lr=3e-3", "seed=7", *FAST,
-                 "data.batch_size=2", "data.num_workers=1"]
+DETERMINISTIC = [
+    "data=image_folder",
+    "finetune=full",
+    "finetune.head_dropout=0.2",
+    "trainer.deterministic=true",
+    "trainer.precision=32-true",
+    "trainer.max_epochs=4",
+    "optimizer.lr=3e-3",
+    "seed=7",
+    *FAST,
+    "data.batch_size=2",
+    "data.num_workers=1",
+]
 COMPARED = ["val/acc", "val/acc_best", "val/loss", "test/acc", "test/loss"]
 
 
 def start_cli(*overrides: str, log: Path) -> subprocess.Popen:
     """`python -m transferlab.train` in its own process group, so a kill takes its workers with it."""
     with open(log, "w") as out:
-        return subprocess.Popen([sys.executable, "-m", "transferlab.train", *overrides], stdout=out, stderr=subprocess.STDOUT,
-                                env=cli_env(), start_new_session=True)
+        return subprocess.Popen(
+            [sys.executable, "-m", "transferlab.train", *overrides], stdout=out, stderr=subprocess.STDOUT, env=cli_env(), start_new_session=True
+        )
 
 
 def wait_for(path: Path, proc: subprocess.Popen, log: Path, timeout: float = 300) -> None:
@@ -44,8 +55,12 @@ def wait_for(path: Path, proc: subprocess.Popen, log: Path, timeout: float = 300
 
 
 def pause(epoch: int, batch: int, marker: Path, resume_file: Path | None = None) -> list[str]:
-    args = ["+callbacks.pause._target_=faults.PauseAt", f"+callbacks.pause.epoch={epoch}", f"+callbacks.pause.batch={batch}",
-            f"+callbacks.pause.marker={marker}"]
+    args = [
+        "+callbacks.pause._target_=faults.PauseAt",
+        f"+callbacks.pause.epoch={epoch}",
+        f"+callbacks.pause.batch={batch}",
+        f"+callbacks.pause.marker={marker}",
+    ]
     return args + ([f"+callbacks.pause.resume_file={resume_file}"] if resume_file else [])
 
 
@@ -82,15 +97,15 @@ def test_auto_resume_without_a_checkpoint_starts_fresh_and_skips_unreadable_ones
     run_dir = tmp_path / "run"
     (run_dir / "checkpoints").mkdir(parents=True)
     (run_dir / "checkpoints" / "last.ckpt").write_bytes(b"PK\x03\x04 truncated")
-    proc = run_cli("train", "data=image_folder", f"data.root={tiny_folder}", f"hydra.run.dir={run_dir}", "ckpt_path=auto",
-                   "trainer.max_epochs=1", *FAST)
-    assert "starting fresh" in proc.stdout + proc.stderr and "Not resuming from" in proc.stdout + proc.stderr
+    run("train", "data=image_folder", f"data.root={tiny_folder}", f"hydra.run.dir={run_dir}", "ckpt_path=auto", "trainer.max_epochs=1", *FAST)
+    log = (run_dir / "train.log").read_text()
+    assert "starting fresh" in log and "Not resuming from" in log
     assert read_metrics(run_dir)["epochs"] == 1
 
 
 WRITER = """
 import sys, torch
-from transferlab.checkpointing import AtomicCheckpointIO
+from transferlab.training.checkpointing import AtomicCheckpointIO
 atomic = AtomicCheckpointIO()
 for version in range(1000):
     checkpoint = {"version": version, "weights": torch.full((12_500_000,), float(version))}
@@ -121,8 +136,8 @@ def _kill_during_save(kind: str, target: Path) -> None:
 
 
 def test_a_kill_during_a_checkpoint_save_leaves_the_previous_one_whole(tmp_path):
-    from transferlab.checkpointing import read_checkpoint
-    from transferlab.errors import DataError
+    from transferlab.core.errors import DataError
+    from transferlab.core.safe_load import read_checkpoint
 
     atomic = tmp_path / "atomic" / "last.ckpt"
     atomic.parent.mkdir()
@@ -164,8 +179,10 @@ def test_disk_full_during_a_checkpoint_save_is_one_line_and_keeps_the_previous_c
     (run_dir / "checkpoints").mkdir(parents=True)
     kept.mkdir()
     train = " ".join([sys.executable, "-m", "transferlab.train", *common, f"hydra.run.dir={run_dir}"])
-    script = (f"mount -t tmpfs -o size={int(size * 2.5)} tmpfs {run_dir}/checkpoints && {train}; rc=$?; "
-              f"cp -a {run_dir}/checkpoints/. {kept}/; ls -a {run_dir}/checkpoints; exit $rc")
+    script = (
+        f"mount -t tmpfs -o size={int(size * 2.5)} tmpfs {run_dir}/checkpoints && {train}; rc=$?; "
+        f"cp -a {run_dir}/checkpoints/. {kept}/; ls -a {run_dir}/checkpoints; exit $rc"
+    )
     proc = subprocess.run([*prefix, "sh", "-c", script], capture_output=True, text=True, env=cli_env(), timeout=600)
     errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
     assert proc.returncode == 1, proc.stderr[-3000:]
@@ -179,8 +196,18 @@ def test_disk_full_during_a_checkpoint_save_is_one_line_and_keeps_the_previous_c
 def test_a_killed_dataloader_worker_is_named_with_its_cause(tiny_folder, tmp_path):
     marker, resume = tmp_path / "paused", tmp_path / "go"
     log = tmp_path / "run.log"
-    proc = start_cli("data=image_folder", f"data.root={tiny_folder}", f"hydra.run.dir={tmp_path / 'run'}", "trainer.max_epochs=3",
-                     "finetune=full", *FAST, "data.batch_size=2", "data.num_workers=1", *pause(1, 1, marker, resume), log=log)
+    proc = start_cli(
+        "data=image_folder",
+        f"data.root={tiny_folder}",
+        f"hydra.run.dir={tmp_path / 'run'}",
+        "trainer.max_epochs=3",
+        "finetune=full",
+        *FAST,
+        "data.batch_size=2",
+        "data.num_workers=1",
+        *pause(1, 1, marker, resume),
+        log=log,
+    )
     wait_for(marker, proc, log)
     workers = Path(f"/proc/{proc.pid}/task/{proc.pid}/children").read_text().split()
     assert len(workers) == 2  # the persistent training and validation workers, as the OOM killer would find them

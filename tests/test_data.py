@@ -7,15 +7,15 @@ from collections import Counter
 from pathlib import Path
 
 import pytest
-from conftest import PETS, make_small_copy, pet_photos
 
+from conftest import PETS, make_datamodule, make_small_copy, pet_photos
+from transferlab.core.errors import DataError
+from transferlab.core.files import sha256_of
 from transferlab.data.base import stratified_split
-from transferlab.data.cats_dogs import CatsDogsDataModule
-from transferlab.data.download import download_file, safe_extract_zip, sha256_of
+from transferlab.data.download import download_file, safe_extract_zip
 from transferlab.data.integrity import scan_images
 from transferlab.data.oxford_pets import OxfordPetsDataModule, breed_of, species_of
 from transferlab.data.preprocessing import Preprocessing
-from transferlab.errors import DataError
 
 
 def test_oxford_labels_from_file_names():
@@ -24,20 +24,21 @@ def test_oxford_labels_from_file_names():
     assert species_of("yorkshire_terrier") == "dog"
 
 
+@pytest.mark.shared
 @pytest.mark.parametrize("task,classes", [("breeds", 37), ("species", 2)])
 def test_oxford_sample_splits_are_stratified_and_disjoint(tmp_path, task, classes):
-    dm = OxfordPetsDataModule(str(PETS), task=task, download=False, cache_dir=str(tmp_path), split_seed=3, test_fraction=0.2)
+    dm = make_datamodule("oxford_pets", root=str(PETS), task=task, download=False, cache_dir=str(tmp_path), split_seed=3, test_fraction=0.2)
     dm.preprocessing = Preprocessing()
     dm.setup()
     assert len(dm.class_names) == classes
     paths = {k: {str(p) for p, _ in v} for k, v in dm.splits.items()}
     assert sum(map(len, paths.values())) == 370 and not (paths["train"] & paths["val"] or paths["train"] & paths["test"])
     if task == "breeds":
-        assert set(Counter(l for _, l in dm.splits["test"]).values()) == {2}  # 10 per breed: 2 test, 2 val, 6 train
+        assert set(Counter(label for _, label in dm.splits["test"]).values()) == {2}  # 10 per breed: 2 test, 2 val, 6 train
         assert dm.class_names[0] == "Abyssinian" and "American Pit Bull Terrier" in dm.class_names
     else:
-        assert Counter(l for _, l in dm.splits["test"]) == {0: 24, 1: 50}
-    again = OxfordPetsDataModule(str(PETS), task=task, download=False, cache_dir=str(tmp_path), split_seed=3, test_fraction=0.2)
+        assert Counter(label for _, label in dm.splits["test"]) == {0: 24, 1: 50}
+    again = make_datamodule("oxford_pets", root=str(PETS), task=task, download=False, cache_dir=str(tmp_path), split_seed=3, test_fraction=0.2)
     again.preprocessing = Preprocessing()
     again.setup()
     assert again.splits == dm.splits  # seeded
@@ -48,6 +49,7 @@ def test_stratified_split_small_classes():
     assert len(test) == 1 + 2 and len(val) == 1 + 2 and len(train) == 1 + 16
 
 
+@pytest.mark.shared
 def test_official_lists_are_used(tmp_path):
     images = tmp_path / "pets" / "images"
     photos = [p for p in sorted(PETS.glob("*.jpg")) if breed_of(p.stem) in ("Bengal", "boxer")]
@@ -56,9 +58,8 @@ def test_official_lists_are_used(tmp_path):
     (tmp_path / "pets" / "annotations").mkdir()
     test_list = [p.stem for p in photos[::5]]
     (tmp_path / "pets" / "annotations" / "test.txt").write_text("".join(f"{s} 1 1 1\n" for s in test_list))
-    (tmp_path / "pets" / "annotations" / "trainval.txt").write_text(
-        "".join(f"{p.stem} 1 1 1\n" for p in photos if p.stem not in test_list))
-    dm = OxfordPetsDataModule(str(tmp_path / "pets"), download=False, cache_dir=str(tmp_path / "c"))
+    (tmp_path / "pets" / "annotations" / "trainval.txt").write_text("".join(f"{p.stem} 1 1 1\n" for p in photos if p.stem not in test_list))
+    dm = make_datamodule("oxford_pets", root=str(tmp_path / "pets"), download=False, cache_dir=str(tmp_path / "c"))
     dm.preprocessing = Preprocessing()
     dm.setup()
     assert sorted(p.stem for p, _ in dm.splits["test"]) == sorted(test_list)
@@ -141,8 +142,15 @@ def test_cats_dogs_downloads_from_local_server(tmp_path, http_server):
     www, url = http_server
     make_cats_dogs_zip(www / "kagglecatsanddogs.zip")
     root = tmp_path / "cd"
-    dm = CatsDogsDataModule(str(root), url=f"{url}/kagglecatsanddogs.zip", sha256=sha256_of(www / "kagglecatsanddogs.zip"),
-                            cache_dir=str(tmp_path / "cache"), val_fraction=0.25, test_fraction=0.25)
+    dm = make_datamodule(
+        "cats_dogs",
+        root=str(root),
+        url=f"{url}/kagglecatsanddogs.zip",
+        sha256=sha256_of(www / "kagglecatsanddogs.zip"),
+        cache_dir=str(tmp_path / "cache"),
+        val_fraction=0.25,
+        test_fraction=0.25,
+    )
     dm.preprocessing = Preprocessing(input_size=32)
     dm.setup()
     assert dm.class_names == ["cat", "dog"] and sum(map(len, dm.splits.values())) == 8
@@ -152,7 +160,7 @@ def test_cats_dogs_downloads_from_local_server(tmp_path, http_server):
 
 
 def test_missing_root_without_download_is_one_clear_line(tmp_path):
-    dm = OxfordPetsDataModule(str(tmp_path / "nowhere"), download=False)
+    dm = make_datamodule("oxford_pets", root=str(tmp_path / "nowhere"), download=False)
     with pytest.raises(DataError, match=r"data.root: no dataset found at .*nowhere \(no such folder\); expected images/.*; set data.root="):
         dm.setup()
 
@@ -161,6 +169,6 @@ def test_failed_download_says_how_to_point_at_local_copy(tmp_path, monkeypatch):
     # The real download code, aimed at a closed port on this machine: fails the same way everywhere.
     dead = tuple((f"http://127.0.0.1:9/{Path(url).name}", md5) for url, md5 in OxfordPetsDataModule.resources)
     monkeypatch.setattr(OxfordPetsDataModule, "resources", dead)
-    dm = OxfordPetsDataModule(str(tmp_path / "pets"), download=True)
+    dm = make_datamodule("oxford_pets", root=str(tmp_path / "pets"), download=True)
     with pytest.raises(DataError, match=r"download failed .* set data.root="):
         dm.setup()

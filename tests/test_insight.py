@@ -9,11 +9,11 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import FAST, REPO, SEED_IMAGES, SHARED, read_metrics, read_wandb_log, run_cli
 from PIL import Image
 
+from conftest import FAST, REPO, SEED_IMAGES, SHARED, read_metrics, read_wandb_log, run, run_mains
+from transferlab.core.errors import ConfigError
 from transferlab.data.preprocessing import Preprocessing
-from transferlab.errors import ConfigError
 from transferlab.insight.attacks import fgsm, parse_eps, pgd, targeted_attack
 from transferlab.insight.feature_maps import check_layers, pick_layers
 from transferlab.insight.pixels import (
@@ -51,6 +51,7 @@ def test_parse_eps_accepts_fractions_and_names_the_key():
         parse_eps("2")
 
 
+@pytest.mark.shared
 def test_total_variation_matches_the_reference_figure():
     flat = torch.full((3, 8, 8), 0.5)
     stripes = torch.zeros(3, 8, 8)
@@ -61,6 +62,7 @@ def test_total_variation_matches_the_reference_figure():
         assert float(total_variation(to_pixels(img))) == pytest.approx(0.059, abs=5e-4)
 
 
+@pytest.mark.shared
 def test_lesson_ideal_cat_is_no_cat_to_efficientnet(lite0):
     """The reference point the ideal-class check is measured against (issue: Lite0 gives it 0.002)."""
     with Image.open(SEED_IMAGES / "ideal-cat.png") as img:
@@ -83,6 +85,7 @@ def test_targets_by_name_synonym_and_index(lite0):
         lite0.resolve_target(1000)
 
 
+@pytest.mark.shared
 def test_load_pixels_crop_and_geometry(lite0):
     x = load_pixels(DOG, lite0.preprocessing, crop=LESSON_CROP)
     assert x.shape == (3, 224, 224) and torch.equal(x, quantize(x))
@@ -90,11 +93,14 @@ def test_load_pixels_crop_and_geometry(lite0):
         load_pixels(DOG, lite0.preprocessing, crop=[0, 0, 900, 10])
 
 
-@pytest.mark.parametrize("name,weights,expected", [
-    ("tf_efficientnet_lite0", "bundled", ["blocks.1", "blocks.2", "blocks.4", "bn2"]),
-    ("resnet18", "none", ["layer1", "layer2", "layer3", "layer4"]),
-    ("vgg16", "none", ["features.15", "features.22", "features.29", "features"]),
-])
+@pytest.mark.parametrize(
+    "name,weights,expected",
+    [
+        ("tf_efficientnet_lite0", "bundled", ["blocks.1", "blocks.2", "blocks.4", "bn2"]),
+        ("resnet18", "none", ["layer1", "layer2", "layer3", "layer4"]),
+        ("vgg16", "none", ["features.15", "features.22", "features.29", "features"]),
+    ],
+)
 def test_feature_layers_picked_by_output_stride(name, weights, expected):
     body = create_backbone(name, weights=weights).body
     assert pick_layers(body, 224) == expected
@@ -134,8 +140,15 @@ def test_targeted_attack_stays_on_the_8_bit_grid_inside_fractional_bounds():
 @pytest.mark.slow
 def test_visualize_ideal_siamese_cat_is_a_cat_to_a_held_out_network(tmp_path):
     """Bundled Lite0 ImageNet head, 224 px, CPU, <= 512 steps; judged on the saved PNG and by Lite1."""
-    run_cli("visualize", "backbone=tf_efficientnet_lite0", "target=Siamese cat", "steps=256", "tv_weight=3.0",
-            "heldout_backbone=tf_efficientnet_lite1", f"hydra.run.dir={tmp_path}")
+    run(
+        "visualize",
+        "backbone=tf_efficientnet_lite0",
+        "target=Siamese cat",
+        "steps=256",
+        "tv_weight=3.0",
+        "heldout_backbone=tf_efficientnet_lite1",
+        f"hydra.run.dir={tmp_path}",
+    )
     result = json.loads((tmp_path / "result.json").read_text())
     assert {"target", "target_index", "target_prob", "top5", "steps", "seconds", "total_variation", "heldout_prob"} <= set(result)
     assert result["target"] == "Siamese cat" and result["target_index"] == 284 and result["steps"] <= 512
@@ -152,9 +165,17 @@ def test_visualize_ideal_siamese_cat_is_a_cat_to_a_held_out_network(tmp_path):
     assert result["top5"][0]["name"] == "Siamese cat" and len(result["top5"]) == 5
 
 
+@pytest.mark.shared
 def test_attack_turns_the_lessons_dog_into_a_cat_within_one_level(tmp_path, lite0):
-    run_cli("attack", "backbone=tf_efficientnet_lite0", f"input={DOG}", "crop=[200,20,600,420]", "target=Siamese cat", "eps=1/255",
-            f"hydra.run.dir={tmp_path}")
+    run(
+        "attack",
+        "backbone=tf_efficientnet_lite0",
+        f"input={DOG}",
+        "crop=[200,20,600,420]",
+        "target=Siamese cat",
+        "eps=1/255",
+        f"hydra.run.dir={tmp_path}",
+    )
     result = json.loads((tmp_path / "result.json").read_text())
     assert {"source_label", "source_prob", "target", "target_prob", "linf", "l2", "steps"} <= set(result)
     original = load_pixels(DOG, lite0.preprocessing, crop=LESSON_CROP)
@@ -169,6 +190,7 @@ def test_attack_turns_the_lessons_dog_into_a_cat_within_one_level(tmp_path, lite
     assert difference.shape == original.shape and difference.std() > 0.1  # amplified: the bound fills the range
 
 
+@pytest.mark.shared
 def test_commands_reject_bad_input_with_one_line(tmp_path):
     cases = [
         (["attack", f"input={tmp_path}/missing.jpg", "target=zebra"], "error: input: ", "does not exist"),
@@ -177,17 +199,28 @@ def test_commands_reject_bad_input_with_one_line(tmp_path):
         (["visualize", "target=zebraa"], "error: target: 'zebraa' is not a class", "did you mean: zebra"),
         (["visualize", "target=cat", "ckpt_path=/nonexistent.ckpt"], "error: ckpt_path: /nonexistent.ckpt is not a file", ""),
     ]
-    for (module, *overrides), start, part in cases:
-        proc = run_cli(module, *overrides, f"hydra.run.dir={tmp_path}/{module}", check=False)
-        last = proc.stderr.strip().splitlines()[-1]
-        assert proc.returncode == 2 and last.startswith(start) and part in last, (overrides, proc.stderr[-2000:])
+    outcomes = run_mains([(module, [*overrides, f"hydra.run.dir={tmp_path}/{module}"]) for (module, *overrides), _, _ in cases], tmp_path)
+    for ((_, *overrides), start, part), proc in zip(cases, outcomes):
+        last = proc["stderr"].strip().splitlines()[-1]
+        assert proc["code"] == 2 and last.startswith(start) and part in last, (overrides, proc["stderr"][-2000:])
 
 
 # -- the callbacks -----------------------------------------------------------------------------------------
 def test_picture_callbacks_write_to_run_dir_tensorboard_and_wandb(tiny_folder, tmp_path):
-    run_cli("train", "callbacks=[feature_maps,ideal_class,adversarial]", "logger=many", "data=image_folder", f"data.root={tiny_folder}",
-            "trainer.max_epochs=1", "callbacks.feature_maps.num_images=2", "callbacks.ideal_class.steps=4",
-            "callbacks.adversarial.eps=[0,4/255]", "callbacks.adversarial.pgd_steps=2", f"hydra.run.dir={tmp_path}", *FAST)
+    run(
+        "train",
+        "callbacks=[feature_maps,ideal_class,adversarial]",
+        "logger=many",
+        "data=image_folder",
+        f"data.root={tiny_folder}",
+        "trainer.max_epochs=1",
+        "callbacks.feature_maps.num_images=2",
+        "callbacks.ideal_class.steps=4",
+        "callbacks.adversarial.eps=[0,4/255]",
+        "callbacks.adversarial.pgd_steps=2",
+        f"hydra.run.dir={tmp_path}",
+        *FAST,
+    )
     layers = ["blocks.1", "blocks.2", "blocks.4", "bn2"]  # the automatic pick for EfficientNet-Lite0
     grids = sorted(p.name for p in (tmp_path / "feature_maps" / "start").glob("*.png"))
     assert grids == sorted([f"{k:02d}_{layer}.png" for k in range(2) for layer in layers] + [f"{k:02d}_lesson_view.png" for k in range(2)])
@@ -221,24 +254,53 @@ def test_picture_callbacks_write_to_run_dir_tensorboard_and_wandb(tiny_folder, t
     assert len(media) == 2 * len(layers)
 
 
-@pytest.mark.parametrize("overrides,start,part", [
-    (["callbacks=feature_maps", "callbacks.feature_maps.layers=[blocks.9]"], "error: callbacks.feature_maps.layers: no layer 'blocks.9'",
-     "top-level modules: conv_stem, bn1, blocks, conv_head, bn2"),
-    (["callbacks=ideal_class", "callbacks.ideal_class.classes=[cot]"], "error: callbacks.ideal_class.classes: 'cot' is not a class",
-     "did you mean: cat"),
-])
-def test_bad_picture_callback_settings_fail_at_start(tiny_folder, tmp_path, overrides, start, part):
-    proc = run_cli("train", *overrides, "data=image_folder", f"data.root={tiny_folder}", f"hydra.run.dir={tmp_path}", *FAST, check=False)
-    last = proc.stderr.strip().splitlines()[-1]
-    assert proc.returncode == 2 and last.startswith(start) and part in last, proc.stderr[-2000:]
-    assert not (tmp_path / "checkpoints").exists()  # nothing trained
+BAD_CALLBACK_SETTINGS = [
+    (
+        ["callbacks=feature_maps", "callbacks.feature_maps.layers=[blocks.9]"],
+        "error: callbacks.feature_maps.layers: no layer 'blocks.9'",
+        "top-level modules: conv_stem, bn1, blocks, conv_head, bn2",
+    ),
+    (
+        ["callbacks=ideal_class", "callbacks.ideal_class.classes=[cot]"],
+        "error: callbacks.ideal_class.classes: 'cot' is not a class",
+        "did you mean: cat",
+    ),
+]
+
+
+@pytest.fixture(scope="module")
+def bad_callback_outcomes(tiny_folder, tmp_path_factory) -> tuple[Path, list[dict]]:
+    base = tmp_path_factory.mktemp("bad_callbacks")
+    return base, run_mains(
+        [
+            ("train", [*overrides, "data=image_folder", f"data.root={tiny_folder}", f"hydra.run.dir={base / str(i)}", *FAST])
+            for i, (overrides, _, _) in enumerate(BAD_CALLBACK_SETTINGS)
+        ],
+        base,
+    )
+
+
+@pytest.mark.parametrize("case", range(len(BAD_CALLBACK_SETTINGS)), ids=["feature_maps layers", "ideal_class classes"])
+def test_bad_picture_callback_settings_fail_at_start(bad_callback_outcomes, case):
+    (base, outcomes), (_, start, part) = bad_callback_outcomes, BAD_CALLBACK_SETTINGS[case]
+    proc = outcomes[case]
+    last = proc["stderr"].strip().splitlines()[-1]
+    assert proc["code"] == 2 and last.startswith(start) and part in last, proc["stderr"][-2000:]
+    assert not (base / str(case) / "checkpoints").exists()  # nothing trained
 
 
 @pytest.mark.slow
 def test_adversarial_accuracy_on_the_species_classifier(species_run, tmp_path):
     """clean >= FGSM >= PGD at every eps (within one image), and PGD accuracy never rises with eps."""
-    run_cli("eval", f"ckpt_path={species_run}/checkpoints/best.ckpt", "callbacks=adversarial", "callbacks.progress_bar=null",
-            "callbacks.adversarial.max_images=32", "trainer.enable_progress_bar=false", f"hydra.run.dir={tmp_path}")
+    run(
+        "eval",
+        f"ckpt_path={species_run}/checkpoints/best.ckpt",
+        "callbacks=adversarial",
+        "callbacks.progress_bar=null",
+        "callbacks.adversarial.max_images=32",
+        "trainer.enable_progress_bar=false",
+        f"hydra.run.dir={tmp_path}",
+    )
     metrics = read_metrics(tmp_path)
     grid = ["0", "1", "2", "4", "8"]
     clean = metrics["adv/fgsm_acc@eps=0/255"]
@@ -254,11 +316,17 @@ def test_adversarial_accuracy_on_the_species_classifier(species_run, tmp_path):
     assert rows[0] == "attack,eps,eps_255,accuracy,correct,images" and len(rows) == 11 and rows[1].endswith(",32")
 
 
+@pytest.mark.shared
 @pytest.mark.slow
 def test_lesson_comparison_script_measures_both_sides(tmp_path):
     """scripts/lesson_comparison.py (the README's pictures), with few steps: our pictures + the table, lesson's not copied."""
-    subprocess.run([sys.executable, str(REPO / "scripts" / "lesson_comparison.py"), "--shared", str(SHARED.parent), "--out", str(tmp_path),
-                    "--steps", "8"], check=True, capture_output=True, text=True, timeout=900)
+    subprocess.run(
+        [sys.executable, str(REPO / "scripts" / "lesson_comparison.py"), "--shared", str(SHARED.parent), "--out", str(tmp_path), "--steps", "8"],
+        check=True,
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
     committed = sorted(p.name for p in tmp_path.glob("*.png"))
     assert committed == ["adversarial_dog_difference.png", "ideal_cat.png", "ideal_zebra.png"]
     assert sorted(p.name for p in (tmp_path / "side_by_side").glob("*.png")) == ["adversarial_dog.png", "ideal_cat.png", "ideal_zebra.png"]
@@ -266,14 +334,15 @@ def test_lesson_comparison_script_measures_both_sides(tmp_path):
     assert len(table) == 8 and "| ideal Siamese cat | lesson (VGG-16) | 0.00" in table[2] and "| 0.059 |" in table[2]
 
 
+@pytest.mark.shared
 def test_visualize_and_attack_a_trained_checkpoint(species_run, tmp_path):
     """The same commands on a transferlab classifier: its own classes (cat, dog) instead of ImageNet's."""
     ckpt = f"ckpt_path={species_run}/checkpoints/best.ckpt"
-    run_cli("visualize", ckpt, "target=cat", "steps=32", f"hydra.run.dir={tmp_path / 'ideal'}")
+    run("visualize", ckpt, "target=cat", "steps=32", f"hydra.run.dir={tmp_path / 'ideal'}")
     ideal = json.loads((tmp_path / "ideal" / "result.json").read_text())
     assert (ideal["target"], ideal["target_index"]) == ("cat", 0) and ideal["target_prob"] >= 0.9 and len(ideal["top5"]) == 2
     dog = next(p for p in sorted((SHARED / "oxford-pets-sample").glob("*.jpg")) if p.name[0].islower())
-    run_cli("attack", ckpt, f"input={dog}", "target=cat", "eps=2/255", "steps=50", f"hydra.run.dir={tmp_path / 'attack'}")
+    run("attack", ckpt, f"input={dog}", "target=cat", "eps=2/255", "steps=50", f"hydra.run.dir={tmp_path / 'attack'}")
     attack = json.loads((tmp_path / "attack" / "result.json").read_text())
     assert attack["source_label"] == "dog" and attack["target"] == "cat" and attack["target_prob"] >= 0.9
     assert attack["linf"] <= 2 / 255 + 1e-6

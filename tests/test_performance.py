@@ -11,26 +11,29 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from PIL import Image
+
 from conftest import (
     FAST,
     PETS,
     PETS_ARGS,
     REPO,
+    make_datamodule,
     pet_photos,
     read_metrics,
+    run,
     run_cli,
+    run_mains,
 )
-from PIL import Image
-
+from transferlab.core.hardware import choose_precision, default_workers, detect
 from transferlab.data.feature_cache import (
     FeatureStore,
     fingerprint,
     weights_digest,
 )
 from transferlab.data.images import decode_rgb, load_rgb
-from transferlab.hardware import choose_precision, default_workers, detect
 from transferlab.models.backbones import Backbone, create_backbone
-from transferlab.pipeline import load_checkpoint
+from transferlab.models.classifier import load_checkpoint
 
 # ----------------------------------------------------------------------------------------- decoding
 
@@ -85,25 +88,40 @@ def test_auto_settings_follow_the_hardware():
 
 
 def test_run_log_says_what_was_chosen(tiny_folder, tmp_path):
-    run_cli("train", "data=image_folder", f"data.root={tiny_folder}", "trainer.max_epochs=1", f"hydra.run.dir={tmp_path}", *FAST)
-    line = next(l for l in (tmp_path / "train.log").read_text().splitlines() if "Performance:" in l)
+    run("train", "data=image_folder", f"data.root={tiny_folder}", "trainer.max_epochs=1", f"hydra.run.dir={tmp_path}", *FAST)
+    line = next(line for line in (tmp_path / "train.log").read_text().splitlines() if "Performance:" in line)
     expected = "bf16-mixed" if detect().cpu_bf16 else "32-true"
     assert f"precision {expected} (auto: CPU has" in line and "channels_last on (auto" in line and "feature cache on" in line
     saved = (tmp_path / "config.yaml").read_text()
     assert f"precision: {expected}" in saved  # the resolved value is what the run's config records
 
 
-@pytest.mark.parametrize("override, expected", [
+BAD_PERFORMANCE_SETTINGS = [
     ("performance.channels_last=maybe", "performance.channels_last: expected"),
     ("performance.feature_cache.storage=ram", "performance.feature_cache.storage: expected"),
     ("+performance.feature_cache.augmented_view=2", "performance.feature_cache.augmented_view: unknown key (did you mean: augmented_views?)"),
     ("data.num_workers=many", "data.num_workers: expected auto or a whole number"),
-])
-def test_bad_performance_settings_exit_2_with_one_line(tiny_folder, tmp_path, override, expected):
-    proc = run_cli("train", "data=image_folder", f"data.root={tiny_folder}", f"hydra.run.dir={tmp_path}", *FAST, override, check=False)
-    assert proc.returncode == 2, proc.stderr[-2000:]
-    errors = [l for l in proc.stderr.splitlines() if l.startswith("error:")]
-    assert len(errors) == 1 and expected in errors[0], proc.stderr[-2000:]
+]
+
+
+@pytest.fixture(scope="module")
+def bad_performance_outcomes(tiny_folder, tmp_path_factory) -> list[dict]:
+    base = tmp_path_factory.mktemp("bad_performance")
+    return run_mains(
+        [
+            ("train", ["data=image_folder", f"data.root={tiny_folder}", f"hydra.run.dir={base / str(i)}", *FAST, override])
+            for i, (override, _) in enumerate(BAD_PERFORMANCE_SETTINGS)
+        ],
+        base,
+    )
+
+
+@pytest.mark.parametrize("case", range(len(BAD_PERFORMANCE_SETTINGS)), ids=[o for o, _ in BAD_PERFORMANCE_SETTINGS])
+def test_bad_performance_settings_exit_2_with_one_line(bad_performance_outcomes, case):
+    expected, proc = BAD_PERFORMANCE_SETTINGS[case][1], bad_performance_outcomes[case]
+    assert proc["code"] == 2, proc["stderr"][-2000:]
+    errors = [line for line in proc["stderr"].splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and expected in errors[0], proc["stderr"][-2000:]
 
 
 # ------------------------------------------------------------------------------------ feature cache
@@ -134,14 +152,7 @@ def test_fingerprint_changes_with_weights_and_transform():
 
 
 def _train_in_process(overrides: list[str], out: Path) -> dict:
-    from hydra import compose, initialize_config_dir
-
-    from transferlab.config_paths import config_dir
-    from transferlab.train import train
-
-    with initialize_config_dir(config_dir(), version_base="1.3"):
-        cfg = compose("train", overrides=[f"paths.output_dir={out}", *overrides])
-    train(cfg)
+    run("train", *overrides, f"hydra.run.dir={out}")
     return json.loads((out / "feature_cache.json").read_text())
 
 
@@ -157,7 +168,7 @@ def test_cache_is_reused_and_invalidated_by_backbone_weights_and_transform(tiny_
     weights_file = tmp_path / "lite0_changed.pt"
     import timm
 
-    from transferlab.models.bundled import load_bundled
+    from transferlab.models.sources.bundled import load_bundled
 
     model = timm.create_model("tf_efficientnet_lite0")
     load_bundled("tf_efficientnet_lite0", model)
@@ -165,10 +176,9 @@ def test_cache_is_reused_and_invalidated_by_backbone_weights_and_transform(tiny_
         model.conv_stem.weight.mul_(1.01)
     torch.save(model.state_dict(), weights_file)
 
-    base = ["data=image_folder", f"data.root={tiny_folder}", "trainer.max_epochs=1", f"paths.cache_dir={tmp_path / 'cache'}",
-            "logger=none", *FAST]
+    base = ["data=image_folder", f"data.root={tiny_folder}", "trainer.max_epochs=1", f"paths.cache_dir={tmp_path / 'cache'}", "logger=none", *FAST]
 
-    def run(name: str, *extra: str) -> tuple[int, dict]:
+    def train_once(name: str, *extra: str) -> tuple[int, dict]:
         calls["n"] = 0
         stats = _train_in_process([*base, *extra], tmp_path / name)
         return calls["n"], stats
@@ -176,32 +186,45 @@ def test_cache_is_reused_and_invalidated_by_backbone_weights_and_transform(tiny_
     def computed(stats: dict) -> int:
         return sum(v["computed"] for k, v in stats.items() if isinstance(v, dict))
 
-    n, first = run("first")
+    n, first = train_once("first")
     assert n > 0 and computed(first) == 16 and first["train"]["reused"] == 0
-    n, second = run("second")
+    n, second = train_once("second")
     assert n == 0 and computed(second) == 0  # fit and test from the cache: the backbone never ran
-    for label, extra in {"eval transform": ["backbone.input_size=72"],
-                         "weights": [f"backbone.weights={weights_file}"],
-                         "backbone": ["backbone=resnet18", "backbone.weights=none"]}.items():
-        n, stats = run(label.replace(" ", "_"), *extra)
+    for label, extra in {
+        "eval transform": ["backbone.input_size=72"],
+        "weights": [f"backbone.weights={weights_file}"],
+        "backbone": ["backbone=resnet18", "backbone.weights=none"],
+    }.items():
+        n, stats = train_once(label.replace(" ", "_"), *extra)
         assert n > 0 and computed(stats) == 16, label
         assert stats["train"]["store"] != first["train"]["store"], label
-    n, again = run("again")  # the original setting's store is still there
+    n, again = train_once("again")  # the original setting's store is still there
     assert n == 0 and again["train"]["store"] == first["train"]["store"]
-    n, views = run("views", "performance.feature_cache.augmented_views=3")
+    n, views = train_once("views", "performance.feature_cache.augmented_views=3")
     array = np.load(next(Path(views["train"]["store"]).glob("train-*.npy")))
     assert views["train"]["views"] == 3 and array.shape[1] == 3 and not np.allclose(array[:, 0], array[:, 1])
-    n, views_again = run("views_again", "performance.feature_cache.augmented_views=3")
+    n, views_again = train_once("views_again", "performance.feature_cache.augmented_views=3")
     assert n == 0 and views_again["train"]["store"] == views["train"]["store"]
 
 
+@pytest.mark.shared
 def test_cached_and_uncached_frozen_training_give_the_same_head(tmp_path):
     """fp32, no augmentation: the head sees the same features in the same order either way."""
-    common = [f"data.root={PETS}", "data.task=species", "trainer.max_epochs=2", "trainer.precision=32-true", "backbone.input_size=128",
-              "data.augment.scale_min=1.0", "data.augment.hflip=false", "seed=3", "callbacks.progress_bar=null",
-              "trainer.enable_progress_bar=false", f"paths.cache_dir={tmp_path / 'cache'}"]
-    run_cli("train", *common, f"hydra.run.dir={tmp_path / 'cached'}")
-    run_cli("train", *common, "performance.feature_cache.enabled=false", f"hydra.run.dir={tmp_path / 'uncached'}")
+    common = [
+        f"data.root={PETS}",
+        "data.task=species",
+        "trainer.max_epochs=2",
+        "trainer.precision=32-true",
+        "backbone.input_size=128",
+        "data.augment.scale_min=1.0",
+        "data.augment.hflip=false",
+        "seed=3",
+        "callbacks.progress_bar=null",
+        "trainer.enable_progress_bar=false",
+        f"paths.cache_dir={tmp_path / 'cache'}",
+    ]
+    run("train", *common, f"hydra.run.dir={tmp_path / 'cached'}")
+    run("train", *common, "performance.feature_cache.enabled=false", f"hydra.run.dir={tmp_path / 'uncached'}")
     assert json.loads((tmp_path / "cached" / "feature_cache.json").read_text())["train"]["computed"] > 0
     assert not (tmp_path / "uncached" / "feature_cache.json").exists()
     cached, _ = load_checkpoint(tmp_path / "cached" / "checkpoints" / "last.ckpt")
@@ -215,12 +238,24 @@ def test_cached_and_uncached_frozen_training_give_the_same_head(tmp_path):
     assert read_metrics(tmp_path / "cached")["test/acc"] == read_metrics(tmp_path / "uncached")["test/acc"]
 
 
+@pytest.mark.shared
 def test_ddp_with_cache_matches_one_process(species_run, tmp_path):
     """Two gloo processes fill a fresh cache together (each its share), train, and test as one process did."""
     out = tmp_path / "ddp"
-    run_cli("train", "data=oxford_pets", "data.task=species", "trainer.max_epochs=4", "optimizer.lr=3e-3", "seed=1",
-            "trainer=ddp_cpu", "data.batch_size=16", "data.num_workers=0", f"paths.cache_dir={tmp_path / 'cache'}",
-            f"hydra.run.dir={out}", *PETS_ARGS)
+    run_cli(
+        "train",
+        "data=oxford_pets",
+        "data.task=species",
+        "trainer.max_epochs=4",
+        "optimizer.lr=3e-3",
+        "seed=1",
+        "trainer=ddp_cpu",
+        "data.batch_size=16",
+        "data.num_workers=0",
+        f"paths.cache_dir={tmp_path / 'cache'}",
+        f"hydra.run.dir={out}",
+        *PETS_ARGS,
+    )
     stats = json.loads((out / "feature_cache.json").read_text())
     assert stats["train"]["computed"] == 240 and stats["test"]["computed"] == 74
     store = Path(stats["train"]["store"])
@@ -232,28 +267,39 @@ def test_ddp_memory_cache_exchanges_shares_through_the_process_group(tiny_folder
     """storage=memory under DDP: each rank computes half and receives the other half; an uncached one-process
     eval of the checkpoint then finds the same test accuracy, so the exchanged features were the right ones."""
     out = tmp_path / "ddp"
-    run_cli("train", "data=image_folder", f"data.root={tiny_folder}", "trainer=ddp_cpu", "trainer.max_epochs=2",
-            "performance.feature_cache.storage=memory", f"hydra.run.dir={out}", *FAST)
+    run_cli(
+        "train",
+        "data=image_folder",
+        f"data.root={tiny_folder}",
+        "trainer=ddp_cpu",
+        "trainer.max_epochs=2",
+        "performance.feature_cache.storage=memory",
+        f"hydra.run.dir={out}",
+        *FAST,
+    )
     stats = json.loads((out / "feature_cache.json").read_text())
     assert stats["train"]["store"] == "memory" and stats["train"]["computed"] == stats["train"]["images"] > 0
-    run_cli("eval", f"ckpt_path={out / 'checkpoints' / 'best.ckpt'}", f"hydra.run.dir={tmp_path / 'eval'}",
-            "trainer.enable_progress_bar=false", "data.num_workers=0")
+    run(
+        "eval",
+        f"ckpt_path={out / 'checkpoints' / 'best.ckpt'}",
+        f"hydra.run.dir={tmp_path / 'eval'}",
+        "trainer.enable_progress_bar=false",
+        "data.num_workers=0",
+    )
     assert read_metrics(out)["test/acc"] == pytest.approx(read_metrics(tmp_path / "eval")["test/acc"], abs=1e-6)
 
 
 def test_resume_reuses_the_cache(tiny_folder, tmp_path):
     common = ["data=image_folder", f"data.root={tiny_folder}", f"hydra.run.dir={tmp_path}", f"paths.cache_dir={tmp_path / 'c'}", *FAST]
-    run_cli("train", "trainer.max_epochs=1", *common)
-    run_cli("train", "trainer.max_epochs=2", "ckpt_path=last", *common)
+    run("train", "trainer.max_epochs=1", *common)
+    run("train", "trainer.max_epochs=2", "ckpt_path=last", *common)
     stats = json.loads((tmp_path / "feature_cache.json").read_text())
     assert stats["train"]["computed"] == 0 and stats["train"]["reused"] > 0 and read_metrics(tmp_path)["epochs"] == 2
 
 
 def test_image_cache_gives_the_same_eval_inputs(tiny_folder):
-    from transferlab.data.image_folder import ImageFolderDataModule
-
     prep = create_backbone("tf_efficientnet_lite0", weights="none").preprocessing.resized(64)
-    plain, cached = (ImageFolderDataModule(root=str(tiny_folder), image_cache=flag, num_workers=0) for flag in (False, True))
+    plain, cached = (make_datamodule("image_folder", root=str(tiny_folder), image_cache=flag, num_workers=0) for flag in (False, True))
     for dm in (plain, cached):
         dm.preprocessing = prep
         dm.setup()
@@ -268,12 +314,25 @@ def test_image_cache_gives_the_same_eval_inputs(tiny_folder):
 
 def test_benchmark_quick_writes_every_key(tmp_path):
     out = tmp_path / "benchmark.json"
-    proc = subprocess.run([sys.executable, str(REPO / "scripts" / "benchmark.py"), "--quick", "--out", str(out)],
-                          capture_output=True, text=True, timeout=600, cwd=tmp_path)
+    proc = subprocess.run(
+        [sys.executable, str(REPO / "scripts" / "benchmark.py"), "--quick", "--out", str(out)],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        cwd=tmp_path,
+    )
     assert proc.returncode == 0, proc.stderr[-4000:]
     result = json.loads(out.read_text())
-    for key in ("frozen_speedup", "frozen_acc_baseline", "frozen_acc_transferlab", "finetune_overhead", "bf16_speedup_resnet50_train",
-                "bf16_speedup_lite0_train", "decode_speedup", "peak_fraction"):
+    for key in (
+        "frozen_speedup",
+        "frozen_acc_baseline",
+        "frozen_acc_transferlab",
+        "finetune_overhead",
+        "bf16_speedup_resnet50_train",
+        "bf16_speedup_lite0_train",
+        "decode_speedup",
+        "peak_fraction",
+    ):
         assert isinstance(result[key], float) and math.isfinite(result[key]) and result[key] > 0, key
     assert 0 <= result["frozen_acc_baseline"] <= 1 and 0 <= result["frozen_acc_transferlab"] <= 1
     assert {"cpu_model", "cores", "flags", "gpu"} <= set(result["hardware"])

@@ -12,11 +12,11 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import FAST, PETS, cli_env, make_small_copy, pet_photos, run_cli
 
+from conftest import FAST, PETS, cli_env, make_datamodule, make_small_copy, pet_photos, run_cli, run_mains
+from transferlab.core.errors import DataError
 from transferlab.data.download import safe_extract_tar, safe_extract_zip
 from transferlab.data.oxford_pets import OxfordPetsDataModule
-from transferlab.errors import DataError
 
 
 class _RunsCode:
@@ -29,34 +29,51 @@ class _RunsCode:
         return os.system, (f"touch {self.marker}",)
 
 
-@pytest.fixture()
-def crafted_checkpoint(species_run, tmp_path) -> tuple[Path, Path]:
+def craft_checkpoint(source: Path, folder: Path) -> tuple[Path, Path]:
     """A real transferlab checkpoint with one extra entry whose unpickling would create `marker`."""
-    marker = tmp_path / "code_was_run"
-    ckpt = torch.load(species_run / "checkpoints" / "best.ckpt", map_location="cpu", weights_only=True)
+    folder.mkdir(parents=True, exist_ok=True)
+    marker = folder / "code_was_run"
+    ckpt = torch.load(source, map_location="cpu", weights_only=True)
     ckpt["hyper_parameters"]["payload"] = _RunsCode(marker)
-    path = tmp_path / "evil.ckpt"
+    path = folder / "evil.ckpt"
     torch.save(ckpt, path)
-    # The file really is hostile: an unsafe load (weights_only=False) runs the command.
-    subprocess.run([sys.executable, "-c", f"import torch; torch.load({str(path)!r}, weights_only=False)"], check=True, env=cli_env())
-    assert marker.exists()
-    marker.unlink()
     return path, marker
 
 
-@pytest.mark.parametrize("command,args", [
-    ("train", ["ckpt_path={ckpt}", "data=oxford_pets", "data.task=species", f"data.root={PETS}"]),
-    ("eval", ["ckpt_path={ckpt}"]),
-    ("predict", ["ckpt_path={ckpt}", f"input={PETS}/Abyssinian_101.jpg"]),
-    ("train", ["backbone.weights={ckpt}", "data=oxford_pets", "data.task=species", f"data.root={PETS}"]),
-], ids=["train resume", "eval", "predict", "backbone weights"])
-def test_a_checkpoint_that_would_run_code_is_refused(crafted_checkpoint, tmp_path, command, args):
-    path, marker = crafted_checkpoint
-    proc = run_cli(command, *(a.format(ckpt=path) for a in args), f"hydra.run.dir={tmp_path / 'run'}", check=False)
-    errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
-    assert proc.returncode == 2 and len(errors) == 1, proc.stderr[-3000:]
+HOSTILE_USES = {
+    "train resume": ("train", ["ckpt_path={ckpt}", "data=oxford_pets", "data.task=species", f"data.root={PETS}"]),
+    "eval": ("eval", ["ckpt_path={ckpt}"]),
+    "predict": ("predict", ["ckpt_path={ckpt}", f"input={PETS}/Abyssinian_101.jpg"]),
+    "backbone weights": ("train", ["backbone.weights={ckpt}", "data=oxford_pets", "data.task=species", f"data.root={PETS}"]),
+}
+
+
+@pytest.fixture(scope="module")
+def hostile_outcomes(species_run, tmp_path_factory) -> dict[str, tuple[Path, Path, dict]]:
+    """Each command given its own crafted checkpoint, all through the real main()s in one process."""
+    base = tmp_path_factory.mktemp("hostile")
+    crafted = {name: craft_checkpoint(species_run / "checkpoints" / "best.ckpt", base / str(i)) for i, name in enumerate(HOSTILE_USES)}
+    first_path, first_marker = next(iter(crafted.values()))
+    # The file really is hostile: an unsafe load (weights_only=False) runs the command.
+    subprocess.run([sys.executable, "-c", f"import torch; torch.load({str(first_path)!r}, weights_only=False)"], check=True, env=cli_env())
+    assert first_marker.exists()
+    first_marker.unlink()
+    calls = [
+        (command, [*(a.format(ckpt=crafted[name][0]) for a in args), f"hydra.run.dir={base / str(i) / 'run'}"])
+        for i, (name, (command, args)) in enumerate(HOSTILE_USES.items())
+    ]
+    results = run_mains(calls, base)
+    return {name: (*crafted[name], result) for name, result in zip(HOSTILE_USES, results)}
+
+
+@pytest.mark.shared
+@pytest.mark.parametrize("use", list(HOSTILE_USES))
+def test_a_checkpoint_that_would_run_code_is_refused(hostile_outcomes, use):
+    path, marker, proc = hostile_outcomes[use]
+    errors = [line for line in proc["stderr"].splitlines() if line.startswith("error:")]
+    assert proc["code"] == 2 and len(errors) == 1, proc["stderr"][-3000:]
     assert f"{path} refused: loading it would call posix.system" in errors[0] and "weights_only=True" in errors[0]
-    assert not marker.exists() and "Traceback" not in proc.stderr
+    assert not marker.exists() and "Traceback" not in proc["stderr"]
 
 
 # -- archives ------------------------------------------------------------------------------------------------
@@ -98,15 +115,17 @@ def test_tar_extraction_refuses_members_that_escape(tmp_path, name):
     assert not any(target.rglob("*"))  # nothing extracted: the checks run before the first byte is written
 
 
-@pytest.mark.parametrize("name,reason", [("../escaped.txt", "path outside"), ("/abs.txt", "absolute path"),
-                                         ("C:/windows.txt", "absolute path"), ("link", "a symbolic link")])
+@pytest.mark.parametrize(
+    "name,reason",
+    [("../escaped.txt", "path outside"), ("/abs.txt", "absolute path"), ("C:/windows.txt", "absolute path"), ("link", "a symbolic link")],
+)
 def test_zip_extraction_refuses_members_that_escape(tmp_path, name, reason):
     archive = tmp_path / "evil.zip"
     with zipfile.ZipFile(archive, "w") as zf:
         zf.writestr("PetImages/Cat/1.jpg", b"x")
         info = zipfile.ZipInfo(name)
         if name == "link":
-            info.external_attr = (0o120777 << 16)
+            info.external_attr = 0o120777 << 16
         zf.writestr(info, "/etc/passwd" if name == "link" else "owned")
     with pytest.raises(DataError, match=f"refusing unsafe member.*{reason}"):
         safe_extract_zip(archive, tmp_path / "out")
@@ -130,29 +149,45 @@ def test_oxford_pets_downloads_verify_md5_and_extract_safely(tmp_path, monkeypat
         resources.append((f"{url}/{part}.tar.gz", hashlib.md5((www / f"{part}.tar.gz").read_bytes()).hexdigest()))
 
     monkeypatch.setattr(OxfordPetsDataModule, "resources", tuple(resources))
-    dm = OxfordPetsDataModule(str(tmp_path / "pets"), task="species", download=True, cache_dir=str(tmp_path / "cache"))
+    dm = make_datamodule("oxford_pets", root=str(tmp_path / "pets"), task="species", download=True, cache_dir=str(tmp_path / "cache"))
     dm.setup()
     assert sum(len(v) for v in dm.splits.values()) == 6 and (tmp_path / "pets" / "images.tar.gz.sha256").exists()
 
     monkeypatch.setattr(OxfordPetsDataModule, "resources", ((resources[0][0], "0" * 32),))
-    bad = OxfordPetsDataModule(str(tmp_path / "pets2"), task="species", download=True)
+    bad = make_datamodule("oxford_pets", root=str(tmp_path / "pets2"), task="species", download=True)
     with pytest.raises(DataError, match="checksum mismatch .* expected md5 0{32}, got .* the file was discarded"):
         bad.setup()
     assert not list((tmp_path / "pets2").glob("*.tar.gz*"))
 
 
 # -- secrets -------------------------------------------------------------------------------------------------
-PLANTED = {"WANDB_API_KEY": "planted-wandb-0123456789abcdef", "HF_TOKEN": "planted-hf-token-5551234",
-           "AWS_SECRET": "planted-aws-secret-777", "DATASET_KEY": "planted-dataset-key-31337"}
+PLANTED = {
+    "WANDB_API_KEY": "planted-wandb-0123456789abcdef",
+    "HF_TOKEN": "planted-hf-token-5551234",
+    "AWS_SECRET": "planted-aws-secret-777",
+    "DATASET_KEY": "planted-dataset-key-31337",
+}
 
 
 def test_planted_secrets_never_reach_configs_logs_or_checkpoints(tiny_folder, tmp_path):
     run_dir = tmp_path / "run"
     env = cli_env(**PLANTED, WANDB_MODE="offline", WANDB_DIR=str(tmp_path / "wandb_home"))
-    proc = run_cli("train", "data=image_folder", f"data.root={tiny_folder}", f"hydra.run.dir={run_dir}", "trainer.max_epochs=1",
-                   "logger=many", "tags=[dev,${oc.env:HF_TOKEN}]", "+run_note=${oc.env:DATASET_KEY}",
-                   "+logger.wandb.notes=${oc.env:AWS_SECRET}", "optimized_metric=${oc.env:WANDB_API_KEY}",
-                   f"+literal_on_command_line={PLANTED['DATASET_KEY']}", *FAST, env=env, check=False)
+    proc = run_cli(
+        "train",
+        "data=image_folder",
+        f"data.root={tiny_folder}",
+        f"hydra.run.dir={run_dir}",
+        "trainer.max_epochs=1",
+        "logger=many",
+        "tags=[dev,${oc.env:HF_TOKEN}]",
+        "+run_note=${oc.env:DATASET_KEY}",
+        "+logger.wandb.notes=${oc.env:AWS_SECRET}",
+        "optimized_metric=${oc.env:WANDB_API_KEY}",
+        f"+literal_on_command_line={PLANTED['DATASET_KEY']}",
+        *FAST,
+        env=env,
+        check=False,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     files = [p for p in [*run_dir.rglob("*"), *(tmp_path / "wandb_home").rglob("*")] if p.is_file()]
     kinds = {p.suffix for p in files}

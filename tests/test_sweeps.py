@@ -15,7 +15,9 @@ from pathlib import Path
 
 import pytest
 
-from conftest import FAST, PETS_ARGS, read_metrics, read_wandb_log, run_cli
+from conftest import FAST, PETS_ARGS, read_metrics, read_wandb_log, run, run_cli, run_mains
+
+pytestmark = pytest.mark.shared
 
 SPECIES = ["data=oxford_pets", "data.task=species", "trainer.max_epochs=1", *PETS_ARGS]
 
@@ -72,11 +74,10 @@ def test_grid_sweep_writes_one_dir_per_job_and_a_summary_row_each(grid_sweep):
 def test_report_command_rebuilds_the_summary(grid_sweep, tmp_path):
     for name in ("summary.csv", "summary.md", "report.html"):
         (grid_sweep / name).unlink()
-    proc = subprocess.run([sys.executable, "-m", "transferlab.report", str(grid_sweep)], capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr
+    good, bad = run_mains([("report", [str(grid_sweep)]), ("report", [str(tmp_path)])], tmp_path)  # the real main(), one process
+    assert good["code"] == 0, good["stderr"]
     assert len(summary_rows(grid_sweep)) == 4 and (grid_sweep / "report.html").is_file()
-    bad = subprocess.run([sys.executable, "-m", "transferlab.report", str(tmp_path)], capture_output=True, text=True, timeout=300)
-    assert bad.returncode == 2 and bad.stderr.strip().startswith("error:") and "no job folders" in bad.stderr
+    assert bad["code"] == 2 and bad["stderr"].strip().startswith("error:") and "no job folders" in bad["stderr"]
 
 
 def chromium_render(page: Path, screenshot: Path) -> tuple[list[dict], list[int]]:
@@ -86,8 +87,17 @@ def chromium_render(page: Path, screenshot: Path) -> tuple[list[dict], list[int]
 
     options = webdriver.ChromeOptions()
     options.binary_location = "/usr/bin/chromium"
-    for flag in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-sync",
-                 "--disable-background-networking", "--disable-component-update", "--window-size=1280,1600"):
+    for flag in (
+        "--headless=new",
+        "--no-sandbox",
+        "--disable-gpu",
+        "--disable-quic",
+        "--no-first-run",
+        "--disable-sync",
+        "--disable-background-networking",
+        "--disable-component-update",
+        "--window-size=1280,1600",
+    ):
         options.add_argument(flag)
     options.set_capability("goog:loggingPrefs", {"browser": "ALL"})
     driver = webdriver.Chrome(service=Service("/usr/bin/chromedriver"), options=options)
@@ -100,8 +110,10 @@ def chromium_render(page: Path, screenshot: Path) -> tuple[list[dict], list[int]
         driver.quit()
 
 
-@pytest.mark.skipif(not Path("/usr/bin/chromium").exists() and not os.environ.get("TRANSFERLAB_REQUIRE_BROWSER"),
-                    reason="Debian chromium + chromium-driver not installed (.ci/run installs them; CI never skips this)")
+@pytest.mark.skipif(
+    not Path("/usr/bin/chromium").exists() and not os.environ.get("TRANSFERLAB_REQUIRE_BROWSER"),
+    reason="Debian chromium + chromium-driver not installed (.ci/run installs them; CI never skips this)",
+)
 def test_report_html_renders_in_headless_chromium(grid_sweep, tmp_path):
     import numpy as np
     from PIL import Image
@@ -181,9 +193,18 @@ def test_optuna_study_killed_after_two_trials_resumes_to_exactly_three(tmp_path)
 def test_optuna_marks_nan_trials_failed_and_prunes_from_val_acc(tmp_path):
     sweep = tmp_path / "study"
     # A space where one value always diverges; RandomSampler(seed=5) draws inf, 3e-3, 3e-3.
-    proc = run_cli("train", *OPTUNA, f"hydra.sweep.dir={sweep}", "hydra.sweeper.n_trials=2", "hydra.sweeper.pruner=null",
-                   "hydra.sweeper.sampler._target_=optuna.samplers.RandomSampler", "~hydra.sweeper.sampler.n_startup_trials",
-                   "hydra.sweeper.sampler.seed=5", "hydra.sweeper.params={optimizer.lr:'choice(3e-3,inf)'}", check=False)
+    proc = run_cli(
+        "train",
+        *OPTUNA,
+        f"hydra.sweep.dir={sweep}",
+        "hydra.sweeper.n_trials=2",
+        "hydra.sweeper.pruner=null",
+        "hydra.sweeper.sampler._target_=optuna.samplers.RandomSampler",
+        "~hydra.sweeper.sampler.n_startup_trials",
+        "hydra.sweeper.sampler.seed=5",
+        "hydra.sweeper.params={optimizer.lr:'choice(3e-3,inf)'}",
+        check=False,
+    )
     trials = study_trials(sweep)
     assert proc.returncode == 1, proc.stderr[-3000:]  # the sweep ran to its end; exit 1 says a job failed
     assert [t.state.name for t in trials].count("COMPLETE") == 2
@@ -192,23 +213,42 @@ def test_optuna_marks_nan_trials_failed_and_prunes_from_val_acc(tmp_path):
 
     pruned = tmp_path / "pruned"
     # ThresholdPruner(lower=2): no accuracy reaches 2, so every trial is pruned at its first report (epoch 0 of 3).
-    run_cli("train", *OPTUNA, f"hydra.sweep.dir={pruned}", "hydra.sweeper.n_trials=2", "trainer.max_epochs=3",
-            "hydra.sweeper.pruner._target_=optuna.pruners.ThresholdPruner", "~hydra.sweeper.pruner.n_startup_trials",
-            "hydra.sweeper.pruner.n_warmup_steps=0", "+hydra.sweeper.pruner.lower=2.0")
+    run_cli(
+        "train",
+        *OPTUNA,
+        f"hydra.sweep.dir={pruned}",
+        "hydra.sweeper.n_trials=2",
+        "trainer.max_epochs=3",
+        "hydra.sweeper.pruner._target_=optuna.pruners.ThresholdPruner",
+        "~hydra.sweeper.pruner.n_startup_trials",
+        "hydra.sweeper.pruner.n_warmup_steps=0",
+        "+hydra.sweeper.pruner.lower=2.0",
+    )
     trials = study_trials(pruned)
     assert [t.state.name for t in trials] == ["PRUNED", "PRUNED"]
     assert all(list(t.intermediate_values) == [0] for t in trials)
     assert all(job_record(j)["status"] == "pruned" for j in job_dirs(pruned))
     # the report shows how far a pruned trial got (from its CSV log: it never wrote metrics.json)
-    assert all(r["status"] == "pruned" and float(r["val/acc"]) == pytest.approx(t.intermediate_values[0])
-               for r, t in zip(sorted(summary_rows(pruned), key=lambda r: r["job"]), trials))
+    assert all(
+        r["status"] == "pruned" and float(r["val/acc"]) == pytest.approx(t.intermediate_values[0])
+        for r, t in zip(sorted(summary_rows(pruned), key=lambda r: r["job"]), trials)
+    )
 
 
 # -- launchers and DDP ----------------------------------------------------------------------------------------
 def test_local_launcher_runs_a_two_job_sweep_in_separate_processes(tiny_folder, tmp_path):
     sweep = tmp_path / "sweep"
-    run_cli("train", "-m", "hydra/launcher=local", "optimizer.lr=1e-3,3e-3", "data=image_folder", f"data.root={tiny_folder}",
-            "trainer.max_epochs=1", f"hydra.sweep.dir={sweep}", *FAST)
+    run_cli(
+        "train",
+        "-m",
+        "hydra/launcher=local",
+        "optimizer.lr=1e-3,3e-3",
+        "data=image_folder",
+        f"data.root={tiny_folder}",
+        "trainer.max_epochs=1",
+        f"hydra.sweep.dir={sweep}",
+        *FAST,
+    )
     records = [job_record(j) for j in job_dirs(sweep)]
     assert [r["status"] for r in records] == ["completed", "completed"]
     assert len({r["pid"] for r in records}) == 2 and all(read_metrics(j)["epochs"] == 1 for j in job_dirs(sweep))
@@ -216,9 +256,25 @@ def test_local_launcher_runs_a_two_job_sweep_in_separate_processes(tiny_folder, 
 
 
 def test_slurm_launcher_config_composes_for_ddp_jobs(tmp_path):
-    proc = run_cli("train", "hydra/launcher=slurm", "trainer=ddp", "trainer.devices=4", "hydra.launcher.gpus_per_node=4",
-                   "hydra.launcher.tasks_per_node=4", "hydra.launcher.partition=gpu", "--cfg", "hydra")
-    launcher = __import__("yaml").safe_load(proc.stdout)["hydra"]["launcher"]
+    from hydra import compose, initialize_config_dir
+    from omegaconf import OmegaConf
+
+    from transferlab.config.paths import config_dir
+
+    with initialize_config_dir(config_dir=config_dir(), version_base="1.3"):
+        cfg = compose(
+            "train",
+            overrides=[
+                "hydra/launcher=slurm",
+                "trainer=ddp",
+                "trainer.devices=4",
+                "hydra.launcher.gpus_per_node=4",
+                "hydra.launcher.tasks_per_node=4",
+                "hydra.launcher.partition=gpu",
+            ],
+            return_hydra_config=True,
+        )
+    launcher = OmegaConf.to_container(cfg.hydra.launcher)
     assert launcher["_target_"].endswith("SlurmLauncher")
     assert (launcher["gpus_per_node"], launcher["tasks_per_node"], launcher["partition"]) == (4, 4, "gpu")
 
@@ -226,8 +282,21 @@ def test_slurm_launcher_config_composes_for_ddp_jobs(tmp_path):
 @pytest.mark.slow
 def test_multirun_with_ddp_writes_one_dir_and_one_wandb_run_per_job(tiny_folder, tmp_path):
     sweep = tmp_path / "sweep"
-    proc = run_cli("train", "-m", "trainer=ddp_cpu", "optimizer.lr=1e-3,3e-3", "logger=wandb", "tags=[sweep,ddp]", "data=image_folder",
-            f"data.root={tiny_folder}", "trainer.max_epochs=1", "trainer.precision=32-true", f"hydra.sweep.dir={sweep}", *FAST, cwd=tmp_path)
+    proc = run_cli(
+        "train",
+        "-m",
+        "trainer=ddp_cpu",
+        "optimizer.lr=1e-3,3e-3",
+        "logger=wandb",
+        "tags=[sweep,ddp]",
+        "data=image_folder",
+        f"data.root={tiny_folder}",
+        "trainer.max_epochs=1",
+        "trainer.precision=32-true",
+        f"hydra.sweep.dir={sweep}",
+        *FAST,
+        cwd=tmp_path,
+    )
     assert sorted(p.name for p in sweep.iterdir() if p.is_dir()) == ["0", "1"]  # no folder per rank
     assert not (tmp_path / "logs").exists() and not (tmp_path / "outputs").exists()  # ranks > 0 wrote nowhere else
     assert (proc.stdout + proc.stderr).count("GLOBAL_RANK: 1, MEMBER: 2/2") == 2  # each job ran 2 processes
@@ -256,13 +325,29 @@ def test_two_nodes_on_loopback_match_one_process(tmp_path):
     out, port = tmp_path / "two_nodes", free_port()
     torchrun = Path(sys.executable).parent / "torchrun"
     common = ["trainer=ddp_cpu", "trainer.devices=1", "trainer.num_nodes=2", f"hydra.run.dir={out}", "optimizer.lr=3e-3", *SPECIES]
-    nodes = [subprocess.Popen([str(torchrun), "--nnodes=2", "--nproc-per-node=1", f"--node-rank={rank}", "--master-addr=127.0.0.1",
-                               f"--master-port={port}", "-m", "transferlab.train", *common],
-                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for rank in (0, 1)]
+    nodes = [
+        subprocess.Popen(
+            [
+                str(torchrun),
+                "--nnodes=2",
+                "--nproc-per-node=1",
+                f"--node-rank={rank}",
+                "--master-addr=127.0.0.1",
+                f"--master-port={port}",
+                "-m",
+                "transferlab.train",
+                *common,
+            ],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+        for rank in (0, 1)
+    ]
     logs = [node.communicate(timeout=900)[0] for node in nodes]
     assert [n.returncode for n in nodes] == [0, 0], "\n".join(log[-3000:] for log in logs)
     assert "GLOBAL_RANK: 1, MEMBER: 2/2" in logs[1] and "All distributed processes registered. Starting with 2 processes" in logs[0]
-    run_cli("train", "data.batch_size=64", f"hydra.run.dir={tmp_path / 'one'}", "optimizer.lr=3e-3", *SPECIES)
+    run("train", "data.batch_size=64", f"hydra.run.dir={tmp_path / 'one'}", "optimizer.lr=3e-3", *SPECIES)
     two, one = read_metrics(out), read_metrics(tmp_path / "one")
     assert two["test/acc"] == pytest.approx(one["test/acc"], abs=1 / 74 + 1e-6)
     assert two["test/acc"] >= 0.85 and not list(out.glob("metrics*.json"))[1:]

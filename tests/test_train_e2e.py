@@ -1,4 +1,8 @@
-"""End-to-end runs of the real commands on the real shared photos, with the bundled ImageNet backbone."""
+"""End-to-end runs of the real commands on the real shared photos, with the bundled ImageNet backbone.
+
+The runs go through `run` (in this process, the same validated task as the CLI) unless the process itself is
+under test: the installed console script, DDP, a multirun and the exit codes of bad configs.
+"""
 
 from __future__ import annotations
 
@@ -13,14 +17,16 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import FAST, PETS, PETS_ARGS, corrupt_copy_tree, make_small_copy, pet_photos, read_metrics, read_wandb_log, run_cli
+from conftest import FAST, PETS, PETS_ARGS, corrupt_copy_tree, make_small_copy, pet_photos, read_metrics, read_wandb_log, run, run_cli, run_mains
 from transferlab.models.backbones import create_backbone
+
+pytestmark = pytest.mark.shared
 
 
 @pytest.fixture(scope="module")
 def breeds_run(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("breeds")
-    run_cli("train", "experiment=pets_lite0_frozen", "trainer.max_epochs=10", "seed=1", f"hydra.run.dir={out}", *PETS_ARGS)
+    run("train", "experiment=pets_lite0_frozen", "trainer.max_epochs=10", "seed=1", f"hydra.run.dir={out}", *PETS_ARGS)
     return out
 
 
@@ -41,7 +47,7 @@ def test_breeds_accuracy(breeds_run):
 
 @pytest.mark.slow
 def test_eval_reproduces_test_accuracy(breeds_run, tmp_path):
-    run_cli("eval", f"ckpt_path={breeds_run}/checkpoints/best.ckpt", f"hydra.run.dir={tmp_path}", "trainer.enable_progress_bar=false")
+    run("eval", f"ckpt_path={breeds_run}/checkpoints/best.ckpt", f"hydra.run.dir={tmp_path}", "trainer.enable_progress_bar=false")
     assert read_metrics(tmp_path)["test/acc"] == read_metrics(breeds_run)["test/acc"]
     assert read_metrics(tmp_path)["test/acc_top3"] == read_metrics(breeds_run)["test/acc_top3"]
 
@@ -54,8 +60,19 @@ def test_predict_labels_good_files_and_flags_corrupt_ones(species_run, tmp_path)
     (folder / "broken.jpg").write_bytes(b"\xff\xd8\xff\xe0 not really")
     out = tmp_path / "pred.csv"
     console_script = Path(sys.executable).parent / "transferlab-predict"  # the installed entry point, not python -m
-    subprocess.run([str(console_script), f"ckpt_path={species_run}/checkpoints/best.ckpt", f"input={folder}", f"output={out}",
-                    "topk=2", f"hydra.run.dir={tmp_path / 'run'}"], check=True, capture_output=True, timeout=600)
+    subprocess.run(
+        [
+            str(console_script),
+            f"ckpt_path={species_run}/checkpoints/best.ckpt",
+            f"input={folder}",
+            f"output={out}",
+            "topk=2",
+            f"hydra.run.dir={tmp_path / 'run'}",
+        ],
+        check=True,
+        capture_output=True,
+        timeout=600,
+    )
     rows = {Path(r["path"]).name: r for r in csv.DictReader(open(out))}
     assert len(rows) == 5
     assert rows["broken.jpg"]["label"] == "" and rows["broken.jpg"]["error"]
@@ -66,7 +83,7 @@ def test_predict_labels_good_files_and_flags_corrupt_ones(species_run, tmp_path)
 
 def backbone_state(ckpt: Path) -> dict[str, torch.Tensor]:
     state = torch.load(ckpt, map_location="cpu", weights_only=True)["state_dict"]
-    return {k[len("backbone."):]: v for k, v in state.items() if k.startswith("backbone.")}
+    return {k[len("backbone.") :]: v for k, v in state.items() if k.startswith("backbone.")}
 
 
 def differing(state: dict[str, torch.Tensor], reference: dict[str, torch.Tensor], kind: str) -> list[str]:
@@ -79,25 +96,34 @@ def bundled_state() -> dict[str, torch.Tensor]:
 
 
 def test_frozen_keeps_backbone_and_batchnorm_bit_identical(tiny_folder, tmp_path, bundled_state):
-    run_cli("train", "data=image_folder", f"data.root={tiny_folder}", "finetune=frozen", "trainer.max_epochs=2",
-            f"hydra.run.dir={tmp_path}", *FAST)
+    run("train", "data=image_folder", f"data.root={tiny_folder}", "finetune=frozen", "trainer.max_epochs=2", f"hydra.run.dir={tmp_path}", *FAST)
     state = backbone_state(tmp_path / "checkpoints" / "last.ckpt")
     assert not differing(state, bundled_state, "weight") and not differing(state, bundled_state, "running_")
 
 
 def test_full_changes_backbone(tiny_folder, tmp_path, bundled_state):
-    run_cli("train", "data=image_folder", f"data.root={tiny_folder}", "finetune=full", "trainer.max_epochs=1",
-            f"hydra.run.dir={tmp_path}", *FAST)
+    run("train", "data=image_folder", f"data.root={tiny_folder}", "finetune=full", "trainer.max_epochs=1", f"hydra.run.dir={tmp_path}", *FAST)
     state = backbone_state(tmp_path / "checkpoints" / "last.ckpt")
     assert differing(state, bundled_state, "conv_stem.weight") and differing(state, bundled_state, "running_mean")
 
 
 def test_gradual_changes_backbone_only_from_unfreeze_epoch(tiny_folder, tmp_path, bundled_state):
     snapshots = tmp_path / "snapshots"
-    run_cli("train", "data=image_folder", f"data.root={tiny_folder}", "finetune=gradual", "finetune.unfreeze_at_epoch=1",
-            "trainer.max_epochs=2", f"hydra.run.dir={tmp_path}", *FAST,
-            "+callbacks.snapshots._target_=lightning.pytorch.callbacks.ModelCheckpoint", f"+callbacks.snapshots.dirpath={snapshots}",
-            "+callbacks.snapshots.save_top_k=-1", "+callbacks.snapshots.filename='epoch{epoch}'", "+callbacks.snapshots.auto_insert_metric_name=false")
+    run(
+        "train",
+        "data=image_folder",
+        f"data.root={tiny_folder}",
+        "finetune=gradual",
+        "finetune.unfreeze_at_epoch=1",
+        "trainer.max_epochs=2",
+        f"hydra.run.dir={tmp_path}",
+        *FAST,
+        "+callbacks.snapshots._target_=lightning.pytorch.callbacks.ModelCheckpoint",
+        f"+callbacks.snapshots.dirpath={snapshots}",
+        "+callbacks.snapshots.save_top_k=-1",
+        "+callbacks.snapshots.filename='epoch{epoch}'",
+        "+callbacks.snapshots.auto_insert_metric_name=false",
+    )
     epoch0, epoch1 = backbone_state(snapshots / "epoch0.ckpt"), backbone_state(snapshots / "epoch1.ckpt")
     assert not differing(epoch0, bundled_state, "weight") and not differing(epoch0, bundled_state, "running_")
     assert differing(epoch1, bundled_state, "conv_stem.weight") and differing(epoch1, bundled_state, "running_var")
@@ -105,9 +131,9 @@ def test_gradual_changes_backbone_only_from_unfreeze_epoch(tiny_folder, tmp_path
 
 def test_resume_continues_epochs_and_metrics(tiny_folder, tmp_path):
     common = ["data=image_folder", f"data.root={tiny_folder}", f"hydra.run.dir={tmp_path}", *FAST]
-    run_cli("train", "trainer.max_epochs=1", *common)
+    run("train", "trainer.max_epochs=1", *common)
     first = torch.load(tmp_path / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
-    run_cli("train", "trainer.max_epochs=2", "ckpt_path=last", *common)
+    run("train", "trainer.max_epochs=2", "ckpt_path=last", *common)
     second = torch.load(tmp_path / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
     assert second["global_step"] == 2 * first["global_step"]
     rows = list(csv.DictReader(open(tmp_path / "csv" / "metrics.csv")))
@@ -116,8 +142,16 @@ def test_resume_continues_epochs_and_metrics(tiny_folder, tmp_path):
 
 
 def test_multirun_writes_one_dir_per_job(tiny_folder, tmp_path):
-    run_cli("train", "-m", "finetune=frozen,full", "trainer.max_epochs=1", "data=image_folder", f"data.root={tiny_folder}",
-            f"hydra.sweep.dir={tmp_path}", *FAST)
+    run_cli(
+        "train",
+        "-m",
+        "finetune=frozen,full",
+        "trainer.max_epochs=1",
+        "data=image_folder",
+        f"data.root={tiny_folder}",
+        f"hydra.sweep.dir={tmp_path}",
+        *FAST,
+    )
     assert sorted(p.name for p in tmp_path.iterdir() if (p / "metrics.json").is_file()) == ["0", "1"]
     assert {json.loads((tmp_path / j / "metrics.json").read_text())["epochs"] for j in "01"} == {1}
 
@@ -131,8 +165,14 @@ def test_ddp_cpu_aggregates_metrics_over_both_processes(tmp_path):
     common = ["data=oxford_pets", "data.task=species", "data.test_fraction=0.19", f"data.root={PETS}", "trainer.precision=32-true", *FAST]
     run_cli("train", "trainer=ddp_cpu", "trainer.max_epochs=1", f"hydra.run.dir={tmp_path / 'ddp'}", *common, *attack)
     ddp = read_metrics(tmp_path / "ddp")
-    run_cli("eval", f"ckpt_path={tmp_path / 'ddp' / 'checkpoints' / 'best.ckpt'}", f"hydra.run.dir={tmp_path / 'single'}",
-            "trainer.enable_progress_bar=false", "data.num_workers=0", *attack)
+    run(
+        "eval",
+        f"ckpt_path={tmp_path / 'ddp' / 'checkpoints' / 'best.ckpt'}",
+        f"hydra.run.dir={tmp_path / 'single'}",
+        "trainer.enable_progress_bar=false",
+        "data.num_workers=0",
+        *attack,
+    )
     single = read_metrics(tmp_path / "single")
     assert ddp["test/acc"] == pytest.approx(single["test/acc"], abs=1e-6)
     for key in ("adv/fgsm_acc@eps=0/255", "adv/fgsm_acc@eps=2/255", "adv/pgd_acc@eps=2/255"):
@@ -145,8 +185,16 @@ def test_ddp_cpu_aggregates_metrics_over_both_processes(tmp_path):
 
 
 def test_loggers_write_real_csv_tensorboard_and_offline_wandb(tiny_folder, tmp_path):
-    run_cli("train", "logger=many", "data=image_folder", f"data.root={tiny_folder}", "trainer.max_epochs=1",
-            f"hydra.run.dir={tmp_path}", "tags=[e2e,wandb]", *FAST)
+    run(
+        "train",
+        "logger=many",
+        "data=image_folder",
+        f"data.root={tiny_folder}",
+        "trainer.max_epochs=1",
+        f"hydra.run.dir={tmp_path}",
+        "tags=[e2e,wandb]",
+        *FAST,
+    )
     logs = list((tmp_path / "wandb").glob("offline-run-*/*.wandb"))
     assert len(logs) == 1
     records = read_wandb_log(logs[0])
@@ -157,8 +205,8 @@ def test_loggers_write_real_csv_tensorboard_and_offline_wandb(tiny_folder, tmp_p
     assert history["test/acc"] == pytest.approx(read_metrics(tmp_path)["test/acc"]) and "val/acc" in history
     config_keys = {u.key or "/".join(u.nested_key) for r in records if r.WhichOneof("record_type") == "config" for u in r.config.update}
     assert {"seed", "backbone", "data"} <= config_keys
-    run = next(r.run for r in records if r.WhichOneof("record_type") == "run")
-    assert list(run.tags) == ["e2e", "wandb"] and run.display_name == tmp_path.name
+    wandb_run = next(r.run for r in records if r.WhichOneof("record_type") == "run")
+    assert list(wandb_run.tags) == ["e2e", "wandb"] and wandb_run.display_name == tmp_path.name
     assert any(r.WhichOneof("record_type") == "exit" for r in records)  # the run was finished
 
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
@@ -177,7 +225,7 @@ def test_cats_dogs_download_skips_and_reports_corrupt_files(tmp_path):
     import threading
     import zipfile
 
-    from transferlab.data.download import sha256_of
+    from transferlab.core.files import sha256_of
 
     src = tmp_path / "src" / "PetImages"
     for folder, is_cat in (("Cat", True), ("Dog", False)):
@@ -195,8 +243,18 @@ def test_cats_dogs_download_skips_and_reports_corrupt_files(tmp_path):
     try:
         root, out = tmp_path / "cats_dogs", tmp_path / "run"
         url = f"http://127.0.0.1:{server.server_address[1]}/kagglecatsanddogs_5340.zip"
-        run_cli("train", "data=cats_dogs", f"data.root={root}", f"data.url={url}", f"data.sha256={sha256_of(www / 'kagglecatsanddogs_5340.zip')}",
-                "trainer.max_epochs=1", "data.val_fraction=0.2", "data.test_fraction=0.2", f"hydra.run.dir={out}", *FAST)
+        run(
+            "train",
+            "data=cats_dogs",
+            f"data.root={root}",
+            f"data.url={url}",
+            f"data.sha256={sha256_of(www / 'kagglecatsanddogs_5340.zip')}",
+            "trainer.max_epochs=1",
+            "data.val_fraction=0.2",
+            "data.test_fraction=0.2",
+            f"hydra.run.dir={out}",
+            *FAST,
+        )
     finally:
         server.shutdown()
     reported = sorted(Path(r["path"]).relative_to(root) for r in csv.DictReader(open(out / "skipped_images.csv")))
@@ -221,21 +279,28 @@ def test_default_run_offline_says_how_to_point_at_local_data(tmp_path):
     assert line.startswith("error: data.root:") and "download failed" in line and "set data.root=" in line
 
 
-@pytest.mark.parametrize(
-    "overrides,expected",
-    [
-        (["backbone.name=resnt50"], "error: backbone.name: unknown backbone 'resnt50'"),
-        (["backbone=resnt50"], "error: backbone=resnt50: no such option in conf/backbone (did you mean: resnet50"),
-        (["data=image_folder"], "error: data.root: Missing mandatory value"),
-        (["data=image_folder", "data.root=/no/such/folder"], "error: data.root: no dataset found at /no/such/folder"),
-        (["data.batch_size=big"], "error: data.batch_size: expected int, got 'big'"),
-    ],
-)
-def test_bad_config_exits_2_with_one_line(tmp_path, overrides, expected):
-    proc = run_cli("train", f"hydra.run.dir={tmp_path}", *overrides, check=False)
-    assert proc.returncode == 2, proc.stderr[-2000:]
-    errors = [l for l in proc.stderr.splitlines() if l.startswith("error:")]
-    assert len(errors) == 1 and errors[0].startswith(expected), proc.stderr[-2000:]
+BAD_CONFIGS = [
+    (["backbone.name=resnt50"], "error: backbone.name: unknown backbone 'resnt50'"),
+    (["backbone=resnt50"], "error: backbone=resnt50: no such option in conf/backbone (did you mean: resnet50"),
+    (["data=image_folder"], "error: data.root: Missing mandatory value"),
+    (["data=image_folder", "data.root=/no/such/folder"], "error: data.root: no dataset found at /no/such/folder"),
+    (["data.batch_size=big"], "error: data.batch_size: expected int, got 'big'"),
+]
+
+
+@pytest.fixture(scope="module")
+def bad_config_outcomes(tmp_path_factory) -> list[dict]:
+    """Each case through transferlab-train's real main(), all in one process."""
+    base = tmp_path_factory.mktemp("bad")
+    return run_mains([("train", [f"hydra.run.dir={base / str(i)}", *overrides]) for i, (overrides, _) in enumerate(BAD_CONFIGS)], base)
+
+
+@pytest.mark.parametrize("case", range(len(BAD_CONFIGS)), ids=[" ".join(o) for o, _ in BAD_CONFIGS])
+def test_bad_config_exits_2_with_one_line(bad_config_outcomes, case):
+    expected, proc = BAD_CONFIGS[case][1], bad_config_outcomes[case]
+    assert proc["code"] == 2, proc["stderr"][-2000:]
+    errors = [line for line in proc["stderr"].splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and errors[0].startswith(expected), proc["stderr"][-2000:]
     if "resnt50" in expected:
         assert "did you mean" in errors[0] and "resnet50" in errors[0]
-    assert "Traceback" not in proc.stderr
+    assert "Traceback" not in proc["stderr"]

@@ -26,10 +26,10 @@ class OptunaSweeper(Sweeper):
         self.launcher = Plugins.instance().instantiate_launcher(hydra_context=hydra_context, task_function=task_function, config=config)
 
     def sweep(self, arguments: list[str]) -> Any:
-        from transferlab.errors import TransferlabError, one_line
-        from transferlab.optuna_sweep import OptunaStudy
+        from transferlab.core.errors import TransferlabError, one_line
+        from transferlab.sweeps.optuna_study import OptunaStudy
 
-        assert self.config is not None
+        assert self.config is not None and self.hydra_context is not None
         sweep_dir = Path(self.config.hydra.sweep.dir)
         sweep_dir.mkdir(parents=True, exist_ok=True)
         OmegaConf.save(self.config, sweep_dir / "multirun.yaml")

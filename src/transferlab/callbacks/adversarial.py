@@ -12,10 +12,11 @@ from typing import Optional, Sequence
 import lightning.pytorch as pl
 import torch
 
-from transferlab.errors import ConfigError
-from transferlab.insight.attacks import fgsm, parse_eps, pgd
+from transferlab.core.errors import ConfigError
+from transferlab.core.plotting import log_images, pyplot, save_figure
+from transferlab.insight.attacks import fgsm_grid, parse_eps, pgd
 from transferlab.insight.pixels import inspecting, trained_classifier
-from transferlab.reporting import log_images, pyplot, save_figure
+from transferlab.models.classifier import as_classifier
 
 log = logging.getLogger(__name__)
 
@@ -35,10 +36,20 @@ class AdversarialEvaluation(pl.Callback):
     DDP each process attacks its own share and the counts are summed.
     """
 
-    def __init__(self, dirpath: str, attacks: Sequence[str] = ATTACKS, eps: Sequence[str | float] = ("0", "1/255", "2/255", "4/255", "8/255"),
-                 pgd_steps: int = 10, pgd_step_size: Optional[str | float] = None, random_start: bool = False,
-                 max_images: Optional[int] = None, seed: int = 0) -> None:
-        """`eps` and `pgd_step_size` accept fractions like 4/255; `max_images` caps the attacked test images."""
+    def __init__(
+        self,
+        *,
+        dirpath: str,
+        attacks: Sequence[str],
+        eps: Sequence[str | float],
+        pgd_steps: int,
+        pgd_step_size: Optional[str | float],
+        random_start: bool,
+        max_images: Optional[int],
+        seed: int,
+    ) -> None:
+        """`eps` and `pgd_step_size` accept fractions like 4/255; `max_images` caps the attacked test images.
+        Values: conf/callbacks/adversarial.yaml."""
         unknown = [a for a in attacks if a not in ATTACKS]
         if unknown:
             raise ConfigError(f"callbacks.adversarial.attacks: unknown attack {unknown[0]!r}; choose from {', '.join(ATTACKS)}")
@@ -48,18 +59,21 @@ class AdversarialEvaluation(pl.Callback):
         self.pgd_step_size = parse_eps(pgd_step_size, "callbacks.adversarial.pgd_step_size") if pgd_step_size is not None else None
         self.results: dict[str, float] = {}
 
-    def _attack(self, name: str, model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float, gen: torch.Generator) -> torch.Tensor:
+    def _attack(self, name: str, model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, gen: torch.Generator) -> list[torch.Tensor]:
+        """The attacked images at every eps of the grid (FGSM from one gradient, eps=0 the images themselves)."""
         if name == "fgsm":
-            return fgsm(model, x, y, eps)
-        return pgd(model, x, y, eps, self.pgd_steps, self.pgd_step_size, self.random_start, gen)
+            return fgsm_grid(model, x, y, self.eps)
+        return [pgd(model, x, y, eps, self.pgd_steps, self.pgd_step_size, self.random_start, gen) for eps in self.eps]
 
     def on_test_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        prep = pl_module.backbone.preprocessing
-        device = pl_module.device
+        classifier = as_classifier(pl_module)
+        prep = classifier.backbone.preprocessing
+        device = classifier.device
         mean = torch.tensor(prep.mean, device=device).view(1, 3, 1, 1)
         std = torch.tensor(prep.std, device=device).view(1, 3, 1, 1)
-        if hasattr(trainer.datamodule, "image_loader"):  # pixels, also when the test split's features are cached
-            loader = trainer.datamodule.image_loader("test")
+        datamodule = trainer.datamodule  # type: ignore[attr-defined]
+        if hasattr(datamodule, "image_loader"):  # pixels, also when the test split's features are cached
+            loader = datamodule.image_loader("test")
         else:
             loader = trainer.test_dataloaders
             loader = loader[0] if isinstance(loader, (list, tuple)) else loader
@@ -68,24 +82,28 @@ class AdversarialEvaluation(pl.Callback):
         with torch.inference_mode(False), inspecting(pl_module):  # Lightning tests in inference mode; attacks need gradients
             correct = torch.zeros(len(self.attacks), len(self.eps), device=device)
             seen = torch.zeros(1, device=device)
-            model = trained_classifier(pl_module)
+            model = trained_classifier(classifier)
             for images, labels in loader:
                 if budget is not None and seen.item() >= budget:
                     break
                 take = len(labels) if budget is None else int(min(len(labels), budget - seen.item()))
                 x = (images[:take].to(device).float() * std + mean).clamp(0, 1)
                 y = labels[:take].to(device)
+                with torch.no_grad():
+                    clean = (model(x).argmax(-1) == y).sum()
                 for a, attack in enumerate(self.attacks):
-                    for e, eps in enumerate(self.eps):
-                        adv = self._attack(attack, model, x, y, eps, gen)
+                    for e, (eps, adv) in enumerate(zip(self.eps, self._attack(attack, model, x, y, gen))):
                         with torch.no_grad():
-                            correct[a, e] += (model(adv).argmax(-1) == y).sum()
+                            correct[a, e] += clean if eps == 0 else (model(adv).argmax(-1) == y).sum()
                 seen += take
         correct = trainer.strategy.reduce(correct, reduce_op="sum")
         seen = trainer.strategy.reduce(seen, reduce_op="sum")
         total = max(1.0, float(seen.item()))
-        self.results = {f"adv/{attack}_acc@eps={eps_label(eps)}": float(correct[a, e]) / total
-                        for a, attack in enumerate(self.attacks) for e, eps in enumerate(self.eps)}
+        self.results = {
+            f"adv/{attack}_acc@eps={eps_label(eps)}": float(correct[a, e]) / total
+            for a, attack in enumerate(self.attacks)
+            for e, eps in enumerate(self.eps)
+        }
         for key, value in self.results.items():
             pl_module.log(key, value, sync_dist=False)
         if trainer.is_global_zero:

@@ -20,9 +20,9 @@ import lightning.pytorch as pl
 import torch
 from torch.utils.data import DataLoader
 
-from transferlab.data.feature_cache import (FeatureDataset, FeatureStore, ViewsDataset, compute_features, fingerprint,
-                                            image_key, weights_digest)
-from transferlab.errors import ConfigError
+from transferlab.core.errors import ConfigError
+from transferlab.data.feature_cache import FeatureDataset, FeatureStore, ViewsDataset, compute_features, fingerprint, image_key, weights_digest
+from transferlab.models.classifier import as_classifier
 
 log = logging.getLogger(__name__)
 
@@ -31,42 +31,53 @@ STORAGES = ("disk", "memory")
 
 
 class FeatureCache(pl.Callback):
-    def __init__(self, storage: str = "disk", cache_dir: Optional[str] = None, augmented_views: int = 0, seed: int = 0,
-                 batch_size: int = 64) -> None:
+    def __init__(self, *, storage: str, cache_dir: Optional[str], augmented_views: int, seed: int, batch_size: int) -> None:
+        """From `performance.feature_cache` (conf/performance/default.yaml) and the run's seed and cache dir."""
         if storage not in STORAGES:
             raise ConfigError(f"performance.feature_cache.storage: expected disk or memory, got {storage!r}")
         if storage == "disk" and not cache_dir:
             raise ConfigError("performance.feature_cache.storage=disk needs paths.cache_dir; set it or use storage=memory")
         if int(augmented_views) < 0:
             raise ConfigError(f"performance.feature_cache.augmented_views: expected 0 or more views, got {augmented_views}")
-        self.root = Path(cache_dir).expanduser() / "features" if storage == "disk" else None
+        self.root = Path(cache_dir).expanduser() / "features" if storage == "disk" and cache_dir else None
         self.views, self.seed, self.batch_size = int(augmented_views), int(seed), int(batch_size)
-        self.stats: dict[str, dict[str, Any]] = {}
+        self.stats: dict[str, Any] = {}
         self._stores: dict[str, FeatureStore] = {}
 
     def _store(self, pl_module: pl.LightningModule, datamodule: Any, precision: str, views: int, digest: str) -> FeatureStore:
-        backbone = pl_module.backbone
+        backbone = as_classifier(pl_module).backbone
         prep = datamodule.preprocessing
         transform = prep.train_transform(datamodule.augment) if views else prep.eval_transform()
-        description = {"backbone": backbone.name, "source": backbone.source, "weights_sha256": digest,
-                       "transform": repr(transform), "decode_size": prep.decode_size(datamodule.augment if views else None),
-                       "precision": precision, "views": views, "seed": self.seed if views else None}
+        description = {
+            "backbone": backbone.name,
+            "source": backbone.source,
+            "weights_sha256": digest,
+            "transform": repr(transform),
+            "decode_size": prep.decode_size(datamodule.augment if views else None),
+            "precision": precision,
+            "views": views,
+            "seed": self.seed if views else None,
+        }
         key = fingerprint(**description)
         if key not in self._stores:
             self._stores[key] = FeatureStore(self.root, key, description)
         return self._stores[key]
 
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        datamodule = trainer.datamodule
+        datamodule = trainer.datamodule  # type: ignore[attr-defined]
+        backbone = as_classifier(pl_module).backbone
         if not getattr(pl_module, "backbone_frozen", False):
             raise ConfigError("performance.feature_cache: only a frozen backbone (finetune=frozen) can use cached features")
         started = time.perf_counter()
-        pl_module.backbone.to(trainer.strategy.root_device)  # Lightning moves the module after setup; extraction needs it now
+        backbone.to(trainer.strategy.root_device)  # Lightning moves the module after setup; extraction needs it now
         # Fitting is followed by testing: fill the test split too, in the same pass (one loader, full batches).
-        splits = [s for s in STAGE_SPLITS.get(stage, ()) + (("test",) if stage == "fit" else ())
-                  if s not in datamodule.feature_sets and datamodule.splits.get(s)]
+        splits = [
+            s
+            for s in STAGE_SPLITS.get(stage, ()) + (("test",) if stage == "fit" else ())
+            if s not in datamodule.feature_sets and datamodule.splits.get(s)
+        ]
         by_store: dict[str, list[str]] = {}
-        digest = weights_digest(pl_module.backbone.body) if splits else ""  # once: ~0.3 s for ResNet-50's 100 MB
+        digest = weights_digest(backbone.body) if splits else ""  # once: ~0.3 s for ResNet-50's 100 MB
         for split in splits:
             views = self.views if split == "train" else 0
             store = self._store(pl_module, datamodule, str(trainer.precision), views, digest)
@@ -79,26 +90,43 @@ class FeatureCache(pl.Callback):
             missing = trainer.strategy.broadcast(sorted(store.missing(keys)), src=0)
             if missing:
                 self._fill(trainer, pl_module, datamodule, store, samples, keys, missing, self.views if "train" in store_splits else 0)
-            missing = set(missing)
+            computed_keys = set(missing)
             for split in store_splits:
                 split_keys = [image_key(path) for path, _ in datamodule.splits[split]]
                 datamodule.feature_sets[split] = FeatureDataset(store, split_keys, [label for _, label in datamodule.splits[split]])
-                computed = sum(k in missing for k in split_keys)
-                self.stats[split] = {"images": len(split_keys), "computed": computed, "reused": len(split_keys) - computed,
-                                     "views": self.views if split == "train" else 0, "store": str(store.folder or "memory")}
+                computed = sum(k in computed_keys for k in split_keys)
+                self.stats[split] = {
+                    "images": len(split_keys),
+                    "computed": computed,
+                    "reused": len(split_keys) - computed,
+                    "views": self.views if split == "train" else 0,
+                    "store": str(store.folder or "memory"),
+                }
         if splits:
             seconds = time.perf_counter() - started
-            log.info("Feature cache (%s): %s; %.1f s", self.root or "memory",
-                     ", ".join(f"{s} {self.stats[s]['images']} ({self.stats[s]['computed']} computed, {self.stats[s]['reused']} reused)"
-                               for s in splits), seconds)
+            log.info(
+                "Feature cache (%s): %s; %.1f s",
+                self.root or "memory",
+                ", ".join(f"{s} {self.stats[s]['images']} ({self.stats[s]['computed']} computed, {self.stats[s]['reused']} reused)" for s in splits),
+                seconds,
+            )
             if trainer.is_global_zero:
                 out = Path(trainer.default_root_dir) / "feature_cache.json"
                 out.parent.mkdir(parents=True, exist_ok=True)
                 self.stats[f"seconds_{getattr(stage, 'value', stage)}"] = round(seconds, 2)
                 out.write_text(json.dumps(self.stats, indent=2))
 
-    def _fill(self, trainer: pl.Trainer, pl_module: pl.LightningModule, datamodule: Any, store: FeatureStore,
-              samples: list, keys: list[str], missing: list[str], views: int) -> None:
+    def _fill(
+        self,
+        trainer: pl.Trainer,
+        pl_module: pl.LightningModule,
+        datamodule: Any,
+        store: FeatureStore,
+        samples: list,
+        keys: list[str],
+        missing: list[str],
+        views: int,
+    ) -> None:
         """Each rank computes its share of the missing images; the shares meet on disk, or through the process group."""
         rank, world = trainer.global_rank, trainer.world_size
         position = {key: i for i, key in enumerate(keys)}
@@ -110,8 +138,13 @@ class FeatureCache(pl.Callback):
         workers = min(datamodule.workers(), math.ceil(len(dataset) / batch_size))  # no idle worker processes to start
         loader = DataLoader(dataset, batch_size=batch_size, num_workers=workers, pin_memory=trainer.strategy.root_device.type == "cuda")
         with torch.random.fork_rng(devices=[]):  # the run's random stream stays as if nothing had been computed here
-            features = compute_features(pl_module.backbone, loader, trainer.strategy.root_device,
-                                        trainer.precision_plugin.forward_context, getattr(pl_module, "channels_last", False))
+            features = compute_features(
+                as_classifier(pl_module).backbone,
+                loader,
+                trainer.strategy.root_device,
+                trainer.precision_plugin.forward_context,
+                getattr(pl_module, "channels_last", False),
+            )
         split = "train" if views else "eval"
         name = f"{split}-{uuid.uuid4().hex[:12]}-r{rank}"
         if world == 1:

@@ -5,14 +5,16 @@ from __future__ import annotations
 import dataclasses
 import logging
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import Literal, Optional, Sequence
 
 import lightning.pytorch as pl
 import torch
 
+from transferlab.core.files import write_json
+from transferlab.core.plotting import log_images
 from transferlab.insight.ideal import IdealSettings, ideal_image
 from transferlab.insight.pixels import inspecting, save_png, total_variation, trained_classifier
-from transferlab.reporting import log_images, write_json
+from transferlab.models.classifier import as_classifier
 
 log = logging.getLogger(__name__)
 
@@ -20,16 +22,45 @@ log = logging.getLogger(__name__)
 class IdealClassImages(pl.Callback):
     """Optimises an input image per class (see `transferlab.insight.ideal`) and logs the pictures."""
 
-    def __init__(self, dirpath: str, classes: Optional[Sequence[str]] = None, max_classes: int = 16, steps: int = 256,
-                 lr: float = 0.05, tv_weight: float = 2.0, views: int = 4, jitter: int = 16, scale: float = 0.1,
-                 rotate: float = 10.0, parameterization: str = "fourier", decorrelate: bool = True, seed: int = 0) -> None:
-        """`classes`: names to draw (null = the first `max_classes` classes); the rest as in transferlab-visualize."""
+    def __init__(
+        self,
+        *,
+        dirpath: str,
+        classes: Optional[Sequence[str]],
+        max_classes: int,
+        steps: int,
+        lr: float,
+        tv_weight: float,
+        views: int,
+        jitter: int,
+        scale: float,
+        rotate: float,
+        parameterization: Literal["fourier", "pixel"],
+        decorrelate: bool,
+        decay_power: float,
+        stop_prob: Optional[float],
+        seed: int,
+    ) -> None:
+        """`classes`: names to draw (null = the first `max_classes` classes); the rest as in transferlab-visualize
+        (values: conf/callbacks/ideal_class.yaml)."""
         self.dirpath, self.classes, self.max_classes = Path(dirpath), list(classes or []), max_classes
-        self.settings = IdealSettings(steps=steps, lr=lr, tv_weight=tv_weight, views=views, jitter=jitter, scale=scale,
-                                      rotate=rotate, parameterization=parameterization, decorrelate=decorrelate, seed=seed)
+        self.settings = IdealSettings(
+            steps=steps,
+            lr=lr,
+            tv_weight=tv_weight,
+            views=views,
+            jitter=jitter,
+            scale=scale,
+            rotate=rotate,
+            parameterization=parameterization,
+            decorrelate=decorrelate,
+            decay_power=decay_power,
+            stop_prob=stop_prob,
+            seed=seed,
+        )
 
     def targets(self, pl_module: pl.LightningModule) -> list[int]:
-        model = trained_classifier(pl_module)
+        model = trained_classifier(as_classifier(pl_module))
         chosen = [model.resolve_target(c, "callbacks.ideal_class.classes") for c in self.classes]
         return chosen or list(range(min(self.max_classes, len(model.class_names))))
 
@@ -40,7 +71,7 @@ class IdealClassImages(pl.Callback):
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if not trainer.is_global_zero:
             return
-        model, targets = trained_classifier(pl_module), self.targets(pl_module)
+        model, targets = trained_classifier(as_classifier(pl_module)), self.targets(pl_module)
         files, summary = [], {}
         with inspecting(pl_module), torch.inference_mode(False):
             for index in targets:
@@ -48,8 +79,13 @@ class IdealClassImages(pl.Callback):
                 result = ideal_image(model, index, self.settings)
                 path = self.dirpath / f"{index:03d}_{name}.png"
                 saved = save_png(result.image, path)
-                summary[name] = {"target_index": index, "target_prob": float(model.probabilities(saved[None])[0, index]),
-                                 "total_variation": float(total_variation(saved)), "steps": result.steps, "seconds": round(result.seconds, 2)}
+                summary[name] = {
+                    "target_index": index,
+                    "target_prob": float(model.probabilities(saved[None])[0, index]),
+                    "total_variation": float(total_variation(saved)),
+                    "steps": result.steps,
+                    "seconds": round(result.seconds, 2),
+                }
                 files.append(path)
         write_json(self.dirpath / "result.json", {"settings": dataclasses.asdict(self.settings), "classes": summary})
         log_images(trainer.loggers, "ideal_class", files, step=trainer.global_step, captions=[model.class_names[i] for i in targets])

@@ -1,4 +1,7 @@
-"""Report a metric to this job's Optuna trial after every validation, and stop the job when the pruner says so."""
+"""Report a metric to this job's Optuna trial after every validation, and stop the job when the pruner says so.
+
+Also the one place that opens an Optuna storage (the sweeper's study uses the same settings).
+"""
 
 from __future__ import annotations
 
@@ -8,6 +11,13 @@ from typing import Any, Optional
 import lightning.pytorch as pl
 
 
+def open_storage(url: str) -> Any:
+    import optuna
+
+    engine_kwargs = {"connect_args": {"timeout": 120}} if url.startswith("sqlite") else None  # parallel jobs wait, not fail
+    return optuna.storages.RDBStorage(url, engine_kwargs=engine_kwargs)
+
+
 class OptunaPruning(pl.Callback):
     """Rank 0 talks to the study; every rank gets its decision, so a DDP job stops on all ranks together.
 
@@ -15,15 +25,13 @@ class OptunaPruning(pl.Callback):
     the storage on every rank; this one is a broadcast.)
     """
 
-    def __init__(self, storage: str, study_name: str, trial_number: int, pruner: Any, monitor: str = "val/acc") -> None:
+    def __init__(self, storage: str, study_name: str, trial_number: int, pruner: Any, monitor: str) -> None:
         """`pruner`: the sweep's optuna pruner (a study loaded without one would use Optuna's default)."""
         self.storage, self.study_name, self.trial_number, self.monitor = storage, study_name, trial_number, monitor
-        self.pruner, self._trial = pruner, None
+        self.pruner, self._trial = pruner, None  # type: Any, Any
 
     def _load_trial(self) -> Any:
         import optuna
-
-        from transferlab.optuna_sweep import open_storage
 
         storage = open_storage(self.storage)
         study = optuna.load_study(study_name=self.study_name, storage=storage, pruner=self.pruner)
@@ -33,17 +41,18 @@ class OptunaPruning(pl.Callback):
     def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if trainer.sanity_checking:
             return
-        epoch, prune, value = trainer.current_epoch, False, trainer.callback_metrics.get(self.monitor)
-        if trainer.is_global_zero and value is not None and math.isfinite(float(value)):
-            self._trial = self._trial or self._load_trial()
-            self._trial.report(float(value), step=epoch)
-            prune = self._trial.should_prune()
+        epoch, prune, metric = trainer.current_epoch, False, trainer.callback_metrics.get(self.monitor)
+        value = float(metric) if metric is not None else math.nan
+        if trainer.is_global_zero and math.isfinite(value):
+            trial = self._trial = self._trial or self._load_trial()
+            trial.report(value, step=epoch)
+            prune = trial.should_prune()
         if trainer.world_size > 1:
             prune = trainer.strategy.broadcast(prune, src=0)
         if prune:
             import optuna
 
-            raise optuna.TrialPruned(f"pruned after epoch {epoch}: {self.monitor} = {float(value):.4g}")
+            raise optuna.TrialPruned(f"pruned after epoch {epoch}: {self.monitor} = {value:.4g}")
 
 
 def pruning_callbacks() -> list[OptunaPruning]:
@@ -57,5 +66,4 @@ def pruning_callbacks() -> list[OptunaPruning]:
     number: Optional[int] = sweeper.get("trial_number")
     if number is None or not sweeper.get("pruner") or not sweeper.get("storage"):
         return []
-    return [OptunaPruning(sweeper.storage, sweeper.study_name, int(number), instantiate(sweeper.pruner),
-                          sweeper.get("pruning_metric") or "val/acc")]
+    return [OptunaPruning(sweeper.storage, sweeper.study_name, int(number), instantiate(sweeper.pruner), sweeper.pruning_metric)]

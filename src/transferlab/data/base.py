@@ -1,7 +1,8 @@
 """What every image-classification dataset shares: integrity scan, stratified split, loaders.
 
 A new dataset subclasses ImageClassificationDataModule and implements `discover()` (and `download()` if
-it can fetch itself); see image_folder.py for the smallest example.
+it can fetch itself), and gets a conf/data/<name>.yaml that extends conf/data/_base.yaml; see image_folder.py
+for the smallest example.
 """
 
 from __future__ import annotations
@@ -9,8 +10,7 @@ from __future__ import annotations
 import functools
 import logging
 import math
-import random
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional, Union
@@ -19,15 +19,17 @@ import lightning.pytorch as pl
 import numpy as np
 import torch
 from filelock import FileLock
-from torch.utils.data import DataLoader, Dataset, RandomSampler
+from torch.utils.data import DataLoader, Dataset, Sampler
 
+from transferlab.core.errors import ConfigError, DataError
+from transferlab.core.hardware import default_workers, usable_cores
 from transferlab.data.images import ImageDataset, Sample, decode_all
 from transferlab.data.integrity import scan_images
 from transferlab.data.preprocessing import Preprocessing
-from transferlab.errors import ConfigError, DataError
-from transferlab.hardware import default_workers, usable_cores
+from transferlab.data.sampling import EpochDataLoader, EpochRandomSampler, EvaluationShardSampler, epoch_seed
 
 log = logging.getLogger(__name__)
+
 
 @dataclass
 class Discovered:
@@ -36,55 +38,6 @@ class Discovered:
     class_names: list[str]
     samples: list[Sample]
     test_samples: Optional[list[Sample]] = None
-
-
-class EpochRandomSampler(RandomSampler):
-    """Shuffles as a function of (seed, epoch), not of how many epochs this process has run. Still a
-    RandomSampler, so under DDP Lightning swaps it for a DistributedSampler (also a function of seed and epoch)."""
-
-    def __init__(self, data_source: Dataset, seed: int) -> None:
-        super().__init__(data_source)
-        self.seed, self.epoch = seed, 0
-        self._epoch_given, self._iterated = False, False
-
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch, self._epoch_given = epoch, True
-
-    def __iter__(self) -> Iterator[int]:
-        if self._iterated and not self._epoch_given:  # a loop without Lightning: the next pass is the next epoch
-            self.epoch += 1
-        self._epoch_given, self._iterated = False, True
-        generator = torch.Generator().manual_seed(epoch_seed(self.seed, self.epoch))  # torch keeps 32 bits of a seed
-        yield from torch.randperm(len(self.data_source), generator=generator).tolist()
-
-
-def epoch_seed(seed: int, epoch: int, rank: int = 0) -> int:
-    """A well-mixed 32-bit seed per (run seed, epoch, rank), valid for torch, numpy and random."""
-    return int(np.random.SeedSequence([seed % 2**32, epoch, rank]).generate_state(1)[0])
-
-
-class EpochDataLoader(DataLoader):
-    """The training loader. Each epoch's iterator starts from random state f(seed, epoch, rank): sampler epoch set,
-    torch/numpy/random reseeded (augmentation in this process, dropout, the workers' seeds) at the moment the
-    iterator is created. That moment is the one a resumed run shares with an uninterrupted one (Lightning creates
-    a resumed run's first iterator before any epoch hook), so a run resumed from a checkpoint continues exactly as
-    the uninterrupted run would have."""
-
-    def __init__(self, *args: Any, epoch_state: Optional[Callable[[], Optional[tuple[int, int]]]] = None, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
-        self.epoch_state = epoch_state  # () -> (epoch, seed), or None outside a Lightning fit (nothing is reseeded)
-
-    def __iter__(self) -> Any:
-        state = self.epoch_state() if self.epoch_state is not None else None
-        if state is not None:
-            epoch, seed = state
-            for sampler in (self.sampler, getattr(self.batch_sampler, "sampler", None)):
-                if callable(getattr(sampler, "set_epoch", None)):
-                    sampler.set_epoch(epoch)
-            torch.manual_seed(seed)
-            np.random.seed(seed)
-            random.seed(seed)
-        return super().__iter__()
 
 
 def stratified_split(labels: Sequence[int], val_fraction: float, test_fraction: float, seed: int) -> tuple[list[int], list[int], list[int]]:
@@ -114,25 +67,29 @@ class ImageClassificationDataModule(pl.LightningDataModule):
 
     def __init__(
         self,
+        *,
         root: str,
-        val_fraction: float = 0.15,
-        test_fraction: float = 0.15,
-        split_seed: int = 42,
-        batch_size: int = 32,
-        num_workers: Union[int, str] = "auto",
-        pin_memory: Union[bool, str] = "auto",
-        prefetch_factor: Optional[int] = None,
-        image_cache: bool = False,
-        augment: Optional[Mapping[str, Any]] = None,
-        verify_images: bool = True,
-        cache_dir: Optional[str] = None,
-        download: bool = False,
+        val_fraction: float,
+        test_fraction: float,
+        split_seed: int,
+        batch_size: int,
+        num_workers: Union[int, str],
+        pin_memory: Union[bool, str],
+        prefetch_factor: Optional[int],
+        image_cache: bool,
+        augment: Optional[Mapping[str, Any]],
+        verify_images: bool,
+        cache_dir: Optional[str],
+        download: bool,
     ) -> None:
+        """Every value comes from the dataset's YAML (conf/data/_base.yaml and the option extending it)."""
         super().__init__()
         for key, value in (("val_fraction", val_fraction), ("test_fraction", test_fraction)):
             if not isinstance(value, (int, float)) or not 0 <= value < 1 or val_fraction + test_fraction >= 1:
-                raise ConfigError(f"data.{key}: expected a fraction in [0, 1) with data.val_fraction + data.test_fraction < 1, "
-                                  f"got {value!r} (val {val_fraction!r} + test {test_fraction!r})")
+                raise ConfigError(
+                    f"data.{key}: expected a fraction in [0, 1) with data.val_fraction + data.test_fraction < 1, "
+                    f"got {value!r} (val {val_fraction!r} + test {test_fraction!r})"
+                )
         self.root = Path(str(root)).expanduser()
         self.val_fraction, self.test_fraction, self.split_seed = val_fraction, test_fraction, split_seed
         if num_workers != "auto" and (not isinstance(num_workers, int) or num_workers < 0):
@@ -166,39 +123,43 @@ class ImageClassificationDataModule(pl.LightningDataModule):
         if not self.download_enabled:
             found = "an empty folder" if self.root.is_dir() else "a file" if self.root.exists() else "no such folder"
             fetch = " or data.download=true" if type(self).download is not ImageClassificationDataModule.download else ""
-            raise DataError(f"data.root: no dataset found at {self.root} ({found}); expected {self.layout}; "
-                            f"set data.root=<that folder>{fetch}")
+            raise DataError(f"data.root: no dataset found at {self.root} ({found}); expected {self.layout}; set data.root=<that folder>{fetch}")
         self.root.mkdir(parents=True, exist_ok=True)
         with FileLock(str(self.root) + ".lock"):  # several processes (DDP, sweeps) may start at once
             if not self.is_present():
                 self.download()
 
     def setup(self, stage: Optional[str] = None) -> None:
+        """Find, check and split the images once; a failed setup leaves no splits behind, so a retry starts over."""
         if self.splits:
             return
         self.prepare_data()
         found = self.discover()
-        self.class_names = found.class_names
         pool = self._usable(found.samples)
         official_test = self._usable(found.test_samples) if found.test_samples is not None else None
+        if not pool:
+            raise DataError(
+                f"data.root: none of the {len(found.samples)} file(s) under {self.root} is a usable image "
+                f"(each is listed with its reason above); expected {self.layout}"
+            )
         test_fraction = 0.0 if official_test is not None else self.test_fraction
         train_i, val_i, test_i = stratified_split([s[1] for s in pool], self.val_fraction, test_fraction, self.split_seed)
+        present = {pool[i][1] for i in train_i}
+        empty = [i for i in range(len(found.class_names)) if i not in present]
+        if empty:
+            name = found.class_names[empty[0]]
+            files = sum(1 for _, label in found.samples if label == empty[0])
+            raise DataError(
+                f"data.root: class {name!r} has no usable training images under {self.root} ({files} file(s) found, "
+                f"{files - sum(1 for _, label in pool if label == empty[0])} refused); expected at least one image per "
+                f"class: add images or remove the class" + (f" (and {len(empty) - 1} more such class(es))" if len(empty) > 1 else "")
+            )
+        self.class_names = found.class_names
         self.splits = {
             "train": [pool[i] for i in train_i],
             "val": [pool[i] for i in val_i],
             "test": official_test if official_test is not None else [pool[i] for i in test_i],
         }
-        if not pool:
-            raise DataError(f"data.root: none of the {len(found.samples)} file(s) under {self.root} is a usable image "
-                            f"(each is listed with its reason above); expected {self.layout}")
-        present = {label for _, label in self.splits["train"]}
-        empty = [i for i in range(len(self.class_names)) if i not in present]
-        if empty:
-            name = self.class_names[empty[0]]
-            files = sum(1 for _, label in found.samples if label == empty[0])
-            raise DataError(f"data.root: class {name!r} has no usable training images under {self.root} ({files} file(s) found, "
-                            f"{files - sum(1 for _, label in pool if label == empty[0])} refused); expected at least one image per "
-                            f"class: add images or remove the class" + (f" (and {len(empty) - 1} more such class(es))" if len(empty) > 1 else ""))
         log.info("Data: %s classes; %s", len(self.class_names), ", ".join(f"{k} {len(v)}" for k, v in self.splits.items()))
 
     def _usable(self, samples: list[Sample]) -> list[Sample]:
@@ -209,8 +170,12 @@ class ImageClassificationDataModule(pl.LightningDataModule):
         report = scan_images([p for p, _ in samples], self.root, self.cache_dir)
         if report.bad:
             self.skipped.update(report.bad)
-            log.warning("Skipped %d unusable file(s) under %s (nothing was deleted): %s", len(report.bad), self.root,
-                        "; ".join(f"{p}: {r}" for p, r in list(report.bad.items())[:5]) + (" ..." if len(report.bad) > 5 else ""))
+            log.warning(
+                "Skipped %d unusable file(s) under %s (nothing was deleted): %s",
+                len(report.bad),
+                self.root,
+                "; ".join(f"{p}: {r}" for p, r in list(report.bad.items())[:5]) + (" ..." if len(report.bad) > 5 else ""),
+            )
         good = {str(p) for p in report.good}
         return [s for s in samples if str(s[0]) in good]
 
@@ -250,28 +215,26 @@ class ImageClassificationDataModule(pl.LightningDataModule):
         on_gpu = self._on_gpu()
         pin = on_gpu if self.pin_memory == "auto" else bool(self.pin_memory)
         run_seed = torch.initial_seed()  # what seed_everything(cfg.seed) set
-        sampler = EpochRandomSampler(dataset, run_seed) if train else None
+        sampler: Optional[Sampler] = EpochRandomSampler(dataset, run_seed) if train else None  # type: ignore[arg-type]
         if not train and torch.distributed.is_available() and torch.distributed.is_initialized():
-            # Each image evaluated exactly once across ranks (Lightning's default sampler pads with repeats).
-            from lightning.pytorch.overrides.distributed import (
-                UnrepeatedDistributedSampler,
-            )
-
-            sampler = UnrepeatedDistributedSampler(dataset, shuffle=False)
+            sampler = EvaluationShardSampler(dataset)  # each image evaluated exactly once across ranks
         # Deterministic mode: workers are started per epoch, so their seeds follow the epoch's (EpochDataLoader).
         persistent = not torch.are_deterministic_algorithms_enabled()
-        extra = {"persistent_workers": persistent, "prefetch_factor": self.prefetch_factor or (4 if on_gpu else 2)} if workers > 0 else {}
+        extra: dict[str, Any] = (
+            {"persistent_workers": persistent, "prefetch_factor": self.prefetch_factor or (4 if on_gpu else 2)} if workers > 0 else {}
+        )
         if train:
             extra["epoch_state"] = functools.partial(self._epoch_state, run_seed)
-        return (EpochDataLoader if train else DataLoader)(dataset, batch_size=self.batch_size, sampler=sampler, num_workers=workers,
-                                                          pin_memory=pin, drop_last=False, **extra)
+        return (EpochDataLoader if train else DataLoader)(
+            dataset, batch_size=self.batch_size, sampler=sampler, num_workers=workers, pin_memory=pin, drop_last=False, **extra
+        )
 
     def _epoch_state(self, run_seed: int) -> Optional[tuple[int, int]]:
         """(the epoch about to be trained, its seed): Lightning's own count, restored from a checkpoint on resume."""
         trainer = self.trainer
         if trainer is None:
             return None
-        epoch = trainer.fit_loop.epoch_progress.current.processed
+        epoch = trainer.fit_loop.epoch_progress.current.processed  # type: ignore[attr-defined]
         return epoch, epoch_seed(run_seed, epoch, trainer.global_rank)
 
     def image_loader(self, split: str) -> DataLoader:

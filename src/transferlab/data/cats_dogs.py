@@ -3,22 +3,22 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Optional
+from typing import Any, Optional
 
+from transferlab.core.errors import DataError
 from transferlab.data.base import Discovered, ImageClassificationDataModule
 from transferlab.data.download import download_file, safe_extract_zip
 from transferlab.data.images import list_files
-from transferlab.errors import DataError
 
-DEFAULT_URL = "https://download.microsoft.com/download/3/E/1/3E1C3F21-ECDB-4869-8368-6DEBA77B919F/kagglecatsanddogs_5340.zip"
 CLASS_DIRS = ("Cat", "Dog")
 
 
 class CatsDogsDataModule(ImageClassificationDataModule):
     layout = "PetImages/Cat and PetImages/Dog"
 
-    def __init__(self, root: str, url: str = DEFAULT_URL, sha256: Optional[str] = None, download: bool = True, **kwargs) -> None:
-        super().__init__(root=root, download=download, **kwargs)
+    def __init__(self, *, url: str, sha256: Optional[str], **kwargs: Any) -> None:
+        """`url`, `sha256` and the rest: conf/data/cats_dogs.yaml."""
+        super().__init__(**kwargs)
         self.url, self.sha256 = url, sha256
 
     def _pet_images(self) -> Optional[Path]:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import os
 import shutil
@@ -11,17 +10,10 @@ import urllib.request
 import zipfile
 from pathlib import Path, PurePosixPath
 
-from transferlab.errors import DataError
+from transferlab.core.errors import DataError
+from transferlab.core.files import file_digests
 
 log = logging.getLogger(__name__)
-
-
-def sha256_of(path: Path, chunk: int = 1 << 20, algorithm: str = "sha256") -> str:
-    digest = hashlib.new(algorithm)
-    with open(path, "rb") as fh:
-        while block := fh.read(chunk):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def download_file(url: str, dest: Path, sha256: str | None = None, timeout: float = 60.0, md5: str | None = None) -> Path:
@@ -36,8 +28,10 @@ def download_file(url: str, dest: Path, sha256: str | None = None, timeout: floa
     except OSError as exc:
         part.unlink(missing_ok=True)
         raise DataError(f"could not download {url}: {getattr(exc, 'reason', exc)}") from exc
-    actual = sha256_of(part)
-    for algorithm, expected, got in (("sha256", sha256, actual), ("md5", md5, sha256_of(part, algorithm="md5") if md5 else None)):
+    digests = file_digests(part, "sha256", *(["md5"] if md5 else []))
+    actual = digests["sha256"]
+    for algorithm, expected in (("sha256", sha256), ("md5", md5)):
+        got = digests.get(algorithm, "")
         if expected and got.lower() != expected.lower():
             part.unlink(missing_ok=True)
             raise DataError(f"checksum mismatch for {url}: expected {algorithm} {expected}, got {got}; the file was discarded")
@@ -49,8 +43,10 @@ def download_file(url: str, dest: Path, sha256: str | None = None, timeout: floa
 
 
 def _unsafe(archive: Path, name: str, why: str) -> DataError:
-    return DataError(f"{archive}: refusing unsafe member {name!r} ({why}); nothing was extracted. The archive is "
-                     f"damaged or hostile: download it again from the dataset's official page")
+    return DataError(
+        f"{archive}: refusing unsafe member {name!r} ({why}); nothing was extracted. The archive is "
+        f"damaged or hostile: download it again from the dataset's official page"
+    )
 
 
 def _check_member_path(archive: Path, name: str, target: Path) -> Path:

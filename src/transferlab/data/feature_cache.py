@@ -142,7 +142,8 @@ class FeatureDataset(Dataset):
 class ViewsDataset(Dataset):
     """`views` transformed copies of each image, the k-th always drawn with the same seed (cacheable)."""
 
-    def __init__(self, dataset: Dataset, keys: Sequence[str], views: int, seed: int) -> None:
+    def __init__(self, dataset: Any, keys: Sequence[str], views: int, seed: int) -> None:
+        """`dataset`: a map-style dataset of (image, label), e.g. data.images.ImageDataset."""
         self.dataset, self.keys, self.views, self.seed = dataset, list(keys), views, seed
 
     def __len__(self) -> int:
@@ -160,8 +161,9 @@ class ViewsDataset(Dataset):
 
 
 @torch.no_grad()
-def compute_features(backbone: nn.Module, loader: Iterable, device: torch.device,
-                     forward_context: Callable[[], ContextManager], channels_last: bool) -> np.ndarray:
+def compute_features(
+    backbone: nn.Module, loader: Iterable, device: torch.device, forward_context: Callable[[], ContextManager], channels_last: bool
+) -> np.ndarray:
     """Run the backbone (eval mode, no grad) over a loader of images [N,3,H,W] or views [N,K,3,H,W]."""
     was_training = backbone.training
     backbone.eval()

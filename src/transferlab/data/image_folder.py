@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
+from transferlab.core.errors import DataError
 from transferlab.data.base import Discovered, ImageClassificationDataModule
 from transferlab.data.images import list_files
-from transferlab.errors import DataError
 
 
 class ImageFolderDataModule(ImageClassificationDataModule):

@@ -22,10 +22,9 @@ import torch
 from PIL import Image, ImageOps
 from torch.utils.data import Dataset
 
-from transferlab.errors import DataError
+from transferlab.core.errors import DataError
 
 Sample = tuple[Path, int]  # (image file, class index)
-
 
 
 @contextlib.contextmanager
@@ -96,8 +95,14 @@ def decode_rgb(path: str | Path, min_short_side: Optional[int] = None) -> torch.
         return _pil_to_tensor(ImageOps.exif_transpose(img))
 
 
-_SIGNATURES = [(b"<svg", "SVG (vector graphics)"), (b"<?xml", "XML/SVG"), (b"%PDF", "PDF"), (b"PK\x03\x04", "a zip archive"),
-               (b"\x1f\x8b", "a gzip archive"), (b"8BPS", "Photoshop PSD")]
+_SIGNATURES = [
+    (b"<svg", "SVG (vector graphics)"),
+    (b"<?xml", "XML/SVG"),
+    (b"%PDF", "PDF"),
+    (b"PK\x03\x04", "a zip archive"),
+    (b"\x1f\x8b", "a gzip archive"),
+    (b"8BPS", "Photoshop PSD"),
+]
 _ISO_BRANDS = {b"heic": "HEIC", b"heix": "HEIC", b"mif1": "HEIF", b"avif": "AVIF", b"isom": "MP4 video", b"qt  ": "QuickTime video"}
 
 
@@ -124,8 +129,10 @@ def describe_failure(exc: BaseException, path: str | Path) -> str:
     if isinstance(exc, (Image.DecompressionBombError, Image.DecompressionBombWarning)):
         size = re.search(r"\((\d+) pixels\)", str(exc))
         pixels = f"{int(size.group(1)):,} pixels" if size else "the image"
-        return (f"refused, not decoded: {pixels} is over Pillow's decompression-bomb limit of {Image.MAX_IMAGE_PIXELS:,}; "
-                f"raise PIL.Image.MAX_IMAGE_PIXELS only for files you trust")
+        return (
+            f"refused, not decoded: {pixels} is over Pillow's decompression-bomb limit of {Image.MAX_IMAGE_PIXELS:,}; "
+            f"raise PIL.Image.MAX_IMAGE_PIXELS only for files you trust"
+        )
     if isinstance(exc, UnidentifiedImageError):
         try:
             return sniff_format(path)
@@ -152,7 +159,8 @@ def check_image(path: str | Path) -> str | None:
 def list_files(folder: Path) -> list[Path]:
     """Every non-hidden file below folder, sorted, broken links included: the integrity scan decides and reports."""
     return sorted(
-        p for p in folder.rglob("*")
+        p
+        for p in folder.rglob("*")
         if (p.is_file() or p.is_symlink() and not p.is_dir()) and not any(part.startswith(".") for part in p.relative_to(folder).parts)
     )
 
@@ -160,8 +168,9 @@ def list_files(folder: Path) -> list[Path]:
 class ImageDataset(Dataset):
     """(transformed image, label); decodes at no less than `min_short_side` px, or takes pre-decoded images."""
 
-    def __init__(self, samples: Sequence[Sample], transform: Any, min_short_side: Optional[int] = None,
-                 decoded: Optional[list[torch.Tensor]] = None) -> None:
+    def __init__(
+        self, samples: Sequence[Sample], transform: Any, min_short_side: Optional[int] = None, decoded: Optional[list[torch.Tensor]] = None
+    ) -> None:
         self.samples = list(samples)
         self.transform = transform
         self.min_short_side = min_short_side

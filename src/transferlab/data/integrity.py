@@ -42,19 +42,19 @@ def scan_images(files: list[Path], root: Path, cache_dir: str | os.PathLike | No
         except (OSError, ValueError):
             cached = {}
 
-    stats = {}
+    stats: dict[Path, tuple[int, int] | None] = {}
     for path in files:
         try:
-            st = path.stat()
-            stats[path] = (st.st_size, st.st_mtime_ns)
+            info = path.stat()
+            stats[path] = (info.st_size, info.st_mtime_ns)
         except OSError as exc:
             stats[path] = None
             cached[str(path)] = [-1, -1, f"{type(exc).__name__}: {exc.strerror}"]
 
-    todo = [p for p in files if stats[p] is not None and cached.get(str(p), [None, None])[:2] != list(stats[p])]
+    todo = [p for p in files if (st := stats[p]) is not None and cached.get(str(p), [None, None])[:2] != list(st)]
     with ThreadPoolExecutor(max_workers=workers or min(8, (os.cpu_count() or 1) * 2)) as pool:
         for path, reason in zip(todo, pool.map(check_image, todo)):
-            cached[str(path)] = [*stats[path], reason]
+            cached[str(path)] = [*(stats[path] or (-1, -1)), reason]
 
     report = ScanReport(checked=len(todo))
     for path in files:

@@ -5,11 +5,11 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
-from typing import Literal, Optional
+from typing import Any, Literal, Optional
 
+from transferlab.core.errors import ConfigError, DataError, close_matches
 from transferlab.data.base import Discovered, ImageClassificationDataModule, Sample
 from transferlab.data.download import download_file, safe_extract_tar
-from transferlab.errors import ConfigError, DataError, close_matches
 
 _NUMBER_SUFFIX = re.compile(r"_\d+$")
 SPECIES = ["cat", "dog"]
@@ -39,10 +39,11 @@ class OxfordPetsDataModule(ImageClassificationDataModule):
     resources = RESOURCES
     layout = "images/*.jpg (+ annotations/) or the photos themselves, named like Abyssinian_101.jpg"
 
-    def __init__(self, root: str, task: Literal["breeds", "species"] = "breeds", download: bool = True, **kwargs) -> None:
+    def __init__(self, *, task: Literal["breeds", "species"], **kwargs: Any) -> None:
+        """`task` and the rest: conf/data/oxford_pets.yaml."""
         if task not in ("breeds", "species"):
             raise ConfigError(f"data.task: expected breeds or species, got {task!r}{close_matches(str(task), ['breeds', 'species'])}")
-        super().__init__(root=root, download=download, **kwargs)
+        super().__init__(**kwargs)
         self.task = task
 
     def _images_dir(self) -> Optional[Path]:

@@ -30,7 +30,7 @@ class Preprocessing:
     @classmethod
     def from_dict(cls, values: Mapping[str, Any]) -> Preprocessing:
         fields = {f.name for f in dataclasses.fields(cls)}
-        kwargs = {k: (tuple(v) if isinstance(v, (list, tuple)) else v) for k, v in values.items() if k in fields}
+        kwargs: dict[str, Any] = {k: (tuple(v) if isinstance(v, (list, tuple)) else v) for k, v in values.items() if k in fields}
         return cls(**kwargs)
 
     def to_dict(self) -> dict[str, Any]:
@@ -60,8 +60,7 @@ class Preprocessing:
     def eval_transform(self) -> v2.Compose:
         """Resize the short side to size/crop_pct, centre-crop to size: what the weights were trained with."""
         return v2.Compose(
-            [v2.ToImage(), v2.Resize(self.resize_size, interpolation=self._mode, antialias=True), v2.CenterCrop(self.input_size)]
-            + self._finish()
+            [v2.ToImage(), v2.Resize(self.resize_size, interpolation=self._mode, antialias=True), v2.CenterCrop(self.input_size)] + self._finish()
         )
 
     def train_transform(self, augment: Mapping[str, Any] | None) -> v2.Compose:

@@ -14,8 +14,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from transferlab.errors import ConfigError, close_matches
-from transferlab.reporting import pyplot, save_figure
+from transferlab.core.errors import ConfigError, close_matches
+from transferlab.core.plotting import pyplot, save_figure
 
 DEFAULT_STRIDES = (4, 8, 16, 32)
 
@@ -65,16 +65,19 @@ def check_layers(body: nn.Module, layers: Sequence[str], key: str) -> None:
         if layer not in names:
             top = [n for n in names if n and "." not in n]
             nested = next((n for n in names if "." in n), "")
-            raise ConfigError(f"{key}: no layer {layer!r} in the backbone{close_matches(layer, names)}; "
-                              f"top-level modules: {', '.join(top)}" + (f" (nested names use dots, e.g. {nested})" if nested else ""))
+            raise ConfigError(
+                f"{key}: no layer {layer!r} in the backbone{close_matches(layer, names)}; "
+                f"top-level modules: {', '.join(top)}" + (f" (nested names use dots, e.g. {nested})" if nested else "")
+            )
 
 
 def capture(body: nn.Module, images: torch.Tensor, layers: Sequence[str]) -> dict[str, torch.Tensor]:
     """{layer: activations [N, C, h, w]} for normalised images, without gradients."""
     modules = dict(body.named_modules())
     acts: dict[str, torch.Tensor] = {}
-    handles = [modules[layer].register_forward_hook(lambda _m, _i, out, layer=layer: acts.__setitem__(layer, out.detach().float().cpu()))
-               for layer in layers]
+    handles = [
+        modules[layer].register_forward_hook(lambda _m, _i, out, layer=layer: acts.__setitem__(layer, out.detach().float().cpu())) for layer in layers
+    ]
     try:
         with torch.no_grad():
             body(images)

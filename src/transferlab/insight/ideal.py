@@ -1,4 +1,4 @@
-""""Ideal class" images: optimise an input so a classifier names a target class.
+""" "Ideal class" images: optimise an input so a classifier names a target class.
 
 Cross-entropy towards the target plus a total-variation penalty, as in the lesson, made robust the way feature
 visualisation work does it (Olah et al., Distill 2017): every step scores a batch of randomly jittered, scaled
@@ -11,7 +11,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import time
-from typing import Callable, Optional
+from typing import Callable, Literal, Optional
 
 import torch
 import torch.nn.functional as F
@@ -26,22 +26,27 @@ _COLOR_SQRT = _COLOR_SQRT / _COLOR_SQRT.norm(dim=0).max()
 
 @dataclasses.dataclass
 class IdealSettings:
-    steps: int = 512
-    lr: float = 0.05
-    tv_weight: float = 0.5
-    views: int = 4                 # augmented copies scored per step (transformation robustness)
-    jitter: int = 16               # max shift in pixels
-    scale: float = 0.1             # scale factor in [1 - scale, 1 + scale]
-    rotate: float = 10.0           # degrees, +-
-    parameterization: str = "fourier"   # fourier | pixel
-    decorrelate: bool = True       # optimise in decorrelated colour space
-    decay_power: float = 1.0       # Fourier amplitude ~ 1 / f^decay_power
-    stop_prob: Optional[float] = None   # stop early once the 8-bit image reaches this target probability
-    seed: int = 0
+    """How an ideal image is optimised. No defaults: the values are in conf/visualize.yaml (the command) and
+    conf/callbacks/ideal_class.yaml (the callback), each documented there."""
+
+    steps: int
+    lr: float
+    tv_weight: float
+    views: int  # augmented copies scored per step (transformation robustness)
+    jitter: int  # max shift in pixels
+    scale: float  # scale factor in [1 - scale, 1 + scale]
+    rotate: float  # degrees, +-
+    parameterization: Literal["fourier", "pixel"]
+    decorrelate: bool  # optimise in decorrelated colour space
+    decay_power: float  # Fourier amplitude ~ 1 / f^decay_power
+    stop_prob: Optional[float]  # stop early once the 8-bit image reaches this target probability
+    seed: int
 
 
 class ImageParam(nn.Module):
     """An image [1, 3, S, S] in (0, 1) from free parameters: pixels, or a scaled Fourier spectrum."""
+
+    scale: torch.Tensor
 
     def __init__(self, size: int, parameterization: str, decorrelate: bool, decay_power: float, generator: torch.Generator) -> None:
         super().__init__()
@@ -86,15 +91,16 @@ def random_views(image: torch.Tensor, n: int, jitter: int, scale: float, rotate:
 
 @dataclasses.dataclass
 class IdealResult:
-    image: torch.Tensor            # [3, S, S], on the 8-bit grid
-    target_prob: float             # of the 8-bit image
+    image: torch.Tensor  # [3, S, S], on the 8-bit grid
+    target_prob: float  # of the 8-bit image
     steps: int
     seconds: float
     history: list[tuple[int, float, float]]  # (step, target prob of the 8-bit image, TV)
 
 
-def ideal_image(model: PixelClassifier, target: int, settings: IdealSettings,
-                progress: Optional[Callable[[int, float, float], None]] = None) -> IdealResult:
+def ideal_image(
+    model: PixelClassifier, target: int, settings: IdealSettings, progress: Optional[Callable[[int, float, float], None]] = None
+) -> IdealResult:
     """Optimise an image of the model's input size towards class `target`."""
     generator = torch.Generator().manual_seed(settings.seed)
     device = next(model.parameters()).device

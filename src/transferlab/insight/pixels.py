@@ -9,16 +9,20 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Optional, Sequence
+from typing import TYPE_CHECKING, Any, Optional, Sequence
 
 import numpy as np
 import torch
 from PIL import Image
 from torch import nn
 
+from transferlab.core.errors import ConfigError, DataError, close_matches
 from transferlab.data.images import load_rgb
 from transferlab.data.preprocessing import Preprocessing
-from transferlab.errors import ConfigError, DataError, close_matches
+
+if TYPE_CHECKING:
+    from transferlab.models.backbone import Backbone
+    from transferlab.models.classifier import TransferClassifier
 
 _PIL_RESAMPLE = {"bilinear": Image.Resampling.BILINEAR, "bicubic": Image.Resampling.BICUBIC, "nearest": Image.Resampling.NEAREST}
 
@@ -29,8 +33,18 @@ class PixelClassifier(nn.Module):
     `class_names` are display names; `aliases[i]` every name class i answers to (ImageNet synonyms).
     """
 
-    def __init__(self, logits: nn.Module, preprocessing: Preprocessing, class_names: Sequence[str],
-                 aliases: Optional[Sequence[Sequence[str]]] = None, name: str = "") -> None:
+    logits: nn.Module
+    mean: torch.Tensor
+    std: torch.Tensor
+
+    def __init__(
+        self,
+        logits: nn.Module,
+        preprocessing: Preprocessing,
+        class_names: Sequence[str],
+        aliases: Optional[Sequence[Sequence[str]]] = None,
+        name: str = "",
+    ) -> None:
         super().__init__()
         self.logits = logits
         self.preprocessing = preprocessing
@@ -65,8 +79,9 @@ class PixelClassifier(nn.Module):
             if wanted in (n.lower() for n in names):
                 return index
         pool = [n for names in self.aliases for n in names]
-        raise ConfigError(f"{key}: {text!r} is not a class of {self.name}{close_matches(text, pool)}; "
-                          f"give a class name or an index 0..{len(self.class_names) - 1}")
+        raise ConfigError(
+            f"{key}: {text!r} is not a class of {self.name}{close_matches(text, pool)}; give a class name or an index 0..{len(self.class_names) - 1}"
+        )
 
     def top(self, pixels: torch.Tensor, k: int = 5) -> list[tuple[str, float]]:
         """[(name, prob)] for one image [3, H, W] or [1, 3, H, W]."""
@@ -76,7 +91,9 @@ class PixelClassifier(nn.Module):
 
 
 class _ImagenetLogits(nn.Module):
-    def __init__(self, backbone: nn.Module) -> None:
+    backbone: Backbone
+
+    def __init__(self, backbone: Backbone) -> None:
         super().__init__()
         self.backbone = backbone
 
@@ -87,7 +104,9 @@ class _ImagenetLogits(nn.Module):
 class _TrainedLogits(nn.Module):
     """head(backbone(x)) with gradients flowing to the input even when the backbone is frozen."""
 
-    def __init__(self, classifier: nn.Module) -> None:
+    classifier: TransferClassifier
+
+    def __init__(self, classifier: TransferClassifier) -> None:
         super().__init__()
         self.classifier = classifier
 
@@ -109,7 +128,7 @@ def inspecting(module: nn.Module) -> Iterator[nn.Module]:
         module.train(was_training)
 
 
-def imagenet_classifier(backbone: nn.Module) -> PixelClassifier:
+def imagenet_classifier(backbone: Backbone) -> PixelClassifier:
     """The pretrained backbone with its own ImageNet classifier."""
     if backbone.imagenet_head is None or not backbone.categories:
         raise ConfigError(f"backbone.name: {backbone.name} has no ImageNet classifier with class names; use ckpt_path= or another backbone")
@@ -117,16 +136,17 @@ def imagenet_classifier(backbone: nn.Module) -> PixelClassifier:
     return PixelClassifier(_ImagenetLogits(backbone), backbone.preprocessing, [a[0] for a in aliases], aliases, backbone.name)
 
 
-def trained_classifier(classifier: nn.Module) -> PixelClassifier:
+def trained_classifier(classifier: TransferClassifier) -> PixelClassifier:
     """A trained transferlab classifier (TransferClassifier) with its own class names."""
-    return PixelClassifier(_TrainedLogits(classifier), classifier.backbone.preprocessing, classifier.class_names,
-                           name=f"{classifier.backbone.name} checkpoint")
+    return PixelClassifier(
+        _TrainedLogits(classifier), classifier.backbone.preprocessing, classifier.class_names, name=f"{classifier.backbone.name} checkpoint"
+    )
 
 
 def build_pixel_classifier(backbone_cfg: Optional[dict], ckpt_path: Optional[str]) -> PixelClassifier:
     """A checkpoint when `ckpt_path` is given, else the ImageNet head of the configured backbone."""
     if ckpt_path:
-        from transferlab.pipeline import load_checkpoint
+        from transferlab.models.classifier import load_checkpoint
 
         return trained_classifier(load_checkpoint(ckpt_path)[0]).requires_grad_(False).eval()
     from transferlab.models.backbones import create_backbone
@@ -137,7 +157,7 @@ def build_pixel_classifier(backbone_cfg: Optional[dict], ckpt_path: Optional[str
 def second_opinion(name: str) -> PixelClassifier:
     """A second ImageNet model by name, for held-out / transfer checks: bundled weights when it ships them."""
     from transferlab.models.backbones import create_backbone
-    from transferlab.models.bundled import BUNDLED
+    from transferlab.models.sources.bundled import BUNDLED
 
     return imagenet_classifier(create_backbone(name, weights="bundled" if name in BUNDLED else "imagenet")).requires_grad_(False).eval()
 
@@ -177,7 +197,7 @@ def load_pixels(path: str | Path, preprocessing: Preprocessing, crop: Optional[S
         w, h = image.size
         if len(box) != 4 or not (0 <= box[0] < box[2] <= w and 0 <= box[1] < box[3] <= h):
             raise ConfigError(f"crop: {list(crop)} must be [left, top, right, bottom] inside the {w}x{h} image {file.name}")
-        image = image.crop(tuple(box))
+        image = image.crop((box[0], box[1], box[2], box[3]))
         short = size
     else:
         short = int(size / preprocessing.crop_pct)

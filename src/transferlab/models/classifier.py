@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping
+from pathlib import Path
 from typing import Any, Optional
 
 import lightning.pytorch as pl
@@ -18,8 +19,9 @@ from torch import nn
 from torchmetrics import MaxMetric, MeanMetric
 from torchmetrics.classification import MulticlassAccuracy, MulticlassConfusionMatrix
 
+from transferlab.core.errors import DataError, TrainingDiverged
+from transferlab.core.safe_load import read_checkpoint
 from transferlab.data.preprocessing import Preprocessing
-from transferlab.errors import TrainingDiverged
 from transferlab.models.backbones import Backbone, create_backbone
 
 
@@ -42,12 +44,12 @@ class TransferClassifier(pl.LightningModule):
         self.backbone: Backbone = prebuilt_backbone if prebuilt_backbone is not None else create_backbone(**backbone)
         if preprocessing is not None:  # the stored one wins (input_size overrides, older runs)
             self.backbone.preprocessing = Preprocessing.from_dict(preprocessing)
-        self.hparams.preprocessing = self.backbone.preprocessing.to_dict()
+        self.hparams["preprocessing"] = self.backbone.preprocessing.to_dict()
         self.class_names = list(class_names)
         num_classes = len(self.class_names)
-        dropout = float(finetune.get("head_dropout", 0.0) or 0.0)
+        dropout = float(finetune["head_dropout"])
         self.head = nn.Sequential(nn.Dropout(dropout), nn.Linear(self.backbone.num_features, num_classes))
-        self.mode = finetune.get("mode", "frozen")
+        self.mode = finetune["mode"]
         self.backbone_frozen = False
         self.channels_last = False
         if self.mode in ("frozen", "gradual"):
@@ -129,8 +131,10 @@ class TransferClassifier(pl.LightningModule):
         loss = float(self.train_loss.compute())
         if not math.isfinite(loss):
             lr = self.trainer.optimizers[0].param_groups[0]["lr"] if self.trainer.optimizers else float("nan")
-            raise TrainingDiverged(f"train/loss is {loss} in epoch {self.current_epoch}: training diverged; "
-                                   f"lower optimizer.lr (now {lr:g}) or set trainer.gradient_clip_val")
+            raise TrainingDiverged(
+                f"train/loss is {loss} in epoch {self.current_epoch}: training diverged; "
+                f"lower optimizer.lr (now {lr:g}) or set trainer.gradient_clip_val"
+            )
 
     def on_train_epoch_start(self) -> None:
         if self.trainer.optimizers:
@@ -171,22 +175,39 @@ class TransferClassifier(pl.LightningModule):
             self.log(f"test/acc_class/{name}", acc, sync_dist=False)
         self.test_confusion_matrix = self.test_confusion.compute().cpu()  # synced across ranks by torchmetrics
 
-    def predict_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
-        images = batch[0] if isinstance(batch, (tuple, list)) else batch
-        return self(images).float().softmax(dim=-1)
-
     # -- optimisation ------------------------------------------------------------------------------------
     def configure_optimizers(self) -> Any:
         """Only trainable parameters; the backbone (when it trains from the start) at lr x backbone_lr_factor."""
-        opt_cfg = dict(self.hparams.optimizer)
-        base_lr = float(opt_cfg.get("lr", 1e-3))
+        opt_cfg = dict(self.hparams["optimizer"])
+        base_lr = float(opt_cfg["lr"])
         groups = [{"params": [p for p in self.head.parameters() if p.requires_grad], "lr": base_lr}]
         if self.mode == "full":
-            factor = float(self.hparams.finetune.get("backbone_lr_factor", 0.1))
+            factor = float(self.hparams["finetune"]["backbone_lr_factor"])
             groups.append({"params": [p for p in self.backbone.parameters() if p.requires_grad], "lr": base_lr * factor})
         optimizer = instantiate(opt_cfg)(params=groups)
-        sched_cfg = dict(self.hparams.scheduler or {})
+        sched_cfg = dict(self.hparams["scheduler"] or {})
         if not sched_cfg.get("_target_"):
             return optimizer
         scheduler = instantiate(sched_cfg)(optimizer=optimizer)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "epoch", "monitor": "val/loss"}}
+
+
+def load_checkpoint(path: str | Path) -> tuple[TransferClassifier, dict[str, Any]]:
+    """Rebuild a trained classifier without downloading anything: the weights come from the checkpoint."""
+    ckpt = read_checkpoint(path)
+    try:
+        hparams = dict(ckpt["hyper_parameters"])
+        hparams["class_names"], hparams["backbone"]["name"]  # noqa: B018 - what every transferlab checkpoint holds
+    except (KeyError, TypeError) as exc:
+        raise DataError(f"ckpt_path: {path} is not a transferlab checkpoint (no {exc} in its hyper_parameters)") from None
+    hparams["backbone"] = {**hparams["backbone"], "weights": "none"}
+    model = TransferClassifier(**hparams)
+    model.load_state_dict(ckpt["state_dict"], strict=True)
+    return model.eval(), hparams
+
+
+def as_classifier(module: object) -> TransferClassifier:
+    """The LightningModule a callback is given, as what every transferlab run trains (for the type checker too)."""
+    if not isinstance(module, TransferClassifier):
+        raise TypeError(f"transferlab's callbacks work on a TransferClassifier, got {type(module).__name__}")
+    return module

@@ -5,22 +5,32 @@ Hydra it re-uses `sys.argv` and `hydra.run.dir`, which in a multirun re-launches
 a new time-stamped folder per rank, and in a submitit/joblib worker is not our command at all. Its watchdog
 also SIGKILLs the main process when a rank fails, which in a sweep kills every job still to come, and it leaves
 LOCAL_RANK/WORLD_SIZE in `os.environ`, so the next job of the sweep believes it is already a child and waits for
-peers that never come. The three fixes live here, behind one `install()`; Lightning's names are checked there.
+peers that never come. The three fixes live here, behind one `install()`; the Lightning internals they patch
+are declared (and checked) in transferlab.core.compat. Upstream: Lightning-AI/pytorch-lightning #11300,
+facebookresearch/hydra #2070 (re-launching a multirun per rank); #16285 (SIGKILL of the main process).
 """
 
 from __future__ import annotations
 
 import contextlib
-import logging
 import os
 import sys
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
+from typing import Any
 
-log = logging.getLogger(__name__)
+from transferlab.core.compat import LIGHTNING_DDP_LAUNCH
+from transferlab.core.context import in_sweep
 
-_LIGHTNING_LAUNCHERS = ("lightning.fabric.strategies.launchers.subprocess_script",
-                        "lightning.pytorch.strategies.launchers.subprocess_script")
-_task_module = "transferlab.train"
+_task_module = "transferlab.cli.train"
+
+
+def starts_rank_processes(trainer_cfg: Mapping[str, Any]) -> bool:
+    """Whether Lightning will start the other ranks itself (DDP's subprocess launcher), by the trainer config."""
+    strategy = str(trainer_cfg.get("strategy") or "auto")
+    if "spawn" in strategy or "fork" in strategy:
+        return False
+    devices, nodes = trainer_cfg.get("devices"), trainer_cfg.get("num_nodes") or 1
+    return "ddp" in strategy or devices not in (None, 1, "1", "auto") or int(nodes) > 1
 
 
 def quoted(value: str) -> str:
@@ -35,9 +45,17 @@ def rank_command(local_rank: int) -> tuple[Sequence[str], str]:
 
     hydra_cfg = HydraConfig.get()
     sweeper_overrides = [o for o in hydra_cfg.overrides.hydra if o.startswith("hydra.sweeper.")]  # e.g. the Optuna trial
-    command = [sys.executable, "-m", _task_module, *hydra_cfg.overrides.task, *sweeper_overrides,
-               f"hydra.run.dir={quoted(hydra_cfg.runtime.output_dir)}", "hydra.mode=RUN", "hydra.output_subdir=null",
-               f"hydra.job.name={hydra_cfg.job.name}_rank{local_rank}"]
+    command = [
+        sys.executable,
+        "-m",
+        _task_module,
+        *hydra_cfg.overrides.task,
+        *sweeper_overrides,
+        f"hydra.run.dir={quoted(hydra_cfg.runtime.output_dir)}",
+        "hydra.mode=RUN",
+        "hydra.output_subdir=null",
+        f"hydra.job.name={hydra_cfg.job.name}_rank{local_rank}",
+    ]
     return command, get_original_cwd()
 
 
@@ -48,11 +66,9 @@ def _observer_for_sweeps(original):  # noqa: ANN001, ANN202
     """
 
     def launch(child_processes: list) -> None:
-        from transferlab.sweep import in_sweep
-
         if not in_sweep():
             return original(child_processes)
-        module = sys.modules[_LIGHTNING_LAUNCHERS[0]]
+        module: Any = sys.modules[LIGHTNING_DDP_LAUNCH[0].module]
 
         class SweepSafeObserver(module._ChildProcessObserver):
             def _terminate_all(self) -> None:
@@ -66,16 +82,14 @@ def _observer_for_sweeps(original):  # noqa: ANN001, ANN202
 
 
 def install(task_module: str) -> None:
-    """Route Lightning's DDP re-launch through `rank_command` for the task run by this process."""
-    global _task_module
-    import importlib
+    """Route Lightning's DDP re-launch through `rank_command` for the task run by this process.
 
+    Raises IncompatibleLibrary (one line, exit 1) when the installed Lightning changed what is patched here.
+    """
+    global _task_module
     _task_module = task_module
-    for name in _LIGHTNING_LAUNCHERS:
-        module = importlib.import_module(name)
-        if not all(hasattr(module, attr) for attr in ("_hydra_subprocess_cmd", "_launch_process_observer")):
-            log.warning("%s changed: DDP inside multirun jobs may write one folder per rank", name)
-            continue
+    modules: list[Any] = [internal.resolve() for internal in LIGHTNING_DDP_LAUNCH]  # all checked before any is patched
+    for module in modules:
         module._hydra_subprocess_cmd = rank_command
         if not getattr(module._launch_process_observer, "_transferlab", False):
             module._launch_process_observer = _observer_for_sweeps(module._launch_process_observer)

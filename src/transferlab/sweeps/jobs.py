@@ -1,14 +1,13 @@
 """Jobs of a multirun: each records how it ended in its own folder, a failed job never stops the sweep.
 
 `<job>/job.json` says running / completed / failed / pruned (with the error's one line, the overrides, host,
-times); `<job>/error.txt` keeps the traceback of a failure. When the sweep ends, `SweepSummary` (a Hydra
-callback, conf/hydra/default.yaml) writes the sweep's summary and report and prints what failed, and the
-command exits 1 if any job did.
+times); `<job>/error.txt` keeps the traceback of a failure. When the sweep ends, `sweeps.summary.SweepSummary`
+(a Hydra callback, conf/hydra/default.yaml) writes the sweep's summary and report and prints what failed, and
+the command exits 1 if any job did.
 """
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import os
@@ -19,43 +18,22 @@ import traceback
 from collections.abc import Callable
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 from hydra.core.hydra_config import HydraConfig
-from hydra.experimental.callback import Callback
-from hydra.types import RunMode
 from omegaconf import DictConfig
 from omegaconf.errors import OmegaConfBaseException
 
-from transferlab.redaction import redact
-from transferlab.distributed import isolated_process_state
-from transferlab.errors import TransferlabError, one_line
+from transferlab.core.context import is_global_zero, trial_number
+from transferlab.core.errors import TransferlabError, one_line
+from transferlab.sweeps.ddp import isolated_process_state
+from transferlab.sweeps.records import ERROR_FILE, write_job_record
 
 log = logging.getLogger(__name__)
-
-JOB_FILE = "job.json"
-ERROR_FILE = "error.txt"
-failed_jobs_of_last_sweep: Optional[int] = None  # read by cli.main for the exit code
-
-
-def in_sweep() -> bool:
-    return HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN
-
-
-def trial_number(hydra_cfg: Any) -> Optional[int]:
-    """The Optuna trial this job runs, when the transferlab Optuna sweeper launched it."""
-    number = (hydra_cfg.get("sweeper") or {}).get("trial_number")
-    return None if number is None else int(number)
 
 
 def _now() -> str:
     return datetime.now(timezone.utc).isoformat(timespec="seconds")
-
-
-def _is_global_zero() -> bool:
-    from lightning.pytorch.utilities import rank_zero_only
-
-    return getattr(rank_zero_only, "rank", 0) == 0  # SLURM multi-task jobs run this once per rank
 
 
 def _failure(exc: BaseException) -> tuple[str, str]:
@@ -81,10 +59,15 @@ def run_sweep_job(task: Callable[[DictConfig], Any], cfg: DictConfig) -> Any:
     hydra_cfg = HydraConfig.get()
     out_dir = Path(hydra_cfg.runtime.output_dir)
     record: dict[str, Any] = {
-        "status": "running", "job": hydra_cfg.job.num, "trial": trial_number(hydra_cfg),
-        "overrides": list(hydra_cfg.overrides.task), "host": socket.gethostname(), "pid": os.getpid(), "started": _now(),
+        "status": "running",
+        "job": hydra_cfg.job.num,
+        "trial": trial_number(hydra_cfg),
+        "overrides": list(hydra_cfg.overrides.task),
+        "host": socket.gethostname(),
+        "pid": os.getpid(),
+        "started": _now(),
     }
-    write = _is_global_zero()
+    write = is_global_zero()
     if write:
         write_job_record(out_dir, record)
     start, value, error_text = time.monotonic(), None, None
@@ -112,38 +95,3 @@ def run_sweep_job(task: Callable[[DictConfig], Any], cfg: DictConfig) -> Any:
         report = log.info if record["status"] == "pruned" else log.error
         report("job %s %s: %s (%s)", hydra_cfg.job.num, record["status"], record.get("error"), out_dir)
     return value
-
-
-def write_job_record(out_dir: Path, record: dict[str, Any]) -> None:
-    out_dir.mkdir(parents=True, exist_ok=True)
-    tmp = out_dir / f".{JOB_FILE}.tmp"
-    tmp.write_text(json.dumps(redact(record), indent=2) + "\n")
-    tmp.replace(out_dir / JOB_FILE)
-
-
-def read_job_record(job_dir: Path) -> dict[str, Any]:
-    try:
-        return json.loads((job_dir / JOB_FILE).read_text())
-    except (OSError, ValueError):
-        return {}
-
-
-class SweepSummary(Callback):
-    """At the end of a multirun: summary.csv / summary.md / report.html in the sweep folder, failures printed."""
-
-    def __init__(self, html: bool = True) -> None:
-        self.html = html
-
-    def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
-        global failed_jobs_of_last_sweep
-        from transferlab.report import print_summary, write_report
-
-        sweep_dir = Path(config.hydra.sweep.dir)
-        if not sweep_dir.is_dir():
-            return
-        records = [read_job_record(path.parent) for path in sweep_dir.glob("**/" + JOB_FILE)]
-        failed_jobs_of_last_sweep = sum(1 for r in records if r.get("status") == "failed")  # the exit code, report or not
-        try:
-            print_summary(write_report(sweep_dir, html=self.html))
-        except Exception as exc:  # noqa: BLE001 - the jobs' own results are already on disk
-            log.error("could not write the sweep report of %s: %s", sweep_dir, one_line(exc))

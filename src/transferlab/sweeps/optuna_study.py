@@ -24,9 +24,10 @@ from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.core.override_parser.types import ChoiceSweep, IntervalSweep, Override, RangeSweep
 from omegaconf import DictConfig, OmegaConf
 
-from transferlab.distributed import quoted
-from transferlab.errors import ConfigError, one_line
-from transferlab.sweep import read_job_record, write_job_record
+from transferlab.callbacks.optuna_pruning import open_storage
+from transferlab.core.errors import ConfigError, one_line
+from transferlab.sweeps.ddp import quoted
+from transferlab.sweeps.records import read_job_record, write_job_record
 
 log = logging.getLogger(__name__)
 
@@ -38,13 +39,6 @@ def storage_url(storage: Optional[str], sweep_dir: str | Path) -> str:
     return storage or f"sqlite:///{Path(sweep_dir).resolve() / 'optuna.db'}"
 
 
-def open_storage(url: str) -> Any:
-    import optuna
-
-    engine_kwargs = {"connect_args": {"timeout": 120}} if url.startswith("sqlite") else None  # parallel jobs wait, not fail
-    return optuna.storages.RDBStorage(url, engine_kwargs=engine_kwargs)
-
-
 def distribution(override: Override) -> Any:
     """Hydra sweep syntax -> Optuna distribution: choice(...), range(a,b[,step]), interval(a,b), tag(log, ...)."""
     from optuna.distributions import CategoricalDistribution, FloatDistribution, IntDistribution
@@ -53,30 +47,36 @@ def distribution(override: Override) -> Any:
     if isinstance(value, ChoiceSweep):
         return CategoricalDistribution(list(override.sweep_string_iterator()))
     if isinstance(value, RangeSweep):
-        if all(isinstance(v, int) for v in (value.start, value.stop, value.step)):
-            return IntDistribution(value.start, value.stop - value.step, step=value.step)
-        return CategoricalDistribution([float(v) for v in override.sweep_iterator()])
+        start, stop, step = value.start, value.stop, value.step
+        if isinstance(start, int) and isinstance(stop, int) and isinstance(step, int):
+            return IntDistribution(start, stop - step, step=step)
+        return CategoricalDistribution([float(v) for v in override.sweep_iterator()])  # type: ignore[arg-type]
     if isinstance(value, IntervalSweep):
-        log_scale = "log" in value.tags
-        if isinstance(value.start, int) and isinstance(value.end, int) and "float" not in value.tags:
-            return IntDistribution(value.start, value.end, log=log_scale)
-        return FloatDistribution(float(value.start), float(value.end), log=log_scale)
-    raise ConfigError(f"hydra.sweeper.params.{override.key_or_group}: {override.input_line} is not a sweep; "
-                      "use choice(a,b), range(1,5), interval(1e-4,1e-1) or tag(log, interval(...))")
+        log_scale, low, high = "log" in value.tags, value.start, value.end
+        if isinstance(low, int) and isinstance(high, int) and "float" not in value.tags:
+            return IntDistribution(low, high, log=log_scale)
+        return FloatDistribution(float(low or 0.0), float(high or 0.0), log=log_scale)
+    raise ConfigError(
+        f"hydra.sweeper.params.{override.key_or_group!s}: {override.input_line!s} is not a sweep; "
+        "use choice(a,b), range(1,5), interval(1e-4,1e-1) or tag(log, interval(...))"
+    )
 
 
 def search_space(params: DictConfig | dict, arguments: Sequence[str], config_loader: Any) -> tuple[dict[str, Any], list[str]]:
     """(distributions by override key, fixed overrides): sweeps on the command line join the preset's `params`."""
-    lines = [f"{key}={value}" for key, value in (params or {}).items()] + list(arguments)
-    space, fixed = {}, []
+    lines = [f"{key!s}={value}" for key, value in (params or {}).items()] + list(arguments)
+    space: dict[str, Any] = {}
+    fixed: list[str] = []
     for override in OverridesParser.create(config_loader=config_loader).parse_overrides(lines):
         if override.is_sweep_override():
             space[override.get_key_element()] = distribution(override)
         else:
-            fixed.append(override.input_line)
+            fixed.append(str(override.input_line))
     if not space:
-        raise ConfigError("hydra.sweeper.params: the search space is empty; list parameters in the hparams_search "
-                          "preset or sweep one on the command line, e.g. 'optimizer.lr=interval(1e-4,1e-1)'")
+        raise ConfigError(
+            "hydra.sweeper.params: the search space is empty; list parameters in the hparams_search "
+            "preset or sweep one on the command line, e.g. 'optimizer.lr=interval(1e-4,1e-1)'"
+        )
     return space, fixed
 
 
@@ -100,14 +100,20 @@ class OptunaStudy:
         try:
             lock = FileLock(str(self.sweep_dir / ".optuna.lock")).acquire(timeout=0)
         except Timeout:
-            raise ConfigError(f"hydra.sweep.dir: another Optuna sweep is running in {self.sweep_dir}; wait for it or "
-                              "choose another hydra.sweep.dir") from None
+            raise ConfigError(
+                f"hydra.sweep.dir: another Optuna sweep is running in {self.sweep_dir}; wait for it or choose another hydra.sweep.dir"
+            ) from None
         with lock:
             url = storage_url(self.cfg.storage, self.sweep_dir)
             storage = open_storage(url)
-            study = optuna.create_study(study_name=self.cfg.study_name, storage=storage, load_if_exists=True,
-                                        direction=self.cfg.direction, sampler=instantiate(self.cfg.sampler),
-                                        pruner=instantiate(self.cfg.pruner) if self.cfg.get("pruner") else None)
+            study = optuna.create_study(
+                study_name=self.cfg.study_name,
+                storage=storage,
+                load_if_exists=True,
+                direction=self.cfg.direction,
+                sampler=instantiate(self.cfg.sampler),
+                pruner=instantiate(self.cfg.pruner) if self.cfg.get("pruner") else None,
+            )
             self._retry_interrupted(study, storage)
             self._loop(study, space, fixed, url)
             return self._write_results(study, url)
@@ -141,18 +147,28 @@ class OptunaStudy:
 
         n_trials, n_jobs = int(self.cfg.n_trials), max(1, int(self.cfg.n_jobs))
         max_failures = int(self.cfg.max_failures) if self.cfg.get("max_failures") is not None else n_trials
-        failures, errors = 0, []
+        failures, errors = 0, []  # type: int, list[Optional[str]]
         while (done := self._count(study, *DONE_STATES)) < n_trials:
             if failures >= max_failures:
                 log.error("stopping the study: %d trials failed in this run (hydra.sweeper.max_failures=%d)", failures, max_failures)
                 return
             if len(errors) >= SAME_ERROR_STOP and errors[-1] and len(set(errors[-SAME_ERROR_STOP:])) == 1:
-                log.error("stopping the study: %d trials in a row failed with the same error, a problem of the setup rather "
-                          "than of the parameters: %s", SAME_ERROR_STOP, errors[-1])
+                log.error(
+                    "stopping the study: %d trials in a row failed with the same error, a problem of the setup rather than of the parameters: %s",
+                    SAME_ERROR_STOP,
+                    errors[-1],
+                )
                 return
             trials = [study.ask(space) for _ in range(min(n_jobs, n_trials - done))]
-            batch = [[*fixed, *(_as_override(k, v) for k, v in t.params.items()), f"hydra.sweeper.trial_number={t.number}",
-                      f"hydra.sweeper.storage={quoted(url)}"] for t in trials]
+            batch = [
+                [
+                    *fixed,
+                    *(_as_override(k, v) for k, v in t.params.items()),
+                    f"hydra.sweeper.trial_number={t.number}",
+                    f"hydra.sweeper.storage={quoted(url)}",
+                ]
+                for t in trials
+            ]
             try:
                 self.validate(batch)  # the jobs' configs compose (a search-space key that does not exist stops here)
             except Exception:
@@ -188,17 +204,27 @@ class OptunaStudy:
             state = "FAIL"
         done = self._count(study, *DONE_STATES)
         best = f"; best so far {study.best_value:.4g} (trial {study.best_trial.number})" if self._count(study, "COMPLETE") else ""
-        log.info("trial %d %s%s [%d/%d done]%s", trial.number, state.lower(), f": {value:.4g}" if state == "COMPLETE" else "",
-                 done, self.cfg.n_trials, best)
+        log.info(
+            "trial %d %s%s [%d/%d done]%s",
+            trial.number,
+            state.lower(),
+            f": {value:.4g}" if state == "COMPLETE" else "",
+            done,
+            self.cfg.n_trials,
+            best,
+        )
         return state, error
 
     def _write_results(self, study: Any, url: str) -> dict[str, Any]:
-        results: dict[str, Any] = {"study_name": study.study_name, "storage": url, "direction": self.cfg.direction,
-                                   "trials": {s.lower(): self._count(study, s) for s in ("COMPLETE", "PRUNED", "FAIL")}}
+        results: dict[str, Any] = {
+            "study_name": study.study_name,
+            "storage": url,
+            "direction": self.cfg.direction,
+            "trials": {s.lower(): self._count(study, s) for s in ("COMPLETE", "PRUNED", "FAIL")},
+        }
         if results["trials"]["complete"]:
             best = study.best_trial
-            results.update(best_trial=best.number, best_value=best.value, best_params=best.params,
-                           best_job_dir=best.user_attrs.get("job_dir"))
+            results.update(best_trial=best.number, best_value=best.value, best_params=best.params, best_job_dir=best.user_attrs.get("job_dir"))
         OmegaConf.save(OmegaConf.create(results), self.sweep_dir / "optimization_results.yaml")
         log.info("Optuna study %s: %s", study.study_name, results)
         return results

@@ -15,7 +15,7 @@ from omegaconf import DictConfig, open_dict
 from torch import nn
 
 from transferlab.callbacks.feature_cache import FeatureCache
-from transferlab.hardware import choose_flag, choose_precision, detect, on_gpu
+from transferlab.core.hardware import choose_flag, choose_precision, detect, on_gpu
 from transferlab.models.classifier import TransferClassifier
 
 log = logging.getLogger(__name__)
@@ -27,8 +27,11 @@ def resolve_precision(cfg: DictConfig) -> str:
     chosen = choose_precision(requested, cfg.trainer.get("accelerator"))
     if str(requested) == "auto":
         hw = detect()
-        why = (f"GPU {hw.gpu}" if on_gpu(cfg.trainer.get("accelerator")) else
-               "CPU has " + (", ".join(f for f in hw.flags if "bf16" in f) or "no bf16 instructions"))
+        why = (
+            f"GPU {hw.gpu}"
+            if on_gpu(cfg.trainer.get("accelerator"))
+            else "CPU has " + (", ".join(f for f in hw.flags if "bf16" in f) or "no bf16 instructions")
+        )
         with open_dict(cfg):
             cfg.trainer.precision = chosen
         return f"precision {chosen} (auto: {why})"
@@ -41,25 +44,28 @@ def is_convolutional(module: nn.Module) -> bool:
 
 def apply_performance(cfg: DictConfig, model: TransferClassifier, datamodule: Any, precision_note: str) -> list[pl.Callback]:
     """Configure the model's layout/compilation, return the callbacks that speed the run up, log the choices."""
-    perf = cfg.get("performance") or {}
+    perf = cfg.performance
     conv = is_convolutional(model.backbone)
-    channels_last = choose_flag("performance.channels_last", perf.get("channels_last", "auto"), auto=conv)
-    compile_backbone = choose_flag("performance.compile", perf.get("compile", False), auto=False)
+    channels_last = choose_flag("performance.channels_last", perf.channels_last, auto=conv)
+    compile_backbone = choose_flag("performance.compile", perf.compile, auto=False)
     model.configure_runtime(channels_last=channels_last, compile=compile_backbone)
-    notes = [precision_note,
-             f"channels_last {'on' if channels_last else 'off'}" + (f" (auto: {'convolutional' if conv else 'no convolutions in the'} backbone)"
-                                                                     if str(perf.get("channels_last", "auto")) == "auto" else ""),
-             f"compile {'on' if compile_backbone else 'off'}"]
+    notes = [
+        precision_note,
+        f"channels_last {'on' if channels_last else 'off'}"
+        + (f" (auto: {'convolutional' if conv else 'no convolutions in the'} backbone)" if str(perf.channels_last) == "auto" else ""),
+        f"compile {'on' if compile_backbone else 'off'}",
+    ]
     workers = datamodule.workers()
     notes.append(f"data.num_workers {workers}" + (f" (auto: {detect().cores} cores)" if datamodule.num_workers == "auto" else ""))
     callbacks: list[pl.Callback] = []
-    cache = feature_cache(cfg, perf.get("feature_cache") or {})
+    cache = feature_cache(cfg, perf.feature_cache)
     if cache is not None:
         callbacks.append(cache)
         notes.append(f"feature cache on ({cache.root or 'memory'}, {cache.views} augmented views)")
         if not cache.views and any(v for k, v in (datamodule.augment or {}).items() if k != "scale_min" or float(v) < 1.0):
-            notes.append("data.augment unused with cached eval-transform features "
-                         "(performance.feature_cache.augmented_views=K caches K augmented views)")
+            notes.append(
+                "data.augment unused with cached eval-transform features (performance.feature_cache.augmented_views=K caches K augmented views)"
+            )
     elif cfg.finetune.mode == "frozen":
         notes.append("feature cache off")
     log.info("Performance: %s", ", ".join(notes))
@@ -67,8 +73,12 @@ def apply_performance(cfg: DictConfig, model: TransferClassifier, datamodule: An
 
 
 def feature_cache(cfg: DictConfig, settings: Any) -> Optional[FeatureCache]:
-    if cfg.finetune.mode != "frozen" or not settings.get("enabled", True):
+    if cfg.finetune.mode != "frozen" or not settings.enabled:
         return None
-    return FeatureCache(storage=settings.get("storage", "disk"), cache_dir=cfg.paths.get("cache_dir"),
-                        augmented_views=int(settings.get("augmented_views", 0)), seed=int(cfg.seed),
-                        batch_size=int(settings.get("batch_size", 64)))
+    return FeatureCache(
+        storage=settings.storage,
+        cache_dir=cfg.paths.cache_dir,
+        augmented_views=int(settings.augmented_views),
+        seed=int(cfg.seed),
+        batch_size=int(settings.batch_size),
+    )

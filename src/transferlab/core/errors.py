@@ -1,18 +1,15 @@
-"""User-facing errors: one actionable line and exit code 2 instead of a traceback."""
+"""User-facing errors: one actionable line instead of a traceback; exit code 2 for the input, 1 for the machine.
+
+The commands print them (transferlab.cli.exits); everything below the commands raises them.
+"""
 
 from __future__ import annotations
 
 import difflib
 import errno
-import functools
-import os
-import sys
-from collections.abc import Callable, Iterable
-from typing import Any, TypeVar
+from collections.abc import Iterable
 
 from omegaconf.errors import OmegaConfBaseException
-
-F = TypeVar("F", bound=Callable[..., Any])
 
 
 class TransferlabError(Exception):
@@ -35,6 +32,10 @@ class ResourceError(TransferlabError):
     """The machine ran out of something (disk, memory, a worker process): not the user's config, so exit 1."""
 
     exit_code = 1
+
+
+class IncompatibleLibrary(ResourceError):
+    """An installed library changed an internal that transferlab relies on (transferlab.core.compat): exit 1."""
 
 
 def close_matches(word: str, candidates: Iterable[str], n: int = 3) -> str:
@@ -63,7 +64,7 @@ def disk_full(exc: BaseException | None) -> bool:
     return False
 
 
-def explain_runtime_failure(exc: BaseException) -> TransferlabError | None:
+def explain_runtime_failure(exc: BaseException | None) -> TransferlabError | None:
     """Known failures of the machine, as one actionable line: a DataLoader worker that died, a full disk."""
     import re
     import signal
@@ -82,45 +83,23 @@ def explain_runtime_failure(exc: BaseException) -> TransferlabError | None:
                 how = f"was killed by {names.get(sig, sig)} ({sig})"
             else:
                 how = "exited unexpectedly"
-            hint = ("usually the out-of-memory killer: lower data.num_workers or data.batch_size, or turn off data.image_cache"
-                    if not sig or "Kill" in sig else "an image decoder or native library crashed in it: run with data.num_workers=0 to see where")
+            hint = (
+                "usually the out-of-memory killer: lower data.num_workers or data.batch_size, or turn off data.image_cache"
+                if not sig or "Kill" in sig
+                else "an image decoder or native library crashed in it: run with data.num_workers=0 to see where"
+            )
             return ResourceError(f"data.num_workers: DataLoader worker (pid {pid}) {how}; {hint}")
         if disk_full(exc):
-            where = f" writing {exc.filename}" if getattr(exc, "filename", None) else ""
-            return ResourceError(f"paths.output_dir: no space left on the device{where}; free some space or point "
-                                 f"hydra.run.dir / paths.output_dir at a larger disk, then resume with ckpt_path=last")
+            filename = getattr(exc, "filename", None)
+            where = f" writing {filename}" if filename else ""
+            return ResourceError(
+                f"paths.output_dir: no space left on the device{where}; free some space or point "
+                f"hydra.run.dir / paths.output_dir at a larger disk, then resume with ckpt_path=last"
+            )
         exc = exc.__cause__ or exc.__context__
     return None
 
 
-def _in_sweep() -> bool:
-    from transferlab.sweep import in_sweep
-
-    return in_sweep()
-
-
 def exit_code(exc: BaseException) -> int:
+    """2 for a problem of the input (config, data, files), 1 for one of the machine or its installed libraries."""
     return getattr(exc, "exit_code", 2)
-
-
-def user_errors_exit(func: F) -> F:
-    """Turn TransferlabError / OmegaConf errors into `error: <one line>` and exit code 2 (1 for ResourceError).
-
-    Failures of the machine rather than the config (disk full, a killed DataLoader worker) are translated by
-    `explain_runtime_failure` first. HYDRA_FULL_ERROR=1 keeps the traceback, as Hydra does for its own errors.
-    """
-
-    @functools.wraps(func)
-    def wrapper(*args: Any, **kwargs: Any) -> Any:
-        try:
-            return func(*args, **kwargs)
-        except Exception as raised:  # noqa: BLE001 - sorted below; anything unknown is re-raised unchanged
-            exc = raised if isinstance(raised, (TransferlabError, OmegaConfBaseException)) else explain_runtime_failure(raised)
-            if exc is None or os.environ.get("HYDRA_FULL_ERROR") == "1" or _in_sweep():
-                raise  # a sweep records the failure in the job's folder and goes on with the next job
-            from transferlab.redaction import redact
-
-            print(f"error: {redact(one_line(exc))}", file=sys.stderr, flush=True)
-            sys.exit(exit_code(exc))
-
-    return wrapper  # type: ignore[return-value]

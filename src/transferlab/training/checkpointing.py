@@ -1,10 +1,8 @@
-"""Checkpoints that survive crashes and strangers: atomic writes, safe loading, finding the one to resume from.
+"""Checkpoints that survive crashes: atomic writes, and finding the one to resume from (loading: core.safe_load).
 
 - `AtomicCheckpointIO` (a Lightning CheckpointIO plugin) streams `<name>.ckpt` into a temporary file in the same
   folder, fsyncs it and renames it over the old one: a kill, a power cut or a full disk during a save leaves the
   previous checkpoint as it was, never a truncated one.
-- `read_checkpoint` loads with `weights_only=True`: tensors and plain containers only. A checkpoint whose
-  unpickling would call a function (the classic pickle exploit) is refused with one line naming the file.
 - `resume_checkpoint` turns `ckpt_path` (`last`, `auto`, a run folder or a file) into a verified file.
 """
 
@@ -12,40 +10,16 @@ from __future__ import annotations
 
 import logging
 import os
-import re
 from pathlib import Path
 from typing import Any, Optional
 
 import torch
-from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 
-from transferlab.errors import ConfigError, DataError, ResourceError, disk_full
+from transferlab.core.errors import ConfigError, DataError, ResourceError, disk_full
+from transferlab.core.safe_load import read_checkpoint
 
 log = logging.getLogger(__name__)
-
-
-def read_checkpoint(path: str | Path, key: str = "ckpt_path") -> dict[str, Any]:
-    """The checkpoint's dict (tensors memory-mapped, so a look at its metadata costs no full read)."""
-    file = Path(path).expanduser()
-    if not file.is_file():
-        raise DataError(f"{key}: {file} is not a file; give the path of a .ckpt (e.g. <run>/checkpoints/last.ckpt)")
-    try:
-        try:
-            return torch.load(file, map_location="cpu", weights_only=True, mmap=True)
-        except RuntimeError as exc:  # files from torch.save(_use_new_zipfile_serialization=False) cannot be mapped
-            if "mmap" not in str(exc):
-                raise
-            return torch.load(file, map_location="cpu", weights_only=True)
-    except Exception as exc:  # noqa: BLE001 - sorted into the two causes a user can act on
-        text = " ".join(str(exc).split())
-        unsafe = re.search(r"Unsupported global: GLOBAL (\S+)|unsupported GLOBAL (\S+)", text)
-        if unsafe or "Weights only load failed" in text:
-            what = (unsafe.group(1) or unsafe.group(2)) if unsafe else "an object that is not a tensor"
-            raise DataError(f"{key}: {file} refused: loading it would call {what} (a pickle can run arbitrary code); "
-                            f"transferlab only loads tensors and plain values (torch.load weights_only=True). "
-                            f"Use checkpoints from sources you trust, saved by transferlab or as a plain state_dict") from None
-        raise DataError(f"{key}: {file} is not a readable checkpoint (truncated, or not a .ckpt: {text[:160]})") from None
 
 
 def _progress(ckpt: dict[str, Any]) -> tuple[int, int]:
@@ -90,18 +64,6 @@ def resume_checkpoint(ckpt_path: Optional[str], out_dir: Path) -> Optional[str]:
     return str(chosen)
 
 
-class LastCheckpoint(ModelCheckpoint):
-    """`last.ckpt` at the end of every epoch, whatever the metrics did: what `ckpt_path=last|auto` resumes from.
-
-    ModelCheckpoint(save_last=True) cannot do it in Lightning 2.6 (it refreshes last.ckpt only together with a new
-    best), and a plain second ModelCheckpoint would clash with any monitor-less one a user adds (same state key).
-    """
-
-    def __init__(self, dirpath: str, filename: str = "last", **kwargs: Any) -> None:
-        kwargs = {"monitor": None, "save_top_k": 1, "enable_version_counter": False, **kwargs}
-        super().__init__(dirpath=dirpath, filename=filename, **kwargs)
-
-
 class AtomicCheckpointIO(TorchCheckpointIO):
     """torch.save into `.<name>.<pid>.tmp`, fsync, rename: the old checkpoint stays whole until the new one is.
 
@@ -113,7 +75,7 @@ class AtomicCheckpointIO(TorchCheckpointIO):
 
     def save_checkpoint(self, checkpoint: dict[str, Any], path: str | os.PathLike, storage_options: Optional[Any] = None) -> None:
         if storage_options is not None or "://" in str(path):  # object stores: Lightning's own (fsspec) writer
-            return super().save_checkpoint(checkpoint, path, storage_options)
+            return super().save_checkpoint(checkpoint, str(path), storage_options)
         target = Path(path)
         target.parent.mkdir(parents=True, exist_ok=True)
         for stale in target.parent.glob(f".{target.name}.*.tmp"):  # left by a run killed while saving
@@ -129,9 +91,11 @@ class AtomicCheckpointIO(TorchCheckpointIO):
             tmp.unlink(missing_ok=True)
             if disk_full(exc):
                 kept = "the previous one is intact" if target.exists() else "no earlier checkpoint existed"
-                raise ResourceError(f"paths.output_dir: no space left on the device while saving checkpoint {target} "
-                                    f"({kept}); free some space or point hydra.run.dir at a larger disk, then resume with "
-                                    f"ckpt_path=last") from exc
+                raise ResourceError(
+                    f"paths.output_dir: no space left on the device while saving checkpoint {target} "
+                    f"({kept}); free some space or point hydra.run.dir at a larger disk, then resume with "
+                    f"ckpt_path=last"
+                ) from exc
             raise
         try:  # make the rename itself durable
             dir_fd = os.open(target.parent, os.O_RDONLY)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-_PACKAGE_DIR = Path(__file__).resolve().parent
+_PACKAGE_DIR = Path(__file__).resolve().parents[1]  # src/transferlab (or site-packages/transferlab)
 
 
 def config_dir() -> str:
@@ -16,4 +16,3 @@ def config_dir() -> str:
         if (candidate / "train.yaml").is_file():
             return str(candidate)
     raise FileNotFoundError(f"transferlab's conf/ directory was not found next to {_PACKAGE_DIR}; reinstall transferlab")
-

@@ -17,7 +17,7 @@ from typing import Any, Optional, Union
 
 import torch
 
-from transferlab.errors import ConfigError
+from transferlab.core.errors import ConfigError
 
 log = logging.getLogger(__name__)
 
@@ -112,3 +112,10 @@ def default_workers(processes_per_node: int = 1, gpu: bool = False) -> int:
     if gpu:
         return min(16, max(1, share - 1))
     return min(8, max(1, share // 2))
+
+
+def resolve_device(name: str) -> torch.device:
+    """`auto` = the first GPU when there is one; else what the user wrote (cpu, cuda, cuda:1, mps)."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)

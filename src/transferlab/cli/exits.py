@@ -1,0 +1,45 @@
+"""How a command ends when something is wrong: `error: <one line>` on stderr and an exit code, no traceback.
+
+Exit code 2: the input (config, data, files) is wrong and the line says what to change; 1: the machine or
+its installation failed (full disk, killed worker, an incompatible library). HYDRA_FULL_ERROR=1 keeps the
+traceback, as Hydra does for its own errors. Inside a sweep errors are raised on, so that the sweep records
+the failed job in its folder and goes on with the next.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import sys
+from collections.abc import Callable
+from typing import Any, NoReturn, TypeVar
+
+from omegaconf.errors import OmegaConfBaseException
+
+from transferlab.core.context import in_sweep
+from transferlab.core.errors import TransferlabError, exit_code, explain_runtime_failure, one_line
+from transferlab.core.redaction import redact
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def fail(exc: BaseException) -> NoReturn:
+    """Print the error's one line (credentials masked) and exit with its code."""
+    print(f"error: {redact(one_line(exc))}", file=sys.stderr, flush=True)
+    sys.exit(exit_code(exc))
+
+
+def user_errors_exit(func: F) -> F:
+    """Turn TransferlabError / OmegaConf errors, and known failures of the machine, into `fail(...)`."""
+
+    @functools.wraps(func)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return func(*args, **kwargs)
+        except Exception as raised:  # noqa: BLE001 - sorted below; anything unknown is re-raised unchanged
+            exc = raised if isinstance(raised, (TransferlabError, OmegaConfBaseException)) else explain_runtime_failure(raised)
+            if exc is None or os.environ.get("HYDRA_FULL_ERROR") == "1" or in_sweep():
+                raise
+            fail(exc)
+
+    return wrapper  # type: ignore[return-value]

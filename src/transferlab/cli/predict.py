@@ -1,0 +1,90 @@
+"""transferlab-predict: label image files with a checkpoint; a file that cannot be used gets a row with its reason.
+
+Given a folder, every non-hidden file in it gets exactly one row: the unreadable, the non-images and the
+refused (decompression bombs) with their reason, so nothing is silently left out.
+"""
+
+from __future__ import annotations
+
+import csv
+import logging
+from pathlib import Path
+from typing import Any
+
+import torch
+from omegaconf import DictConfig
+from torch.utils.data import DataLoader, Dataset
+
+from transferlab.cli.app import Command
+from transferlab.core.errors import DataError
+from transferlab.core.hardware import resolve_device
+from transferlab.data.images import decode_rgb, describe_failure, list_files
+from transferlab.models.classifier import load_checkpoint
+
+log = logging.getLogger(__name__)
+
+
+class _Files(Dataset):
+    """Yields (index, image tensor or None, error or '')."""
+
+    def __init__(self, files: list[Path], transform: Any, size: int, decode_size: int) -> None:
+        self.files, self.transform, self.size, self.decode_size = files, transform, size, decode_size
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+    def __getitem__(self, i: int) -> tuple[int, torch.Tensor, str]:
+        try:
+            return i, self.transform(decode_rgb(self.files[i], self.decode_size)), ""
+        except Exception as exc:  # noqa: BLE001 - each failure becomes that row's error
+            return i, torch.zeros(3, self.size, self.size), describe_failure(exc, self.files[i])
+
+
+def collect_inputs(input_path: str) -> list[Path]:
+    path = Path(input_path).expanduser()
+    if path.is_file():
+        return [path]
+    if path.is_dir():
+        return list_files(path)
+    raise DataError(f"input: {path} is neither a file nor a folder")
+
+
+def predict(cfg: DictConfig) -> Path:
+    """One CSV row per input file: top-k labels and scores, or the reason the file could not be used."""
+    model, _ = load_checkpoint(cfg.ckpt_path)
+    device = resolve_device(cfg.device)
+    model.to(device)
+    files = collect_inputs(cfg.input)
+    if not files:
+        raise DataError(f"input: no files under {cfg.input}; give an image file or a folder of images")
+    prep = model.backbone.preprocessing
+    loader = DataLoader(
+        _Files(files, prep.eval_transform(), prep.input_size, prep.decode_size()), batch_size=cfg.batch_size, num_workers=cfg.num_workers
+    )
+    k = max(1, min(int(cfg.topk), len(model.class_names)))
+    output = Path(cfg.output).expanduser()
+    output.parent.mkdir(parents=True, exist_ok=True)
+    rows_ok = 0
+    with open(output, "w", newline="") as fh, torch.inference_mode():
+        writer = csv.writer(fh)
+        writer.writerow(["path", "label", "score", "error"] + [f"top{j}_{kind}" for j in range(1, k + 1) for kind in ("label", "score")])
+        for indices, images, errors in loader:
+            probs = model(images.to(device)).float().softmax(dim=-1).cpu()
+            scores, labels = probs.topk(k, dim=-1)
+            for i, err, s, top in zip(indices.tolist(), errors, scores.tolist(), labels.tolist()):
+                if err:
+                    writer.writerow([str(files[i]), "", "", err] + [""] * (2 * k))
+                    continue
+                ranked = [v for j in range(k) for v in (model.class_names[top[j]], f"{s[j]:.6f}")]
+                writer.writerow([str(files[i]), model.class_names[top[0]], f"{s[0]:.6f}", ""] + ranked)
+                rows_ok += 1
+    log.info("Wrote %s: %d image(s) labelled, %d not usable (their reason is in the error column)", output, rows_ok, len(files) - rows_ok)
+    return output
+
+
+command = Command("predict", predict)
+main = command.main
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,171 @@
+"""The shape of every command's config: which keys exist and what type each holds. Never a default value.
+
+Default values live in one place, the YAML under conf/ (each file documents its keys); these schemas only say
+what a key may hold, and `config.validation` checks a composed config against them before a command does any
+work. A field may be left out of the YAML only when its type admits None. Nodes that Hydra instantiates
+(datamodule, optimizer, scheduler, Trainer, loggers, callbacks) are `Target`s: they are checked against the
+signature of the class they name, so upgrading Lightning or torch never needs an edit here.
+tests/test_config_schema.py composes every command and every option and fails when YAML and schema disagree.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal, Optional, Union
+
+from transferlab.insight.ideal import IdealSettings
+
+
+class Target(dict):
+    """A node with `_target_`: its keys and values are checked against the signature of what it instantiates."""
+
+
+class Targets(dict):
+    """A node of named `Target`s (loggers, callbacks); a value of null switches one off."""
+
+
+@dataclass
+class Backbone:
+    name: str  # a name in one of the registered sources (transferlab.models.sources)
+    source: str  # auto or a registered source name
+    weights: str  # imagenet | none | bundled | a state_dict / safetensors path
+    input_size: Optional[int]
+
+
+@dataclass
+class Finetune:
+    mode: Literal["frozen", "full", "gradual"]
+    head_dropout: float
+    backbone_lr_factor: float
+    unfreeze_at_epoch: Optional[int]
+
+
+@dataclass
+class FeatureCache:
+    enabled: bool
+    storage: Literal["disk", "memory"]
+    augmented_views: int
+    batch_size: int
+
+
+@dataclass
+class Performance:
+    channels_last: Union[bool, Literal["auto"]]
+    compile: Union[bool, Literal["auto"]]
+    feature_cache: FeatureCache
+
+
+@dataclass
+class Paths:
+    data_dir: str
+    cache_dir: Optional[str]
+    log_dir: str
+    output_dir: str
+
+
+@dataclass
+class Train:
+    task_name: str
+    tags: list[str]
+    seed: int
+    ckpt_path: Optional[str]
+    optimized_metric: Optional[str]
+    data: Target
+    backbone: Backbone
+    finetune: Finetune
+    trainer: Target  # before optimizer and scheduler, whose values refer to it (T_max: ${trainer.max_epochs})
+    optimizer: Target
+    scheduler: Optional[Target]  # {} = a constant learning rate
+    performance: Performance
+    logger: Targets
+    callbacks: Targets
+    paths: Paths
+
+
+@dataclass
+class EvalData:
+    """Keys given here replace the ones stored in the checkpoint (any key of the dataset's own config)."""
+
+    root: Optional[str]
+    batch_size: Optional[int]
+    num_workers: Optional[Union[int, Literal["auto"]]]
+
+
+@dataclass
+class Eval:
+    task_name: str
+    tags: list[str]
+    ckpt_path: str
+    data: EvalData
+    trainer: Target
+    logger: Targets
+    callbacks: Optional[Targets]
+    paths: Paths
+
+
+@dataclass
+class Predict:
+    task_name: str
+    ckpt_path: str
+    input: str
+    output: str
+    topk: int
+    batch_size: int
+    num_workers: int
+    device: str
+    paths: Paths
+
+
+@dataclass
+class Visualize(IdealSettings):
+    task_name: str
+    ckpt_path: Optional[str]
+    target: Union[str, int]
+    heldout_backbone: Optional[str]
+    device: str
+    backbone: Backbone
+    paths: Paths
+
+
+@dataclass
+class Attack:
+    task_name: str
+    ckpt_path: Optional[str]
+    input: str
+    target: Union[str, int]
+    eps: Union[str, float, int]
+    crop: Optional[list[int]]
+    steps: int
+    step_size: Optional[Union[str, float, int]]
+    random_start: bool
+    stop_prob: Optional[float]
+    transfer_backbone: Optional[str]
+    amplify: Optional[float]
+    device: str
+    seed: int
+    backbone: Backbone
+    paths: Paths
+
+
+@dataclass
+class Report:
+    """transferlab-report's arguments (argparse, not Hydra), checked the same way."""
+
+    sweep_dir: str
+    metric: Optional[str]
+    direction: Optional[Literal["maximize", "minimize"]]
+    no_html: bool
+
+
+# Top-level keys beyond the schema are allowed (`+note=...` on the command line: Hydra already insists on the +);
+# inside a group node every key must be known, so a mistyped `+data.batchsize` is caught.
+OPEN_NODES: frozenset[type] = frozenset({Train, Eval, Predict, Visualize, Attack, EvalData})
+
+COMMANDS: dict[str, type] = {"train": Train, "eval": Eval, "predict": Predict, "visualize": Visualize, "attack": Attack, "report": Report}
+
+# Values that are ours, not the instantiated class's, and are resolved before the class sees them:
+# (class path, parameter) -> accepted values besides what its annotation allows.
+OUR_VALUES: dict[tuple[str, str], tuple[object, ...]] = {
+    ("lightning.pytorch.Trainer", "precision"): ("auto",),  # training.performance.resolve_precision
+    ("lightning.pytorch.loggers.wandb.WandbLogger", "offline"): ("auto",),  # training.loggers.resolve_logger_config
+}

@@ -1,0 +1,1 @@
+"""What every layer may use: errors, run context, redaction, hardware, guarded internals, small files, plots."""

@@ -1,0 +1,117 @@
+"""The summary of a sweep: one table of every job, and a report a person can read (transferlab-report, SweepSummary).
+
+Reads each job folder (Hydra's `.hydra/overrides.yaml`, our `job.json` and `metrics.json`) and writes, in the
+sweep folder: `summary.csv` (one row per job: its overrides as columns, `status`, its metrics), `summary.md`
+(sorted by the optimised metric, failures listed with their error) and a self-contained `report.html`.
+"""
+
+from __future__ import annotations
+
+import csv
+import logging
+from pathlib import Path
+from typing import Any, Optional
+
+from hydra.experimental.callback import Callback
+from omegaconf import DictConfig
+
+from transferlab.core.errors import one_line
+from transferlab.sweeps.collect import Job, Sweep, cell, collect, columns, headline, natural
+from transferlab.sweeps.records import ERROR_FILE, JOB_FILE, read_job_record
+
+SUMMARY_CSV, SUMMARY_MD, REPORT_HTML = "summary.csv", "summary.md", "report.html"
+log = logging.getLogger(__name__)
+failed_jobs_of_last_sweep: Optional[int] = None  # set when a multirun ends; read by cli.app for the exit code
+
+
+def write_csv(sweep: Sweep) -> Path:
+    keys, metrics = columns(sweep)
+    with open(sweep.path / SUMMARY_CSV, "w", newline="") as fh:
+        writer = csv.writer(fh)
+        writer.writerow(["job", *keys, "status", *metrics, "duration_s", "error"])
+        for job in sweep.jobs:
+            writer.writerow(
+                [
+                    job.name,
+                    *(job.overrides.get(k, "") for k in keys),
+                    job.status,
+                    *(job.metrics.get(m, "") if job.metrics.get(m) is not None else "" for m in metrics),
+                    job.duration_s if job.duration_s is not None else "",
+                    job.error or "",
+                ]
+            )
+    return sweep.path / SUMMARY_CSV
+
+
+def write_markdown(sweep: Sweep) -> Path:
+    keys, metrics = columns(sweep)
+    shown = [m for m in metrics if m.split("/")[0] in ("val", "test")][:6] or metrics[:6]
+    header = ["job", *(sweep.swept or keys), "status", *shown]
+    lines = [f"# Sweep {sweep.path}", "", headline(sweep), "", "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for job in sweep.jobs:
+        cells = [job.name, *(cell(job.overrides.get(k, "")) for k in (sweep.swept or keys)), job.status, *(cell(job.metrics.get(m)) for m in shown)]
+        lines.append("| " + " | ".join(c.replace("|", "\\|") for c in cells) + " |")
+    failed = [j for j in sweep.jobs if j.status == "failed"]
+    if failed:
+        lines += ["", "## Failures", ""]
+        for job in failed:
+            detail = job.path / ERROR_FILE
+            where = f" (traceback: `{detail}`)" if detail.is_file() else ""
+            lines.append(f"- job {job.name} ({', '.join(f'{k}={v}' for k, v in job.overrides.items() if k in sweep.swept)}): {job.error}{where}")
+    (sweep.path / SUMMARY_MD).write_text("\n".join(lines) + "\n")
+    return sweep.path / SUMMARY_MD
+
+
+def write_report(sweep_dir: str | Path, html: bool = True, metric: Optional[str] = None, direction: Optional[str] = None) -> Sweep:
+    sweep = collect(sweep_dir, metric, direction)
+    write_csv(sweep)
+    write_markdown(sweep)
+    if html:
+        from transferlab.sweeps.report_html import write_html  # matplotlib: only when a page is wanted
+
+        write_html(sweep, sweep.path / REPORT_HTML)
+    return sweep
+
+
+def print_summary(sweep: Sweep, limit: int = 20) -> None:
+    """The table, the best job and each distinct error with its jobs, on stderr (text is never read as markup)."""
+    from rich.console import Console
+    from rich.table import Table
+    from rich.text import Text
+
+    table = Table(title=Text(f"Sweep {sweep.path}"), title_justify="left")
+    for column in ("job", *sweep.swept, "status", sweep.metric):
+        table.add_column(Text(column))
+    for job in sweep.jobs[:limit]:
+        style = {"failed": "red", "pruned": "yellow", "incomplete": "yellow", "interrupted": "yellow"}.get(job.status, "")
+        cells = [job.name, *(cell(job.overrides.get(k, "")) for k in sweep.swept), job.status, cell(job.value(sweep.metric))]
+        table.add_row(*map(Text, cells), style=style)
+    console = Console(stderr=True, highlight=False)
+    console.print(table)
+    console.print(Text(headline(sweep)))
+    by_error: dict[str, list[Job]] = {}
+    for job in (j for j in sweep.jobs if j.status == "failed"):
+        by_error.setdefault(job.error or "unknown error", []).append(job)
+    for error, jobs in by_error.items():
+        names = ", ".join(j.name for j in sorted(jobs, key=lambda j: natural(j.name)))
+        console.print(Text.assemble((f"{len(jobs)} job(s) failed", "red"), f" ({names}): {error} (traceback: {jobs[0].path / ERROR_FILE})"))
+    console.print(Text(f"Summary: {sweep.path / SUMMARY_MD}; report: {sweep.path / REPORT_HTML}"))
+
+
+class SweepSummary(Callback):
+    """At the end of a multirun: summary.csv / summary.md / report.html in the sweep folder, failures printed."""
+
+    def __init__(self, html: bool = True) -> None:
+        self.html = html
+
+    def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
+        global failed_jobs_of_last_sweep
+        sweep_dir = Path(config.hydra.sweep.dir)
+        if not sweep_dir.is_dir():
+            return
+        records = [read_job_record(path.parent) for path in sweep_dir.glob("**/" + JOB_FILE)]
+        failed_jobs_of_last_sweep = sum(1 for r in records if r.get("status") == "failed")  # the exit code, report or not
+        try:
+            print_summary(write_report(sweep_dir, html=self.html))
+        except Exception as exc:  # noqa: BLE001 - the jobs' own results are already on disk
+            log.error("could not write the sweep report of %s: %s", sweep_dir, one_line(exc))

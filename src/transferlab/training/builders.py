@@ -1,0 +1,61 @@
+"""Building the pieces of a run from its config: datamodule, Trainer, callbacks and loggers (train and eval)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import lightning.pytorch as pl
+from hydra.errors import InstantiationException
+from hydra.utils import instantiate
+from lightning.pytorch.loggers import Logger
+from omegaconf import DictConfig, OmegaConf
+
+from transferlab.core.errors import ConfigError, TransferlabError, one_line
+from transferlab.core.redaction import redact
+from transferlab.data.base import ImageClassificationDataModule
+from transferlab.training.checkpointing import AtomicCheckpointIO
+from transferlab.training.loggers import flat_hparams
+
+
+def container(node: Any) -> Any:
+    """Plain, resolved Python containers (checkpoint-safe, picklable, loadable with weights_only=True)."""
+    return OmegaConf.to_container(node, resolve=True) if isinstance(node, DictConfig) else node
+
+
+def instantiate_config(node: DictConfig, key: str, **kwargs: Any) -> Any:
+    """hydra.utils.instantiate, with the target's complaint about its arguments as a ConfigError naming `key`."""
+    try:
+        return instantiate(node, **kwargs)
+    except InstantiationException as exc:
+        cause = exc.__cause__
+        if isinstance(cause, TransferlabError):
+            raise cause from None
+        if cause is not None and (isinstance(cause, (ValueError, TypeError)) or type(cause).__name__ == "MisconfigurationException"):
+            raise ConfigError(f"{key}: {one_line(cause)}") from exc
+        raise
+
+
+def instantiate_group(node: DictConfig | None, key: str) -> list[Any]:
+    """Callbacks / loggers: every sub-node with a `_target_`, in config order."""
+    return [
+        instantiate_config(child, f"{key}.{name!s}") for name, child in (node or {}).items() if isinstance(child, DictConfig) and "_target_" in child
+    ]
+
+
+def build_datamodule(data_cfg: dict[str, Any], preprocessing: Any) -> ImageClassificationDataModule:
+    datamodule = instantiate_config(OmegaConf.create(data_cfg), "data")
+    datamodule.preprocessing = preprocessing
+    datamodule.setup()
+    return datamodule
+
+
+def build_trainer(trainer_cfg: DictConfig, callbacks: list[pl.Callback], loggers: list[Logger]) -> pl.Trainer:
+    """The Trainer from config; checkpoints are written atomically unless trainer.plugins says otherwise."""
+    extra = {} if trainer_cfg.get("plugins") else {"plugins": [AtomicCheckpointIO()]}
+    return instantiate_config(trainer_cfg, "trainer", callbacks=callbacks, logger=loggers or False, **extra)
+
+
+def log_run_config(loggers: list[Logger], cfg: DictConfig) -> None:
+    values = redact(container(cfg))
+    for lg in loggers:
+        lg.log_hyperparams(flat_hparams(values) if type(lg).__name__ != "WandbLogger" else values)

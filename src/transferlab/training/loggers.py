@@ -1,0 +1,145 @@
+"""Logger set-up: a CSV logger that survives resuming, and W&B that goes offline by itself without a key."""
+
+from __future__ import annotations
+
+import csv
+import netrc
+import os
+from argparse import Namespace
+from pathlib import Path
+from typing import Any, Optional
+
+import yaml
+from lightning.pytorch.loggers import Logger
+from lightning.pytorch.utilities import rank_zero_only
+from omegaconf import DictConfig, ListConfig, OmegaConf, open_dict
+
+from transferlab.core.context import sweep_identity
+from transferlab.core.redaction import redact
+
+
+class ResumableCSVLogger(Logger):
+    """<save_dir>/<name>/metrics.csv (one row per logging step, Lightning's CSV layout) and hparams.yaml.
+
+    Lightning's CSVLogger deletes an existing metrics.csv when a run starts in the same folder (since 2.2.1,
+    Lightning-AI/pytorch-lightning PR #19446); a resumed run must continue it. This one is built on Lightning's
+    public Logger interface, so no Lightning internal is patched: rows of earlier (interrupted) runs in the same
+    folder are kept, and a new column rewrites the file with the wider header.
+    """
+
+    flush_every_n_steps = 50  # rows kept in memory before they are appended to metrics.csv (and at the end of the run)
+
+    def __init__(self, *, save_dir: str, name: str, version: str) -> None:
+        """Values: conf/logger/csv.yaml."""
+        super().__init__()
+        self._save_dir, self._name, self._version = str(save_dir), name, version
+        self._rows: list[dict[str, Any]] = []
+        self._hparams: dict[str, Any] = {}
+
+    @property
+    def name(self) -> str:
+        return self._name
+
+    @property
+    def version(self) -> str:
+        return self._version
+
+    @property
+    def save_dir(self) -> str:
+        return self._save_dir
+
+    @property
+    def log_dir(self) -> str:
+        return str(Path(self._save_dir, self._name, self._version))
+
+    @property
+    def metrics_file(self) -> Path:
+        return Path(self.log_dir) / "metrics.csv"
+
+    @rank_zero_only
+    def log_hyperparams(self, params: Any, *args: Any, **kwargs: Any) -> None:
+        values = vars(params) if isinstance(params, Namespace) else dict(params or {})
+        self._hparams.update({str(k): v if isinstance(v, (int, float, str, bool, type(None), list, dict)) else str(v) for k, v in values.items()})
+        Path(self.log_dir).mkdir(parents=True, exist_ok=True)
+        (Path(self.log_dir) / "hparams.yaml").write_text(yaml.safe_dump(redact(self._hparams), sort_keys=True))
+
+    @rank_zero_only
+    def log_metrics(self, metrics: dict[str, float], step: Optional[int] = None) -> None:
+        row = {k: (v.item() if hasattr(v, "item") else v) for k, v in metrics.items()}
+        self._rows.append({**row, "step": step if step is not None else len(self._rows)})
+        if len(self._rows) >= self.flush_every_n_steps:
+            self.save()
+
+    @rank_zero_only
+    def save(self) -> None:
+        if not self._rows:
+            return
+        earlier: list[dict[str, Any]] = []
+        header: list[str] = []
+        if self.metrics_file.is_file():
+            with open(self.metrics_file, newline="") as fh:
+                reader = csv.DictReader(fh)
+                header = list(reader.fieldnames or [])
+                earlier = list(reader) if not set().union(*self._rows) <= set(header) else []
+        keys = sorted(set(header).union(*self._rows))
+        self.metrics_file.parent.mkdir(parents=True, exist_ok=True)
+        rewrite = keys != header
+        with open(self.metrics_file, "w" if rewrite else "a", newline="") as fh:
+            writer = csv.DictWriter(fh, fieldnames=keys)
+            if rewrite:
+                writer.writeheader()
+                writer.writerows(earlier)
+            writer.writerows(self._rows)
+        self._rows = []
+
+    @rank_zero_only
+    def finalize(self, status: str) -> None:
+        self.save()
+
+
+def wandb_has_credentials() -> bool:
+    """An API key in the environment or in ~/.netrc (where `wandb login` puts it)."""
+    if os.environ.get("WANDB_API_KEY"):
+        return True
+    try:
+        return netrc.netrc().authenticators("api.wandb.ai") is not None
+    except (OSError, netrc.NetrcParseError):
+        return False
+
+
+def resolve_logger_config(logger_cfg: DictConfig | None, run_name: str) -> None:
+    """Fill `offline: auto`, an empty W&B run name and, in a sweep, an empty group (one per sweep) in place."""
+    for node in (logger_cfg or {}).values():
+        if isinstance(node, DictConfig) and str(node.get("_target_", "")).endswith("WandbLogger"):
+            sweep = sweep_identity()
+            with open_dict(node):
+                if node.get("offline") == "auto":
+                    node.offline = os.environ.get("WANDB_MODE") == "offline" or not wandb_has_credentials()
+                if not node.get("name"):
+                    node.name = sweep[1] if sweep else run_name
+                if sweep and not node.get("group"):
+                    node.group = sweep[0]
+                for key in ("name", "group", "notes", "tags", "job_type"):  # shown on wandb.ai: credentials masked
+                    if node.get(key) is not None:
+                        node[key] = redact(OmegaConf.to_container(node[key], resolve=True) if isinstance(node[key], ListConfig) else node[key])
+
+
+def finish_loggers(loggers: list[Logger]) -> None:
+    """Close W&B runs so each job of a multirun gets its own, finished run."""
+    for lg in loggers:
+        if type(lg).__name__ == "WandbLogger":
+            import wandb
+
+            if wandb.run is not None:
+                wandb.finish()
+
+
+def flat_hparams(values: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key, value in values.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict):
+            out.update(flat_hparams(value, f"{name}/"))
+        else:
+            out[name] = value if isinstance(value, (int, float, str, bool)) or value is None else str(value)
+    return out

@@ -1,0 +1,187 @@
+"""One source of truth for config: the YAML holds every default, the schemas only shapes, and the two cannot drift.
+
+Each command's composed config (with every option of every group it composes) validates against its schema;
+the schemas carry no default values; transferlab's own `_target_` classes take every value the YAML sets
+without a Python default of their own; and a key the schema does not know, or one the YAML lost, fails.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import inspect
+import typing
+from pathlib import Path
+from typing import Any
+
+import pytest
+from hydra import compose, initialize_config_dir
+from hydra.core.hydra_config import HydraConfig
+from hydra.utils import get_object
+from omegaconf import DictConfig, OmegaConf, open_dict
+
+from transferlab.cli.app import group_options
+from transferlab.config.paths import config_dir
+from transferlab.config.schema import COMMANDS
+from transferlab.config.validation import validate
+from transferlab.core.errors import ConfigError
+from transferlab.insight.ideal import IdealSettings
+
+CONF = Path(config_dir())
+REQUIRED = {
+    "train": [],
+    "eval": ["ckpt_path=x.ckpt"],
+    "predict": ["ckpt_path=x.ckpt", "input=in"],
+    "visualize": ["target=zebra"],
+    "attack": ["input=dog.jpg", "target=zebra"],
+}
+GROUPS = {
+    "train": [
+        "data",
+        "backbone",
+        "finetune",
+        "optimizer",
+        "scheduler",
+        "trainer",
+        "performance",
+        "logger",
+        "callbacks",
+        "experiment",
+        "hparams_search",
+    ],
+    "eval": ["trainer", "logger", "callbacks"],
+    "predict": [],
+    "visualize": ["backbone"],
+    "attack": ["backbone"],
+}
+
+
+def composed(command: str, *overrides: str, tmp_path: Path) -> DictConfig:
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        cfg = compose(command, overrides=[*REQUIRED[command], *overrides, f"hydra.run.dir={tmp_path}"], return_hydra_config=True)
+    with open_dict(cfg):
+        cfg.hydra.runtime.output_dir = str(tmp_path)
+    HydraConfig.instance().set_config(cfg)
+    with open_dict(cfg):
+        del cfg["hydra"]
+    return cfg
+
+
+def extra_for(group: str, option: str) -> list[str]:
+    if (group, option) == ("backbone", "custom"):
+        return ["backbone.name=convnext_tiny"]
+    if (group, option) == ("data", "image_folder"):
+        return ["data.root=/some/folder"]
+    return []
+
+
+CASES = [
+    (command, group, option) for command, groups in GROUPS.items() for group in groups for option in group_options(CONF / group) if "/" not in option
+]
+CASES += [(command, None, None) for command in GROUPS]
+
+
+@pytest.mark.parametrize("command,group,option", CASES, ids=[f"{c}:{g}={o}" if g else f"{c}:defaults" for c, g, o in CASES])
+def test_every_composed_config_matches_its_schema(tmp_path, command, group, option):
+    overrides = [f"{group}={option}", *extra_for(group, option)] if group else []
+    validate(composed(command, *overrides, tmp_path=tmp_path), command)
+
+
+def _schemas(schema: type, seen: set[type]) -> set[type]:
+    """A schema dataclass and every dataclass its fields refer to."""
+    if schema in seen:
+        return seen
+    seen.add(schema)
+    for annotation in typing.get_type_hints(schema).values():
+        for candidate in (annotation, *typing.get_args(annotation)):
+            if dataclasses.is_dataclass(candidate):
+                _schemas(candidate, seen)  # type: ignore[arg-type]
+    return seen
+
+
+def test_schemas_hold_no_default_values():
+    schemas = set().union(*(_schemas(s, set()) for s in COMMANDS.values())) | {IdealSettings}
+    with_defaults = [
+        f"{s.__name__}.{f.name}"
+        for s in schemas
+        for f in dataclasses.fields(s)
+        if f.default is not dataclasses.MISSING or f.default_factory is not dataclasses.MISSING
+    ]
+    assert not with_defaults, f"defaults belong in the YAML under conf/, not in the schema: {with_defaults}"
+
+
+def _target_nodes(values: Any, key: str = "") -> list[tuple[str, dict]]:
+    if not isinstance(values, dict):
+        return []
+    found = [(key, values)] if "_target_" in values else []
+    return found + [n for k, v in values.items() for n in _target_nodes(v, f"{key}.{k}" if key else k)]
+
+
+@pytest.mark.parametrize("command", list(GROUPS))
+def test_our_classes_take_their_values_from_the_yaml_only(tmp_path, command):
+    """Where the YAML sets a parameter of one of transferlab's own classes, the class has no default of its own."""
+    nodes = []
+    for cmd, group, option in CASES:
+        if cmd == command:
+            overrides = [f"{group}={option}", *extra_for(group, option)] if group else []
+            values = OmegaConf.to_container(composed(command, *overrides, tmp_path=tmp_path), resolve=True)
+            nodes += _target_nodes(values)
+    ours = [(key, node) for key, node in nodes if str(node["_target_"]).startswith("transferlab.")]
+    assert ours or command in ("predict", "visualize", "attack")
+    doubled = set()
+    for key, node in ours:
+        cls = get_object(node["_target_"])
+        for klass in inspect.getmro(cls):
+            if "__init__" not in vars(klass) or not klass.__module__.startswith("transferlab."):
+                continue
+            for name, param in inspect.signature(klass.__init__).parameters.items():
+                if name in node and param.default is not param.empty:
+                    doubled.add(f"{key}.{name} ({klass.__name__} says {param.default!r})")
+    assert not doubled, f"a second default in Python beside the YAML's: {sorted(doubled)}"
+
+
+def test_dataset_options_extend_one_base_config():
+    base = OmegaConf.load(CONF / "data" / "_base.yaml")
+    for option in group_options(CONF / "data"):
+        text = OmegaConf.load(CONF / "data" / f"{option}.yaml")
+        assert "_base" in list(text.defaults), option
+        repeated = [k for k in text if k not in ("defaults", "_target_") and k in base and text[k] == base[k]]
+        assert not repeated, f"conf/data/{option}.yaml repeats {repeated} from _base.yaml"
+
+
+def test_a_key_the_schema_does_not_know_or_one_the_yaml_lost_fails(tmp_path):
+    cfg = composed("train", tmp_path=tmp_path)
+    with open_dict(cfg):
+        cfg.finetune.head_dropuot = 0.1
+    with pytest.raises(ConfigError, match=r"finetune.head_dropuot: unknown key \(did you mean: head_dropout\?\)"):
+        validate(cfg, "train")
+    cfg = composed("train", tmp_path=tmp_path)
+    with open_dict(cfg):
+        del cfg.finetune["backbone_lr_factor"]
+    with pytest.raises(ConfigError, match="finetune.backbone_lr_factor: required value is missing"):
+        validate(cfg, "train")
+    cfg = composed("train", tmp_path=tmp_path)
+    with open_dict(cfg):
+        del cfg.data["val_fraction"]
+    with pytest.raises(ConfigError, match=r"data.val_fraction: required value is missing \(transferlab.data.oxford_pets"):
+        validate(cfg, "train")
+
+
+@pytest.mark.parametrize(
+    "command,override,message",
+    [
+        ("predict", "topk=0", "topk: expected an integer >= 1"),
+        ("visualize", "steps=0", "steps: expected an integer >= 1"),
+        ("visualize", "parameterization=fourierr", "parameterization: expected one of fourier, pixel"),
+        ("attack", "stop_prob=1.5", "stop_prob: expected a probability in (0, 1]"),
+        ("eval", "data.batch_size=many", "data.batch_size: expected int or null"),
+        ("eval", "+data.val_fraction=0.3", None),  # eval passes any data key on to the stored dataset config
+    ],
+)
+def test_every_command_is_validated_the_same_way(tmp_path, command, override, message):
+    cfg = composed(command, override, tmp_path=tmp_path)
+    if message is None:
+        validate(cfg, command)
+        return
+    with pytest.raises(ConfigError) as info:
+        validate(cfg, command)
+    assert str(info.value).startswith(message), str(info.value)
