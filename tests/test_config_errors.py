@@ -119,9 +119,20 @@ def test_bad_config_exits_2_with_one_line(outcomes, folders, name, overrides, st
     assert "Traceback" not in output and "HYDRA_FULL_ERROR" not in output
 
 
-@pytest.mark.parametrize("overrides", [["data.batchsize=8"], ["optimizer.lr=-0.01"]], ids=["hydra's error", "ours"])
-def test_process_exit_code_and_full_error_traceback(tmp_path, overrides):
-    proc = _run(overrides, tmp_path / "plain")
+EXIT_CASES = {"hydra's error": ["data.batchsize=8"], "ours": ["optimizer.lr=-0.01"]}
+
+
+@pytest.fixture(scope="module")
+def full_error_outcomes(tmp_path_factory) -> dict[str, dict]:
+    """The same cases with HYDRA_FULL_ERROR=1, both through the real main() in one process."""
+    base = tmp_path_factory.mktemp("full_error")
+    calls = [("train", [*COMMON, *overrides, f"hydra.run.dir={base / str(i)}"]) for i, overrides in enumerate(EXIT_CASES.values())]
+    return dict(zip(EXIT_CASES, run_mains(calls, base, env={**os.environ, "HYDRA_FULL_ERROR": "1"})))
+
+
+@pytest.mark.parametrize("case", list(EXIT_CASES))
+def test_process_exit_code_and_full_error_traceback(tmp_path, full_error_outcomes, case):
+    proc = _run(EXIT_CASES[case], tmp_path / "plain")  # the exit status of a real process
     assert proc.returncode == 2 and proc.stderr.count("error:") == 1 and "Traceback" not in proc.stderr
-    proc = _run(overrides, tmp_path / "full", full_error=True)
-    assert proc.returncode != 0 and "Traceback" in proc.stderr
+    full = full_error_outcomes[case]
+    assert full["code"] != 0 and "Traceback" in full["stderr"]

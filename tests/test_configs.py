@@ -126,6 +126,7 @@ def test_every_lesson_preset_is_known():
     assert found == set(LESSON_PRESETS)
 
 
+@pytest.mark.shared  # the attack preset names the lesson's dog photo in ../shared
 @pytest.mark.parametrize("preset,command", sorted(LESSON_PRESETS.items()))
 def test_lesson_presets_compose_for_their_command(tmp_path, preset, command):
     with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):

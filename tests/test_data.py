@@ -165,6 +165,19 @@ def test_missing_root_without_download_is_one_clear_line(tmp_path):
         dm.setup()
 
 
+def test_a_failed_setup_leaves_no_splits_so_a_retry_fails_the_same_way(tmp_path):
+    """setup() used to store its splits before checking them: a second setup() then returned with empty splits."""
+    for label in ("cat", "dog"):
+        (tmp_path / "images" / label).mkdir(parents=True)
+        (tmp_path / "images" / label / "broken.jpg").write_bytes(b"\xff\xd8\xff\xe0 not an image")
+    dm = make_datamodule("image_folder", root=str(tmp_path / "images"), cache_dir=str(tmp_path / "cache"))
+    dm.preprocessing = Preprocessing(input_size=32)
+    for _ in range(2):
+        with pytest.raises(DataError, match="none of the 2 file"):
+            dm.setup()
+        assert dm.splits == {} and dm.class_names == []
+
+
 def test_failed_download_says_how_to_point_at_local_copy(tmp_path, monkeypatch):
     # The real download code, aimed at a closed port on this machine: fails the same way everywhere.
     dead = tuple((f"http://127.0.0.1:9/{Path(url).name}", md5) for url, md5 in OxfordPetsDataModule.resources)

@@ -312,6 +312,7 @@ def test_image_cache_gives_the_same_eval_inputs(tiny_folder):
 # ------------------------------------------------------------------------------------------ benchmark
 
 
+@pytest.mark.shared  # the benchmark trains on the shared photos
 def test_benchmark_quick_writes_every_key(tmp_path):
     out = tmp_path / "benchmark.json"
     proc = subprocess.run(

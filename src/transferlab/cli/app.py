@@ -78,7 +78,6 @@ class Command:
             spec = getattr(sys.modules["__main__"], "__spec__", None)
             module = spec.name if spec else f"transferlab.cli.{name}"
         self.module = module  # what DDP ranks > 0 run (`python -m <module>`)
-        self.__doc__ = task.__doc__
 
     def run(self, cfg: DictConfig) -> Any:
         """Validate, then do the work; errors are raised (ConfigError, DataError, ...)."""
