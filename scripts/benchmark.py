@@ -608,7 +608,7 @@ def main(argv: Optional[list[str]] = None) -> int:
             variants = [("fp32", False, False), ("bf16+channels_last", True, True)]
             if not quick:
                 variants += [("fp32+channels_last", False, True), ("bf16", True, False)]
-            batch, steps, warmup = (256, 20, 5) if gpu else ((8, 2, 1) if quick else (32, 3, 1))
+            batch, steps, warmup = (256, 20, 5) if gpu else ((4, 2, 1) if quick else (32, 3, 1))
             details["precision"] = precision_section([("resnet50", "none"), (LITE0, "none")], batch, steps, warmup, device, variants)
         if "accuracy" in sections and not quick:
             details["accuracy"] = accuracy_section(root, work, device, 10, args.compile)

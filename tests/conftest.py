@@ -106,7 +106,7 @@ def tiny_folder(tmp_path_factory) -> Path:
 
 @pytest.fixture(autouse=True)
 def _isolated_env(tmp_path_factory, monkeypatch):
-    cache = tmp_path_factory.getbasetemp() / "cache"
+    cache = session_root(tmp_path_factory) / "cache"  # one per test session, shared by its workers (caches are safe to share)
     monkeypatch.setenv("TRANSFERLAB_CACHE_DIR", str(cache))
     monkeypatch.setenv("TRANSFERLAB_DATA_DIR", str(tmp_path_factory.getbasetemp() / "data"))
     monkeypatch.setenv("WANDB_MODE", "offline")
@@ -257,12 +257,33 @@ def copy_tree(src: Path, dst: Path) -> Path:
     return dst
 
 
+def session_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """This test session's temporary folder, the same for all its pytest-xdist workers (each has its own below it)."""
+    base = tmp_path_factory.getbasetemp()
+    return base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base
+
+
 @pytest.fixture(scope="session")
 def species_run(tmp_path_factory) -> Path:
-    """Cats vs dogs on the shared sample (bundled Lite0, frozen, 4 epochs): one run shared by several tests."""
+    """Cats vs dogs on the shared sample (bundled Lite0, frozen, 4 epochs): one run shared by several tests, trained
+    once per session (the first worker to need it trains, the others wait for it and reuse it)."""
+    from filelock import FileLock
+
     require_shared()
-    out = tmp_path_factory.mktemp("species")
-    run("train", "data=oxford_pets", "data.task=species", "trainer.max_epochs=4", "optimizer.lr=3e-3", "seed=1", f"hydra.run.dir={out}", *PETS_ARGS)
+    root = session_root(tmp_path_factory)
+    out = root / "species"
+    with FileLock(str(root / "species.lock")):
+        if not (out / "metrics.json").is_file():
+            run(
+                "train",
+                "data=oxford_pets",
+                "data.task=species",
+                "trainer.max_epochs=4",
+                "optimizer.lr=3e-3",
+                "seed=1",
+                f"hydra.run.dir={out}",
+                *PETS_ARGS,
+            )
     return out
 
 

@@ -11,7 +11,7 @@ import pytest
 import torch
 from PIL import Image
 
-from conftest import FAST, REPO, SEED_IMAGES, SHARED, read_metrics, read_wandb_log, run, run_mains
+from conftest import FAST, REPO, SEED_IMAGES, SHARED, read_metrics, read_wandb_log, run, run_cli, run_mains
 from transferlab.core.errors import ConfigError
 from transferlab.data.preprocessing import Preprocessing
 from transferlab.insight.attacks import fgsm, parse_eps, pgd, targeted_attack
@@ -207,7 +207,7 @@ def test_commands_reject_bad_input_with_one_line(tmp_path):
 
 # -- the callbacks -----------------------------------------------------------------------------------------
 def test_picture_callbacks_write_to_run_dir_tensorboard_and_wandb(tiny_folder, tmp_path):
-    run(
+    run_cli(  # a real process: W&B writes its offline run to disk when the process winds it up
         "train",
         "callbacks=[feature_maps,ideal_class,adversarial]",
         "logger=many",

@@ -185,7 +185,7 @@ def test_ddp_cpu_aggregates_metrics_over_both_processes(tmp_path):
 
 
 def test_loggers_write_real_csv_tensorboard_and_offline_wandb(tiny_folder, tmp_path):
-    run(
+    run_cli(  # a real process: W&B writes its offline run to disk when the process winds it up
         "train",
         "logger=many",
         "data=image_folder",

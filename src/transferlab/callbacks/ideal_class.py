@@ -44,20 +44,8 @@ class IdealClassImages(pl.Callback):
         """`classes`: names to draw (null = the first `max_classes` classes); the rest as in transferlab-visualize
         (values: conf/callbacks/ideal_class.yaml)."""
         self.dirpath, self.classes, self.max_classes = Path(dirpath), list(classes or []), max_classes
-        self.settings = IdealSettings(
-            steps=steps,
-            lr=lr,
-            tv_weight=tv_weight,
-            views=views,
-            jitter=jitter,
-            scale=scale,
-            rotate=rotate,
-            parameterization=parameterization,
-            decorrelate=decorrelate,
-            decay_power=decay_power,
-            stop_prob=stop_prob,
-            seed=seed,
-        )
+        given = locals()  # every IdealSettings field is a parameter above, by the same name
+        self.settings = IdealSettings(**{f.name: given[f.name] for f in dataclasses.fields(IdealSettings)})
 
     def targets(self, pl_module: pl.LightningModule) -> list[int]:
         model = trained_classifier(as_classifier(pl_module))
