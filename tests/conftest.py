@@ -263,6 +263,10 @@ def session_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base
 
 
+# The species run the suite shares (and the DDP test repeats with two processes): it must match to the image.
+SPECIES_RUN = ["data=oxford_pets", "data.task=species", "trainer.max_epochs=4", "optimizer.lr=3e-3", "seed=1", *PETS_ARGS]
+
+
 @pytest.fixture(scope="session")
 def species_run(tmp_path_factory) -> Path:
     """Cats vs dogs on the shared sample (bundled Lite0, frozen, 4 epochs): one run shared by several tests, trained
@@ -274,16 +278,7 @@ def species_run(tmp_path_factory) -> Path:
     out = root / "species"
     with FileLock(str(root / "species.lock")):
         if not (out / "metrics.json").is_file():
-            run(
-                "train",
-                "data=oxford_pets",
-                "data.task=species",
-                "trainer.max_epochs=4",
-                "optimizer.lr=3e-3",
-                "seed=1",
-                f"hydra.run.dir={out}",
-                *PETS_ARGS,
-            )
+            run("train", *SPECIES_RUN, f"hydra.run.dir={out}")
     return out
 
 

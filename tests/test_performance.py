@@ -16,8 +16,8 @@ from PIL import Image
 from conftest import (
     FAST,
     PETS,
-    PETS_ARGS,
     REPO,
+    SPECIES_RUN,
     make_datamodule,
     pet_photos,
     read_metrics,
@@ -244,17 +244,12 @@ def test_ddp_with_cache_matches_one_process(species_run, tmp_path):
     out = tmp_path / "ddp"
     run_cli(
         "train",
-        "data=oxford_pets",
-        "data.task=species",
-        "trainer.max_epochs=4",
-        "optimizer.lr=3e-3",
-        "seed=1",
+        *SPECIES_RUN,
         "trainer=ddp_cpu",
         "data.batch_size=16",
         "data.num_workers=0",
         f"paths.cache_dir={tmp_path / 'cache'}",
         f"hydra.run.dir={out}",
-        *PETS_ARGS,
     )
     stats = json.loads((out / "feature_cache.json").read_text())
     assert stats["train"]["computed"] == 240 and stats["test"]["computed"] == 74
