@@ -264,7 +264,15 @@ def session_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 # The species run the suite shares (and the DDP test repeats with two processes): it must match to the image.
-SPECIES_RUN = ["data=oxford_pets", "data.task=species", "trainer.max_epochs=4", "optimizer.lr=3e-3", "seed=1", *PETS_ARGS]
+SPECIES_RUN = [
+    "data=oxford_pets",
+    "data.task=species",
+    "data.class_weights=balanced",
+    "trainer.max_epochs=4",
+    "optimizer.lr=3e-3",
+    "seed=1",
+    *PETS_ARGS,
+]
 
 
 @pytest.fixture(scope="session")

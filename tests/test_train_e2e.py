@@ -33,6 +33,17 @@ def breeds_run(tmp_path_factory) -> Path:
 def test_species_accuracy(species_run):
     metrics = read_metrics(species_run)
     assert metrics["test/acc"] >= 0.95, metrics
+    # data.class_weights=balanced (SPECIES_RUN) on the 1:2 cat:dog sample: the cats are not given up for the dogs
+    assert metrics["test/recall/cat"] >= metrics["test/recall/dog"] - 0.05, metrics
+    low, high = metrics["test/acc_ci95"]
+    assert low <= metrics["test/acc"] <= high and high - low < 0.2
+    for key in ("test/balanced_acc", "test/macro_f1", "test/ece", "test/nll", "val/ece", "val/balanced_acc", "calibration/temperature"):
+        assert isinstance(metrics[key], float), key
+    with open(species_run / "test_predictions.csv", newline="") as fh:
+        rows = list(csv.DictReader(fh))
+    assert list(rows[0]) == ["path", "label", "predicted", "prob_cat", "prob_dog"] and len(rows) == 74
+    assert sum(r["label"] == r["predicted"] for r in rows) / len(rows) == pytest.approx(metrics["test/acc"])
+    assert all(abs(float(r["prob_cat"]) + float(r["prob_dog"]) - 1) < 1e-5 for r in rows)
     for name in ("checkpoints/best.ckpt", "checkpoints/last.ckpt", "config.yaml", "confusion_matrix.png", "per_class_accuracy.csv"):
         assert (species_run / name).is_file(), name
 
@@ -142,18 +153,25 @@ def test_resume_continues_epochs_and_metrics(tiny_folder, tmp_path):
 
 
 def test_multirun_writes_one_dir_per_job(tiny_folder, tmp_path):
+    """Each job a 2-fold cross-validation (frozen: the cache serves both folds; full: each fold from the pretrained backbone)."""
     run_cli(
         "train",
         "-m",
         "finetune=frozen,full",
         "trainer.max_epochs=1",
+        "cv.folds=2",
         "data=image_folder",
         f"data.root={tiny_folder}",
         f"hydra.sweep.dir={tmp_path}",
         *FAST,
     )
     assert sorted(p.name for p in tmp_path.iterdir() if (p / "metrics.json").is_file()) == ["0", "1"]
-    assert {json.loads((tmp_path / j / "metrics.json").read_text())["epochs"] for j in "01"} == {1}
+    for job in ("0", "1"):
+        summary = json.loads((tmp_path / job / "cv_summary.json").read_text())
+        assert [fold["epochs"] for fold in summary["folds"]] == [1, 1]
+        assert len((tmp_path / job / "oof_predictions.csv").read_text().splitlines()) == 1 + 16
+        assert read_metrics(tmp_path / job)["val/acc_best"] == pytest.approx(summary["mean"]["val/acc_best"])
+    assert "vs best" in (tmp_path / "summary.md").read_text()
 
 
 @pytest.mark.slow

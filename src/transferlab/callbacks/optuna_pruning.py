@@ -39,7 +39,7 @@ class OptunaPruning(pl.Callback):
         return optuna.trial.Trial(study, trial_id)
 
     def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if trainer.sanity_checking:
+        if trainer.sanity_checking or trainer.state.fn != "fit":  # not the selected checkpoint's validation after fit
             return
         epoch, prune, metric = trainer.current_epoch, False, trainer.callback_metrics.get(self.monitor)
         value = float(metric) if metric is not None else math.nan

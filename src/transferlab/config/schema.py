@@ -64,12 +64,20 @@ class Paths:
 
 
 @dataclass
+class CrossValidation:
+    folds: Optional[int]
+    refit: bool
+
+
+@dataclass
 class Train:
     task_name: str
     tags: list[str]
     seed: int
     ckpt_path: Optional[str]
     optimized_metric: Optional[str]
+    calibration: Literal["temperature", "none"]
+    cv: CrossValidation
     data: Target
     backbone: Backbone
     finetune: Finetune

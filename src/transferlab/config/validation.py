@@ -222,6 +222,7 @@ LIMITS: dict[str, tuple[Callable[[Any], bool], str]] = {
     "optimizer.weight_decay": (lambda v: v >= 0, "a number >= 0"),
     "optimizer.momentum": (lambda v: 0 <= v < 1, "a number in [0, 1)"),
     "trainer.max_epochs": (lambda v: v >= 1 or v == -1, "an integer >= 1 (or -1 for no limit)"),
+    "cv.folds": (lambda v: v >= 2, "null (one split) or K >= 2 folds, e.g. cv.folds=5"),
     "trainer.accumulate_grad_batches": (lambda v: v >= 1, "an integer >= 1"),
     "trainer.gradient_clip_val": (lambda v: v >= 0, "a number >= 0 or null"),
     "finetune.head_dropout": (lambda v: 0 <= v < 1, "a probability in [0, 1)"),

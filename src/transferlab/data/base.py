@@ -26,7 +26,14 @@ from transferlab.core.hardware import default_workers, usable_cores
 from transferlab.data.images import ImageDataset, Sample, decode_all
 from transferlab.data.integrity import scan_images
 from transferlab.data.preprocessing import Preprocessing
-from transferlab.data.sampling import EpochDataLoader, EpochRandomSampler, EvaluationShardSampler, epoch_seed
+from transferlab.data.sampling import (
+    EpochBalancedSampler,
+    EpochDataLoader,
+    EpochRandomSampler,
+    EvaluationShardSampler,
+    balanced_loss_weights,
+    epoch_seed,
+)
 
 log = logging.getLogger(__name__)
 
@@ -81,6 +88,8 @@ class ImageClassificationDataModule(pl.LightningDataModule):
         verify_images: bool,
         cache_dir: Optional[str],
         download: bool,
+        class_weights: str,
+        sampler: str,
     ) -> None:
         """Every value comes from the dataset's YAML (conf/data/_base.yaml and the option extending it)."""
         super().__init__()
@@ -90,6 +99,10 @@ class ImageClassificationDataModule(pl.LightningDataModule):
                     f"data.{key}: expected a fraction in [0, 1) with data.val_fraction + data.test_fraction < 1, "
                     f"got {value!r} (val {val_fraction!r} + test {test_fraction!r})"
                 )
+        for key, choice, choices in (("class_weights", class_weights, ("none", "balanced")), ("sampler", sampler, ("random", "balanced"))):
+            if choice not in choices:
+                raise ConfigError(f"data.{key}: expected {' or '.join(choices)}, got {choice!r}")
+        self.class_weights, self.sampler = class_weights, sampler
         self.root = Path(str(root)).expanduser()
         self.val_fraction, self.test_fraction, self.split_seed = val_fraction, test_fraction, split_seed
         if num_workers != "auto" and (not isinstance(num_workers, int) or num_workers < 0):
@@ -104,6 +117,7 @@ class ImageClassificationDataModule(pl.LightningDataModule):
         self.class_names: list[str] = []
         self.skipped: dict[str, str] = {}
         self.splits: dict[str, list[Sample]] = {}
+        self.pool: list[Sample] = []  # every usable image outside the official test list (what cv.folds splits)
 
     # -- what a dataset implements -------------------------------------------------------------------
     def discover(self) -> Discovered:
@@ -154,13 +168,38 @@ class ImageClassificationDataModule(pl.LightningDataModule):
                 f"{files - sum(1 for _, label in pool if label == empty[0])} refused); expected at least one image per "
                 f"class: add images or remove the class" + (f" (and {len(empty) - 1} more such class(es))" if len(empty) > 1 else "")
             )
-        self.class_names = found.class_names
-        self.splits = {
-            "train": [pool[i] for i in train_i],
-            "val": [pool[i] for i in val_i],
-            "test": official_test if official_test is not None else [pool[i] for i in test_i],
-        }
-        log.info("Data: %s classes; %s", len(self.class_names), ", ".join(f"{k} {len(v)}" for k, v in self.splits.items()))
+        self.class_names, self.pool = found.class_names, pool
+        self.has_official_test = official_test is not None
+        self.use_splits(
+            {
+                "train": [pool[i] for i in train_i],
+                "val": [pool[i] for i in val_i],
+                "test": official_test if official_test is not None else [pool[i] for i in test_i],
+            }
+        )
+
+    def use_splits(self, splits: dict[str, list[Sample]]) -> None:
+        """Train / val / test lists (the split, a cross-validation fold, a refit); say what they hold."""
+        self.splits = splits
+        self.feature_sets.clear()
+        self._decoded.clear()
+        log.info("Data: %s classes; %s", len(self.class_names), ", ".join(f"{k} {len(v)}" for k, v in splits.items()))
+        counts = np.bincount([label for _, label in splits["train"]], minlength=len(self.class_names))
+        ratio = counts.max() / max(counts.min(), 1)
+        shown = ", ".join(f"{name} {n}" for name, n in zip(self.class_names, counts.tolist()))
+        log.info("Training images per class: %s", shown if len(self.class_names) <= 12 else f"{counts.min()} to {counts.max()}")
+        if ratio > 1.5 and self.class_weights == "none" and self.sampler == "random":
+            log.warning(
+                "Class imbalance: the largest class has %.1fx the images of the smallest; accuracy favours the large "
+                "classes (watch balanced_acc), or set data.class_weights=balanced or data.sampler=balanced",
+                ratio,
+            )
+
+    def loss_weights(self) -> Optional[list[float]]:
+        """Per-class weights for the training loss (data.class_weights=balanced), from the training split."""
+        if self.class_weights != "balanced":
+            return None
+        return balanced_loss_weights([label for _, label in self.splits["train"]], len(self.class_names))
 
     def _usable(self, samples: list[Sample]) -> list[Sample]:
         if not samples:
@@ -216,6 +255,8 @@ class ImageClassificationDataModule(pl.LightningDataModule):
         pin = on_gpu if self.pin_memory == "auto" else bool(self.pin_memory)
         run_seed = torch.initial_seed()  # what seed_everything(cfg.seed) set
         sampler: Optional[Sampler] = EpochRandomSampler(dataset, run_seed) if train else None  # type: ignore[arg-type]
+        if train and self.sampler == "balanced":  # under DDP, Lightning shards it (DistributedSamplerWrapper)
+            sampler = EpochBalancedSampler([label for _, label in self.splits["train"]], run_seed)
         if not train and torch.distributed.is_available() and torch.distributed.is_initialized():
             sampler = EvaluationShardSampler(dataset)  # each image evaluated exactly once across ranks
         # Deterministic mode: workers are started per epoch, so their seeds follow the epoch's (EpochDataLoader).

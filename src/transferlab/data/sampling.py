@@ -9,12 +9,12 @@ DistributedSampler; upstream: Lightning-AI/pytorch-lightning #7929, #3325).
 from __future__ import annotations
 
 import random
-from collections.abc import Callable, Iterator, Sized
+from collections.abc import Callable, Iterator, Sequence, Sized
 from typing import Any, Optional
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset, RandomSampler
+from torch.utils.data import DataLoader, Dataset, RandomSampler, Sampler, WeightedRandomSampler
 from torch.utils.data.distributed import DistributedSampler
 
 
@@ -86,3 +86,33 @@ class EvaluationShardSampler(DistributedSampler):
 
     def __len__(self) -> int:
         return self.num_samples
+
+
+class EpochBalancedSampler(Sampler[int]):
+    """data.sampler=balanced: each epoch draws len(dataset) items with replacement, every class equally likely
+    (torch's WeightedRandomSampler, with its generator seeded by (seed, epoch) like EpochRandomSampler)."""
+
+    def __init__(self, labels: Sequence[int], seed: int) -> None:
+        counts = np.bincount(np.asarray(labels, dtype=np.int64))
+        self.weights = [1.0 / float(counts[label]) for label in labels]
+        self.seed, self.epoch = seed, 0
+        self._epoch_given, self._iterated = False, False
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch, self._epoch_given = epoch, True
+
+    def __len__(self) -> int:
+        return len(self.weights)
+
+    def __iter__(self) -> Iterator[int]:
+        if self._iterated and not self._epoch_given:
+            self.epoch += 1
+        self._epoch_given, self._iterated = False, True
+        generator = torch.Generator().manual_seed(epoch_seed(self.seed, self.epoch))
+        yield from WeightedRandomSampler(self.weights, len(self.weights), replacement=True, generator=generator)
+
+
+def balanced_loss_weights(labels: Sequence[int], num_classes: int) -> list[float]:
+    """data.class_weights=balanced: n / (K * count_c) per class, scikit-learn's `class_weight="balanced"`."""
+    counts = np.bincount(np.asarray(labels, dtype=np.int64), minlength=num_classes)
+    return [float(len(labels) / (num_classes * c)) if c else 0.0 for c in counts]

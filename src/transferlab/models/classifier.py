@@ -1,13 +1,15 @@
 """The LightningModule: a pretrained `backbone` and a linear `head`, trained frozen, fully or gradually.
 
 Everything needed to rebuild the model travels in its hyper-parameters (plain containers, so checkpoints load
-with `weights_only=True`): backbone spec, class names, preprocessing, and the data config of the run.
+with `weights_only=True`): backbone spec, class names, preprocessing, and the data config of the run. The
+calibration temperature is a buffer of the state_dict: every logit the model returns is already divided by it,
+so eval, predict and anything that loads the model later give calibrated probabilities.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any, Optional
 
@@ -17,15 +19,19 @@ import torch.nn.functional as F
 from hydra.utils import instantiate
 from torch import nn
 from torchmetrics import MaxMetric, MeanMetric
-from torchmetrics.classification import MulticlassAccuracy, MulticlassConfusionMatrix
+from torchmetrics.classification import MulticlassAccuracy
 
 from transferlab.core.errors import DataError, TrainingDiverged
 from transferlab.core.safe_load import read_checkpoint
 from transferlab.data.preprocessing import Preprocessing
 from transferlab.models.backbones import Backbone, create_backbone
+from transferlab.models.evaluation import classification_metrics
 
 
 class TransferClassifier(pl.LightningModule):
+    temperature: torch.Tensor  # buffers, registered in __init__
+    loss_weights: Optional[torch.Tensor]
+
     def __init__(
         self,
         backbone: Mapping[str, Any],
@@ -35,10 +41,12 @@ class TransferClassifier(pl.LightningModule):
         scheduler: Optional[Mapping[str, Any]] = None,
         preprocessing: Optional[Mapping[str, Any]] = None,
         run: Optional[Mapping[str, Any]] = None,
+        loss_weights: Optional[Sequence[float]] = None,
         prebuilt_backbone: Optional[Backbone] = None,
     ) -> None:
         """`backbone`: {name, weights, source, input_size}; `optimizer`/`scheduler`: Hydra `_partial_` nodes;
-        `run`: the data config, seed and precision of the run, so eval can rebuild the same test split."""
+        `run`: the data config, seed and precision of the run, so eval can rebuild the same test split;
+        `loss_weights`: one per class for the training loss (data.class_weights=balanced), or None."""
         super().__init__()
         self.save_hyperparameters(ignore=["prebuilt_backbone"])
         self.backbone: Backbone = prebuilt_backbone if prebuilt_backbone is not None else create_backbone(**backbone)
@@ -55,18 +63,21 @@ class TransferClassifier(pl.LightningModule):
         if self.mode in ("frozen", "gradual"):
             self.freeze_backbone()
 
+        self.register_buffer("temperature", torch.ones(()))  # 1 = uncalibrated; set by training.calibration
+        weights = torch.tensor(list(loss_weights), dtype=torch.float32) if loss_weights is not None else None
+        self.register_buffer("loss_weights", weights, persistent=False)  # rebuilt from the hyper-parameters
+
         # Training-step metrics without input checks: each check is a GPU->CPU sync that stalls every step.
         self.train_loss = MeanMetric(nan_strategy="disable")
         self.val_loss, self.test_loss = MeanMetric(), MeanMetric()
         self.train_acc = MulticlassAccuracy(num_classes, average="micro", validate_args=False)
         self.val_acc = MulticlassAccuracy(num_classes, average="micro")
-        self.test_acc = MulticlassAccuracy(num_classes, average="micro")
-        self.topk = 3 if num_classes > 3 else None
-        self.test_acc_top3 = MulticlassAccuracy(num_classes, top_k=3, average="micro") if self.topk else None
-        self.test_acc_per_class = MulticlassAccuracy(num_classes, average="none")
-        self.test_confusion = MulticlassConfusionMatrix(num_classes)
         self.val_acc_best = MaxMetric()
         self.val_acc_best.persistent(True)  # survives resuming, so val/acc_best covers the whole run
+        # Every evaluated image's logits, in dataset order (all ranks): the metrics, intervals and prediction files.
+        self._batches: dict[str, list[tuple[torch.Tensor, torch.Tensor]]] = {"val": [], "test": []}
+        self.outputs: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+        self.test_confusion_matrix = torch.zeros(num_classes, num_classes, dtype=torch.long)
 
     # -- freezing ----------------------------------------------------------------------------------------
     def freeze_backbone(self) -> None:
@@ -103,21 +114,23 @@ class TransferClassifier(pl.LightningModule):
             return self.backbone(images)
 
     def forward(self, inputs: torch.Tensor) -> torch.Tensor:
-        """Images [N, 3, H, W], or the backbone's pooled features [N, D] (from the frozen-feature cache)."""
-        return self.head(inputs if inputs.ndim == 2 else self.features(inputs))
+        """Calibrated logits of images [N, 3, H, W], or of the backbone's pooled features [N, D] (the feature cache)."""
+        return self.head(inputs if inputs.ndim == 2 else self.features(inputs)) / self.temperature
 
     def imagenet_logits(self, images: torch.Tensor) -> torch.Tensor:
         """The backbone's own ImageNet classifier (visualisation and attacks use it)."""
         return self.backbone.imagenet_logits(images)
 
     # -- steps -------------------------------------------------------------------------------------------
-    def _step(self, batch: tuple[torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def _step(
+        self, batch: tuple[torch.Tensor, torch.Tensor], weights: Optional[torch.Tensor] = None
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         images, labels = batch
         logits = self(images)
-        return F.cross_entropy(logits.float(), labels), logits.float(), labels
+        return F.cross_entropy(logits.float(), labels, weight=weights), logits.float(), labels
 
     def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
-        loss, logits, labels = self._step(batch)
+        loss, logits, labels = self._step(batch, self.loss_weights)
         self.train_loss(loss)
         self.train_acc(logits, labels)
         self.log("train/loss", self.train_loss, on_step=True, on_epoch=True, prog_bar=True)
@@ -144,36 +157,50 @@ class TransferClassifier(pl.LightningModule):
         loss, logits, labels = self._step(batch)
         self.val_loss(loss, weight=len(labels))
         self.val_acc(logits, labels)
-        self.log("val/loss", self.val_loss, on_epoch=True, prog_bar=True)
-        self.log("val/acc", self.val_acc, on_epoch=True, prog_bar=True)
+        curve = self.trainer.state.fn == "fit"  # the selected checkpoint's validation after fit adds no curve point
+        self.log("val/loss", self.val_loss, on_epoch=True, prog_bar=True, logger=curve)
+        self.log("val/acc", self.val_acc, on_epoch=True, prog_bar=True, logger=curve)
+        self._batches["val"].append((logits.detach().cpu(), labels.detach().cpu()))
+
+    def on_validation_epoch_start(self) -> None:
+        self._batches["val"] = []
 
     def on_validation_epoch_end(self) -> None:
         if self.trainer.sanity_checking:
             return
         self.val_acc_best(self.val_acc.compute())
-        self.log("val/acc_best", self.val_acc_best.compute(), sync_dist=True, prog_bar=True)
+        selected = self.trainer.state.fn == "validate"  # the selected checkpoint's validation (training.calibration)
+        self.log("val/acc_best", self.val_acc_best.compute(), sync_dist=True, prog_bar=True, logger=not selected)
+        self._log_metrics("val", per_class=selected, skip=("acc",), logger=not selected)
 
     def test_step(self, batch: Any, batch_idx: int) -> None:
         loss, logits, labels = self._step(batch)
         self.test_loss(loss, weight=len(labels))
-        self.test_acc(logits, labels)
         self.log("test/loss", self.test_loss, on_epoch=True)
-        self.log("test/acc", self.test_acc, on_epoch=True)
-        if self.test_acc_top3 is not None:
-            self.test_acc_top3(logits, labels)
-            self.log("test/acc_top3", self.test_acc_top3, on_epoch=True)
-        self.test_acc_per_class.update(logits, labels)
-        self.test_confusion.update(logits, labels)
+        self._batches["test"].append((logits.detach().cpu(), labels.detach().cpu()))
 
     def on_test_epoch_start(self) -> None:
-        self.test_acc_per_class.reset()
-        self.test_confusion.reset()
+        self._batches["test"] = []
 
     def on_test_epoch_end(self) -> None:
-        per_class = self.test_acc_per_class.compute()
-        for name, acc in zip(self.class_names, per_class.tolist()):
-            self.log(f"test/acc_class/{name}", acc, sync_dist=False)
-        self.test_confusion_matrix = self.test_confusion.compute().cpu()  # synced across ranks by torchmetrics
+        found = self._log_metrics("test", per_class=True)
+        for name in self.class_names:  # the per-class accuracy is the class's recall
+            self.log(f"test/acc_class/{name}", found[f"recall/{name}"], sync_dist=False)
+        logits, labels = self.outputs["test"]
+        n = len(self.class_names)
+        cells = labels * n + logits.argmax(dim=-1)
+        self.test_confusion_matrix = torch.bincount(cells, minlength=n * n).reshape(n, n)
+
+    def _log_metrics(self, split: str, per_class: bool, skip: tuple[str, ...] = (), logger: bool = True) -> dict[str, float]:
+        """Gather the split's logits from every rank (in dataset order), keep them in `outputs`, log their metrics."""
+        logits, labels = gather_in_order(self._batches[split], len(self.class_names))
+        self._batches[split] = []
+        self.outputs[split] = (logits, labels)
+        found = classification_metrics(logits, labels, self.class_names, per_class=per_class)
+        for key, value in found.items():
+            if key not in skip:  # identical on every rank: no further reduction
+                self.log(f"{split}/{key}", value, sync_dist=False, prog_bar=key == "acc", logger=logger)
+        return found
 
     # -- optimisation ------------------------------------------------------------------------------------
     def configure_optimizers(self) -> Any:
@@ -192,6 +219,23 @@ class TransferClassifier(pl.LightningModule):
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "epoch", "monitor": "val/loss"}}
 
 
+def gather_in_order(batches: list[tuple[torch.Tensor, torch.Tensor]], num_classes: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """This rank's (logits, labels), or under DDP every rank's, put back in dataset order: rank r of n evaluated
+    images r, r+n, r+2n, ... (data.sampling.EvaluationShardSampler)."""
+    logits = torch.cat([b[0] for b in batches]) if batches else torch.zeros(0, num_classes)
+    labels = torch.cat([b[1] for b in batches]) if batches else torch.zeros(0, dtype=torch.long)
+    if not (torch.distributed.is_available() and torch.distributed.is_initialized()) or torch.distributed.get_world_size() == 1:
+        return logits, labels
+    world = torch.distributed.get_world_size()
+    shards: list[Any] = [None] * world
+    torch.distributed.all_gather_object(shards, (logits, labels))
+    total = sum(len(shard[1]) for shard in shards)
+    all_logits, all_labels = torch.zeros(total, num_classes), torch.zeros(total, dtype=torch.long)
+    for rank, (shard_logits, shard_labels) in enumerate(shards):
+        all_logits[rank::world], all_labels[rank::world] = shard_logits, shard_labels
+    return all_logits, all_labels
+
+
 def load_checkpoint(path: str | Path) -> tuple[TransferClassifier, dict[str, Any]]:
     """Rebuild a trained classifier without downloading anything: the weights come from the checkpoint."""
     ckpt = read_checkpoint(path)
@@ -202,7 +246,9 @@ def load_checkpoint(path: str | Path) -> tuple[TransferClassifier, dict[str, Any
         raise DataError(f"ckpt_path: {path} is not a transferlab checkpoint (no {exc} in its hyper_parameters)") from None
     hparams["backbone"] = {**hparams["backbone"], "weights": "none"}
     model = TransferClassifier(**hparams)
-    model.load_state_dict(ckpt["state_dict"], strict=True)
+    state = dict(ckpt["state_dict"])
+    state.setdefault("temperature", torch.ones(()))  # checkpoints from before calibration existed
+    model.load_state_dict(state, strict=True)
     return model.eval(), hparams
 
 

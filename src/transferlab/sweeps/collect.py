@@ -8,6 +8,7 @@ from __future__ import annotations
 import csv
 import json
 import math
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
@@ -17,6 +18,7 @@ import yaml
 from transferlab.core.errors import DataError
 from transferlab.sweeps.records import read_job_record
 
+PER_CLASS = re.compile(r"/(acc_class|precision|recall)/")  # one column per class: in the job's own metrics.json only
 _SKIP_DIRS = {"checkpoints", "csv", "tensorboard", "wandb", ".submitit", "feature_maps", "ideal_class", "adversarial"}
 
 
@@ -83,7 +85,7 @@ def read_job(job_dir: Path, sweep_dir: Path) -> Job:
         metrics = json.loads((job_dir / "metrics.json").read_text())
     except (OSError, ValueError):
         metrics = {}
-    metrics = {k: v for k, v in metrics.items() if not k.startswith("test/acc_class/") and k != "best_checkpoint"}
+    metrics = {k: v for k, v in metrics.items() if not PER_CLASS.search(k) and k != "best_checkpoint"}
     status = record.get("status") or ("completed" if metrics else "incomplete")
     if not metrics:
         metrics = _curve_metrics(job_dir)
@@ -146,7 +148,7 @@ def collect(sweep_dir: str | Path, metric: Optional[str] = None, direction: Opti
 
 def columns(sweep: Sweep) -> tuple[list[str], list[str]]:
     keys = list(dict.fromkeys(k for j in sweep.jobs for k in j.overrides))
-    names = list(dict.fromkeys(k for j in sweep.jobs for k in j.metrics))
+    names = list(dict.fromkeys(k for j in sweep.jobs for k, v in j.metrics.items() if not isinstance(v, list)))  # intervals go with their metric
     first = [sweep.metric] if sweep.metric in names else []
     rank = {"val": 0, "test": 1, "adv": 2}
     metrics = first + sorted((n for n in names if n != sweep.metric), key=lambda n: (rank.get(n.split("/")[0], 3), n))
@@ -164,6 +166,15 @@ def cell(value: Any) -> str:
     if isinstance(value, float):
         return f"{value:.4g}"
     return "" if value is None else str(value)
+
+
+def with_interval(job: Job, metric: str) -> str:
+    """`0.9189 [0.8514, 0.973]`: the value and, where the run computed one, its 95 % interval."""
+    interval = job.metrics.get(f"{metric}_ci95")
+    text = cell(job.metrics.get(metric))
+    if text and isinstance(interval, list) and len(interval) == 2:
+        text += f" [{cell(float(interval[0]))}, {cell(float(interval[1]))}]"
+    return text
 
 
 def headline(sweep: Sweep) -> str:

@@ -17,7 +17,8 @@ from typing import Any, Optional
 from matplotlib.ticker import MaxNLocator
 
 from transferlab.core.plotting import pyplot
-from transferlab.sweeps.collect import Job, Sweep, cell, columns, headline
+from transferlab.sweeps.collect import Job, Sweep, cell, columns, headline, with_interval
+from transferlab.sweeps.compare import Verdict, group_label, seed_groups, shown_metrics, vs_best
 
 _CSS = """
 body{font-family:system-ui,-apple-system,Segoe UI,Roboto,sans-serif;margin:2rem auto;max-width:1200px;color:#222;padding:0 1rem}
@@ -132,11 +133,11 @@ def learning_curves(sweep: Sweep, limit: int = 12) -> Optional[str]:
     return _png(fig)
 
 
-def _table(sweep: Sweep) -> str:
-    keys, metrics = columns(sweep)
+def _table(sweep: Sweep, verdicts: dict[str, Verdict]) -> str:
+    keys, _ = columns(sweep)
     keys = sweep.swept or keys
-    shown = [m for m in metrics if m.split("/")[0] in ("val", "test", "adv")][:8]
-    head = "".join(f"<th>{html.escape(c)}</th>" for c in ["job", *keys, "status", *shown, "seconds"])
+    shown = shown_metrics(sweep, 8)
+    head = "".join(f"<th>{html.escape(c)}</th>" for c in ["job", *keys, "status", *shown, "vs best", "seconds"])
     best = sweep.best.name if sweep.best else None
     rows = []
     for job in sweep.jobs:
@@ -145,7 +146,8 @@ def _table(sweep: Sweep) -> str:
             job.name,
             *(cell(job.overrides.get(k, "")) for k in keys),
             job.status,
-            *(cell(job.metrics.get(m)) for m in shown),
+            *(with_interval(job, m) for m in shown),
+            vs_best(sweep, verdicts, job),
             cell(job.duration_s),
         ]
         rows.append(f'<tr class="{css}">' + "".join(f"<td>{html.escape(c)}</td>" for c in cells) + "</tr>")
@@ -179,7 +181,20 @@ def _best_pictures(job: Job, limit: int = 12) -> str:
     return f'<div class="pictures">{figures}</div>' if figures else "<p>No pictures in the best run's folder.</p>"
 
 
-def write_html(sweep: Sweep, path: Path) -> Path:
+def _seeds(sweep: Sweep) -> str:
+    groups = seed_groups(sweep)
+    if not groups:
+        return ""
+    shown = shown_metrics(sweep, 4)
+    head = "".join(f"<th>{html.escape(c)}</th>" for c in ["settings", *shown])
+    rows = "".join(
+        "<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in [group_label(g, sweep.swept), *(g.summary(m) or "" for m in shown)]) + "</tr>"
+        for g in groups
+    )
+    return f"<h2>Repeated seeds (mean ± std)</h2><table><tr>{head}</tr>{rows}</table>"
+
+
+def write_html(sweep: Sweep, path: Path, verdicts: Optional[dict[str, Verdict]] = None) -> Path:
     best = sweep.best
     parts = [
         f"<h1>Sweep report: {html.escape(sweep.path.name)}</h1>",
@@ -187,7 +202,10 @@ def write_html(sweep: Sweep, path: Path) -> Path:
         f"<p>Folder <code>{html.escape(str(sweep.path.resolve()))}</code>; ranked by <code>{html.escape(sweep.metric)}</code> "
         f"({sweep.direction}). Also: <code>summary.csv</code>, <code>summary.md</code>.</p>",
         "<h2>Jobs</h2>",
-        _table(sweep),
+        _table(sweep, verdicts or {}),
+        "<p>Intervals: 95 % bootstrap over the test images. <i>vs best</i>: a paired bootstrap of each job's per-image "
+        "correctness against the best job's on the same images; <i>indistinguishable</i> = no difference at p &lt; 0.05.</p>",
+        _seeds(sweep),
         _failures(sweep),
     ]
     scatter = metric_vs_parameters(sweep)

@@ -8,6 +8,7 @@ sweep folder: `summary.csv` (one row per job: its overrides as columns, `status`
 from __future__ import annotations
 
 import csv
+import json
 import logging
 from pathlib import Path
 from typing import Any, Optional
@@ -16,7 +17,8 @@ from hydra.experimental.callback import Callback
 from omegaconf import DictConfig
 
 from transferlab.core.errors import one_line
-from transferlab.sweeps.collect import Job, Sweep, cell, collect, columns, headline, natural
+from transferlab.sweeps.collect import Job, Sweep, cell, collect, columns, headline, natural, with_interval
+from transferlab.sweeps.compare import Verdict, compare_to_best, group_label, seed_groups, shown_metrics, vs_best
 from transferlab.sweeps.records import ERROR_FILE, JOB_FILE, read_job_record
 
 SUMMARY_CSV, SUMMARY_MD, REPORT_HTML = "summary.csv", "summary.md", "report.html"
@@ -24,18 +26,24 @@ log = logging.getLogger(__name__)
 failed_jobs_of_last_sweep: Optional[int] = None  # set when a multirun ends; read by cli.app for the exit code
 
 
-def write_csv(sweep: Sweep) -> Path:
+def write_csv(sweep: Sweep, verdicts: dict[str, Verdict]) -> Path:
+    """One row per job; `*_ci95` intervals as `[low, high]`; `p_vs_best` / `vs_best`: the paired test against the best."""
     keys, metrics = columns(sweep)
+    intervals = [f"{m}_ci95" for m in metrics if any(f"{m}_ci95" in j.metrics for j in sweep.jobs)]
     with open(sweep.path / SUMMARY_CSV, "w", newline="") as fh:
         writer = csv.writer(fh)
-        writer.writerow(["job", *keys, "status", *metrics, "duration_s", "error"])
+        writer.writerow(["job", *keys, "status", *metrics, *intervals, "p_vs_best", "vs_best", "duration_s", "error"])
         for job in sweep.jobs:
+            verdict = verdicts.get(job.name)
             writer.writerow(
                 [
                     job.name,
                     *(job.overrides.get(k, "") for k in keys),
                     job.status,
                     *(job.metrics.get(m, "") if job.metrics.get(m) is not None else "" for m in metrics),
+                    *(json.dumps(job.metrics[i]) if isinstance(job.metrics.get(i), list) else "" for i in intervals),
+                    f"{verdict.comparison.p_value:.4g}" if verdict else "",
+                    vs_best(sweep, verdicts, job),
                     job.duration_s if job.duration_s is not None else "",
                     job.error or "",
                 ]
@@ -43,14 +51,33 @@ def write_csv(sweep: Sweep) -> Path:
     return sweep.path / SUMMARY_CSV
 
 
-def write_markdown(sweep: Sweep) -> Path:
-    keys, metrics = columns(sweep)
-    shown = [m for m in metrics if m.split("/")[0] in ("val", "test")][:6] or metrics[:6]
-    header = ["job", *(sweep.swept or keys), "status", *shown]
+def seed_lines(sweep: Sweep) -> list[str]:
+    """Markdown table of the seed groups: mean ± std of each shown metric."""
+    groups = seed_groups(sweep)
+    if not groups:
+        return []
+    shown = shown_metrics(sweep, 4)
+    lines = ["", "## Repeated seeds (mean ± std)", "", "| settings | " + " | ".join(shown) + " |", "|" + "---|" * (len(shown) + 1)]
+    for group in groups:
+        lines.append(f"| {group_label(group, sweep.swept)} | " + " | ".join(group.summary(m) or "" for m in shown) + " |")
+    return lines
+
+
+def write_markdown(sweep: Sweep, verdicts: dict[str, Verdict]) -> Path:
+    keys, _ = columns(sweep)
+    shown = shown_metrics(sweep, 6)
+    header = ["job", *(sweep.swept or keys), "status", *shown, "vs best (paired bootstrap, test images)"]
     lines = [f"# Sweep {sweep.path}", "", headline(sweep), "", "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for job in sweep.jobs:
-        cells = [job.name, *(cell(job.overrides.get(k, "")) for k in (sweep.swept or keys)), job.status, *(cell(job.metrics.get(m)) for m in shown)]
+        cells = [
+            job.name,
+            *(cell(job.overrides.get(k, "")) for k in (sweep.swept or keys)),
+            job.status,
+            *(with_interval(job, m) for m in shown),
+            vs_best(sweep, verdicts, job),
+        ]
         lines.append("| " + " | ".join(c.replace("|", "\\|") for c in cells) + " |")
+    lines += seed_lines(sweep)
     failed = [j for j in sweep.jobs if j.status == "failed"]
     if failed:
         lines += ["", "## Failures", ""]
@@ -64,12 +91,13 @@ def write_markdown(sweep: Sweep) -> Path:
 
 def write_report(sweep_dir: str | Path, html: bool = True, metric: Optional[str] = None, direction: Optional[str] = None) -> Sweep:
     sweep = collect(sweep_dir, metric, direction)
-    write_csv(sweep)
-    write_markdown(sweep)
+    verdicts = compare_to_best(sweep)
+    write_csv(sweep, verdicts)
+    write_markdown(sweep, verdicts)
     if html:
         from transferlab.sweeps.report_html import write_html  # matplotlib: only when a page is wanted
 
-        write_html(sweep, sweep.path / REPORT_HTML)
+        write_html(sweep, sweep.path / REPORT_HTML, verdicts)
     return sweep
 
 
@@ -80,11 +108,15 @@ def print_summary(sweep: Sweep, limit: int = 20) -> None:
     from rich.text import Text
 
     table = Table(title=Text(f"Sweep {sweep.path}"), title_justify="left")
-    for column in ("job", *sweep.swept, "status", sweep.metric):
+    verdicts = compare_to_best(sweep)
+    for column in ("job", *sweep.swept, "status", sweep.metric, "test/acc", "vs best"):
         table.add_column(Text(column))
     for job in sweep.jobs[:limit]:
         style = {"failed": "red", "pruned": "yellow", "incomplete": "yellow", "interrupted": "yellow"}.get(job.status, "")
-        cells = [job.name, *(cell(job.overrides.get(k, "")) for k in sweep.swept), job.status, cell(job.value(sweep.metric))]
+        verdict = verdicts.get(job.name)
+        short = f"{verdict.comparison.verdict()} (p={verdict.comparison.p_value:.2g})" if verdict else vs_best(sweep, {}, job)
+        cells = [job.name, *(cell(job.overrides.get(k, "")) for k in sweep.swept), job.status, with_interval(job, sweep.metric)]
+        cells += [with_interval(job, "test/acc"), short]
         table.add_row(*map(Text, cells), style=style)
     console = Console(stderr=True, highlight=False)
     console.print(table)

@@ -1,4 +1,5 @@
-"""Files a run leaves behind: resolved config, metrics.json, per-class accuracy, confusion matrix, skip list."""
+"""Files a run leaves behind: resolved config, metrics.json (with intervals), test_predictions.csv, per-class accuracy,
+confusion matrix, reliability diagram, skip list."""
 
 from __future__ import annotations
 
@@ -21,20 +22,23 @@ from transferlab.core.context import in_sweep
 from transferlab.core.files import to_float_dict, write_json
 from transferlab.core.plotting import log_images, pyplot, save_figure
 from transferlab.core.redaction import redact
+from transferlab.core.statistics import bootstrap_intervals
 from transferlab.data.base import ImageClassificationDataModule
+from transferlab.data.images import Sample
 from transferlab.models.classifier import TransferClassifier, as_classifier
+from transferlab.models.evaluation import calibration_metrics, reliability_bins
 from transferlab.training.loggers import finish_loggers
 
 log = logging.getLogger(__name__)
 
 
-def print_config_tree(cfg: DictConfig, save_to: Path | None = None) -> None:
+def print_config_tree(cfg: DictConfig, save_to: Path | None = None, show: bool = True) -> None:
     """Show the resolved config group by group, and save it as <run>/config.yaml.
 
     Jobs of a sweep only save it: the sweep's log shows each job's overrides, not 20 full trees.
     """
     values = redact(OmegaConf.to_container(cfg, resolve=True))  # credentials never reach the screen or the file
-    if not in_sweep():
+    if show and not in_sweep():
         tree = Tree("config", guide_style="dim")
         for key, value in values.items():
             text = OmegaConf.to_yaml(value) if isinstance(value, (dict, list)) else str(value)
@@ -85,6 +89,39 @@ def write_test_report(out_dir: Path, class_names: list[str], confusion: torch.Te
     log_images(loggers, "test/confusion_matrix", [out_dir / "confusion_matrix.png"])
 
 
+def write_predictions(path: Path, samples: list[Sample], class_names: list[str], probs: torch.Tensor) -> None:
+    """One row per image: path, label, predicted, prob_<class>... (what interpretation, audits and significance read)."""
+    if len(samples) != len(probs):
+        raise RuntimeError(f"{len(probs)} predictions for {len(samples)} images: the evaluation lost or repeated images")
+    with open(path, "w", newline="") as fh:
+        writer = csv.writer(fh)
+        writer.writerow(["path", "label", "predicted", *(f"prob_{name}" for name in class_names)])
+        for (image, label), row in zip(samples, probs.tolist()):
+            best = max(range(len(row)), key=row.__getitem__)
+            writer.writerow([str(image), class_names[label], class_names[best], *(f"{p:.6f}" for p in row)])
+
+
+def write_reliability_diagram(path: Path, probs: torch.Tensor, labels: torch.Tensor, before: torch.Tensor | None, loggers: list[Logger]) -> None:
+    """Confidence against accuracy per bin (15 bins, as the ECE), after and (dashed) before calibration."""
+    plt = pyplot()
+    fig, ax = plt.subplots(figsize=(4.6, 4.2))
+    ax.plot([0, 1], [0, 1], color="#999", linewidth=1, label="perfectly calibrated")
+    for name, values, style in (("before calibration", before, "--"), ("calibrated", probs, "-")):
+        if values is None:
+            continue
+        points = [(c, a) for c, a, n in reliability_bins(values, labels) if n]
+        ece = calibration_metrics(values.log(), labels, values.shape[1])["ece"]
+        ax.plot(*zip(*points), style, marker="o", label=f"{name} (ECE {ece:.3f})")
+    ax.set_xlabel("confidence (top-1 probability)")
+    ax.set_ylabel(f"accuracy ({len(labels)} test images)")
+    ax.set_xlim(0, 1)
+    ax.set_ylim(0, 1)
+    ax.legend(fontsize=8)
+    ax.grid(alpha=0.3)
+    save_figure(fig, path, dpi=120)
+    log_images(loggers, "test/reliability_diagram", [path])
+
+
 def test_and_report(
     trainer: pl.Trainer,
     model: TransferClassifier,
@@ -92,16 +129,32 @@ def test_and_report(
     out_dir: Path,
     ckpt_path: str | None,
     extra: dict[str, Any],
+    seed: int,
 ) -> dict[str, Any]:
-    """Test (the given checkpoint, or the model as it is), then write metrics.json and the test report."""
+    """Test (the given checkpoint, or the model as it is), then write metrics.json (bootstrap intervals seeded with
+    `seed`), test_predictions.csv and the test report."""
     trainer.test(model, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=True if ckpt_path else None)
     metrics = {**extra, **to_float_dict({k: v for k, v in trainer.callback_metrics.items() if k.startswith(("test/", "adv/"))})}
+    tested = as_classifier(trainer.lightning_module)
+    logits, labels = tested.outputs["test"]
+    temperature = float(tested.temperature)
+    probs = logits.softmax(dim=-1)
+    before = (logits * temperature).softmax(dim=-1) if temperature != 1.0 else None
+    if before is not None:
+        metrics.update(
+            {f"test/{k}_before_calibration": v for k, v in calibration_metrics(logits * temperature, labels, len(tested.class_names)).items()}
+        )
+    predicted = probs.argmax(dim=-1).tolist()
+    intervals = bootstrap_intervals(labels.tolist(), predicted, len(tested.class_names), seed=seed)
+    metrics.update({f"test/{name}_ci95": interval for name, interval in intervals.items()})
     if trainer.is_global_zero:
         write_json(out_dir / "metrics.json", metrics)
-        write_test_report(out_dir, model.class_names, as_classifier(trainer.lightning_module).test_confusion_matrix, trainer.loggers)
+        write_predictions(out_dir / "test_predictions.csv", datamodule.splits["test"], tested.class_names, probs)
+        write_test_report(out_dir, tested.class_names, tested.test_confusion_matrix, trainer.loggers)
+        write_reliability_diagram(out_dir / "reliability_diagram.png", probs, labels, before, trainer.loggers)
         if datamodule.skipped:
             write_skipped(out_dir / "skipped_images.csv", datamodule.skipped)
-        log.info("Results in %s: %s", out_dir, {k: v for k, v in metrics.items() if k in ("val/acc", "test/acc", "test/acc_top3")})
+        log.info("Results in %s: %s", out_dir, summary_line(metrics))
     finish_loggers(trainer.loggers)
     return metrics
 
@@ -110,3 +163,13 @@ def test_and_report(
 def announce_skipped(datamodule: ImageClassificationDataModule, out_dir: Path) -> None:
     if datamodule.skipped:
         log.warning("%d file(s) skipped; list in %s", len(datamodule.skipped), out_dir / "skipped_images.csv")
+
+
+def summary_line(metrics: dict[str, Any]) -> str:
+    """`test/acc 0.919 [0.865, 0.973], test/balanced_acc ...`: the headline figures, each with its interval."""
+    parts = []
+    for key in ("val/acc", "test/acc", "test/balanced_acc", "test/macro_f1", "test/acc_top3", "test/ece"):
+        value, interval = metrics.get(key), metrics.get(f"{key}_ci95")
+        if isinstance(value, (int, float)):
+            parts.append(f"{key} {value:.3f}" + (f" [{interval[0]:.3f}, {interval[1]:.3f}]" if interval else ""))
+    return ", ".join(parts)

@@ -1,0 +1,88 @@
+"""What a classifier's outputs on a split say: accuracy and its class-aware siblings, calibration, and the temperature
+that calibrates them.
+
+Accuracy, balanced accuracy and macro-F1 come from core.statistics (the same definitions as their bootstrap
+intervals, and scikit-learn's); ECE, top-3 and per-class precision / recall from torchmetrics.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+from torchmetrics.functional.classification import multiclass_accuracy, multiclass_calibration_error, multiclass_precision, multiclass_recall
+
+from transferlab.core.statistics import point_metrics
+
+ECE_BINS = 15
+TEMPERATURE_RANGE = (0.05, 20.0)  # a fit outside it means too few validation images to say anything
+
+
+def classification_metrics(logits: torch.Tensor, labels: torch.Tensor, class_names: Sequence[str], per_class: bool) -> dict[str, float]:
+    """acc, balanced_acc, macro_f1, ece, nll, acc_top3 (more than 3 classes), and precision/<class>, recall/<class>."""
+    if len(labels) == 0:
+        return {}
+    logits, labels = logits.float().cpu(), labels.long().cpu()
+    num_classes = len(class_names)
+    probs = logits.softmax(dim=-1)
+    found: dict[str, float] = point_metrics(labels.tolist(), probs.argmax(dim=-1).tolist(), num_classes)
+    found["ece"] = float(multiclass_calibration_error(probs, labels, num_classes, n_bins=ECE_BINS, norm="l1"))
+    found["nll"] = float(F.cross_entropy(logits, labels))
+    if num_classes > 3:
+        found["acc_top3"] = float(multiclass_accuracy(probs, labels, num_classes, top_k=3, average="micro"))
+    if per_class:
+        precision = multiclass_precision(probs, labels, num_classes, average="none").tolist()
+        recall = multiclass_recall(probs, labels, num_classes, average="none").tolist()
+        for name, p, r in zip(class_names, precision, recall):
+            found[f"precision/{name}"], found[f"recall/{name}"] = float(p), float(r)
+    return found
+
+
+def calibration_metrics(logits: torch.Tensor, labels: torch.Tensor, num_classes: int) -> dict[str, float]:
+    """Only what a temperature changes: ECE and NLL."""
+    probs = logits.float().softmax(dim=-1)
+    return {
+        "ece": float(multiclass_calibration_error(probs, labels.long(), num_classes, n_bins=ECE_BINS, norm="l1")),
+        "nll": float(F.cross_entropy(logits.float(), labels.long())),
+    }
+
+
+def fit_temperature(logits: torch.Tensor, labels: torch.Tensor, prior_std: float = 1.0) -> float:
+    """Temperature scaling (Guo et al. 2017): the T > 0 minimising the NLL of softmax(logits / T), by L-BFGS on log T.
+
+    One parameter, so it cannot change which class wins, only how sure the model says it is. A validation set the
+    model gets entirely right has its NLL fall without end as T -> 0 (certainty about everything, which a later
+    mistake pays for with an unbounded loss); a weak normal prior on log T (`prior_std`: T within e^±1 is
+    unremarkable) makes it the MAP estimate, which a few hundred images with errors barely move.
+    """
+    logits, labels = logits.detach().double().cpu().clone(), labels.long().cpu().clone()  # not inference tensors
+    if len(labels) == 0:
+        return 1.0
+    log_t = torch.zeros((), dtype=torch.float64, requires_grad=True)
+    low, high = (math.log(v) for v in TEMPERATURE_RANGE)
+    optimizer = torch.optim.LBFGS([log_t], lr=0.5, max_iter=200, line_search_fn="strong_wolfe")
+
+    def closure() -> torch.Tensor:
+        optimizer.zero_grad()
+        loss = F.cross_entropy(logits / log_t.clamp(low, high).exp(), labels, reduction="sum") + 0.5 * (log_t / prior_std) ** 2
+        loss.backward()
+        return loss
+
+    with torch.enable_grad():
+        optimizer.step(closure)
+    return float(log_t.detach().clamp(low, high).exp())
+
+
+def reliability_bins(probs: torch.Tensor, labels: torch.Tensor, bins: int = ECE_BINS) -> list[tuple[float, float, int]]:
+    """(mean confidence, accuracy, count) of each confidence bin: what a reliability diagram draws."""
+    confidence, predicted = probs.float().max(dim=-1)
+    correct = (predicted == labels).float()
+    edges = torch.linspace(0, 1, bins + 1)
+    found = []
+    for low, high in zip(edges[:-1], edges[1:]):
+        inside = (confidence > low) & (confidence <= high)
+        count = int(inside.sum())
+        found.append((float(confidence[inside].mean()) if count else float((low + high) / 2), float(correct[inside].mean()) if count else 0.0, count))
+    return found

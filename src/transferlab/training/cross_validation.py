@@ -1,0 +1,128 @@
+"""cv.folds=K: K fits on stratified folds (data.folds), each a normal run folder `<run>/fold_<k>/`, then a summary.
+
+`<run>/cv_summary.json`: every fold's metrics, their mean, std and 95 % t-interval; the out-of-fold figures
+(every image predicted once, by the fold that did not train on it) with bootstrap intervals.
+`<run>/oof_predictions.csv`: those predictions, in test_predictions.csv's columns. `<run>/metrics.json`: val/*
+are the fold means (what a sweep optimises), test/* the out-of-fold figures, or with cv.refit=true and an
+official test list, the refit model's test. cv.refit=true fits once more on every non-test image for the median
+of the folds' selected epoch counts, with the temperature fitted on the out-of-fold logits (as scikit-learn's
+CalibratedClassifierCV(ensemble=False) does), and saves it as `<run>/checkpoints/best.ckpt`.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import math
+import statistics
+from pathlib import Path
+from typing import Any
+
+import lightning.pytorch as pl
+import torch
+from omegaconf import DictConfig, open_dict
+
+from transferlab.core.context import is_global_zero
+from transferlab.core.errors import ConfigError
+from transferlab.core.files import write_json
+from transferlab.core.safe_load import read_checkpoint
+from transferlab.core.statistics import bootstrap_intervals, mean_std_interval
+from transferlab.data.base import ImageClassificationDataModule
+from transferlab.data.folds import fold_splits
+from transferlab.models.backbone import Backbone
+from transferlab.models.evaluation import classification_metrics, fit_temperature
+from transferlab.training.artifacts import print_config_tree, summary_line, write_predictions
+from transferlab.training.fit import fit_and_test
+
+log = logging.getLogger(__name__)
+SUMMARY, OOF = "cv_summary.json", "oof_predictions.csv"
+
+
+def in_folder(cfg: DictConfig, folder: Path) -> DictConfig:
+    """The run's config writing to `folder` (checkpoints, loggers and metrics follow paths.output_dir)."""
+    moved = copy.deepcopy(cfg)
+    with open_dict(moved):
+        moved.paths.output_dir = str(folder)
+    return moved
+
+
+def _selected_epochs(metrics: dict[str, Any], fallback: int) -> int:
+    path = metrics.get("best_checkpoint")
+    return int(read_checkpoint(path).get("epoch", fallback - 1)) + 1 if path else fallback
+
+
+def cross_validate(cfg: DictConfig, backbone: Backbone, datamodule: ImageClassificationDataModule, precision_note: str) -> dict[str, Any]:
+    run_dir, folds = Path(cfg.paths.output_dir), int(cfg.cv.folds)
+    if cfg.ckpt_path:
+        raise ConfigError("ckpt_path: a cross-validation (cv.folds) always starts its folds afresh; remove ckpt_path")
+    official_test = list(datamodule.splits["test"]) if datamodule.has_official_test else []
+    pool, names = list(datamodule.pool), datamodule.class_names
+    splits = fold_splits(pool, names, folds, datamodule.split_seed, datamodule.val_fraction)
+    pristine = copy.deepcopy(backbone) if cfg.finetune.mode != "frozen" else None  # fine-tuning changes the backbone
+    row = {str(path): i for i, (path, _) in enumerate(pool)}
+    oof_logits = torch.zeros(len(pool), len(names))
+    raw_logits = torch.zeros(len(pool), len(names))
+    fold_metrics, epochs = [], []
+    for k, fold in enumerate(splits):
+        fold_cfg = in_folder(cfg, run_dir / f"fold_{k}")
+        log.info("Cross-validation: fold %d of %d (%s)", k + 1, folds, fold_cfg.paths.output_dir)
+        if is_global_zero():
+            print_config_tree(fold_cfg, save_to=run_dir / f"fold_{k}" / "config.yaml", show=False)
+        datamodule.use_splits(fold)
+        pl.seed_everything(cfg.seed, workers=True)  # every fold starts from the same random state
+        fold_backbone = copy.deepcopy(pristine) if pristine is not None else backbone
+        metrics, model = fit_and_test(fold_cfg, fold_backbone, datamodule, precision_note, prune=False)
+        logits, _ = model.outputs["test"]
+        where = [row[str(path)] for path, _ in fold["test"]]
+        oof_logits[where], raw_logits[where] = logits, logits * float(model.temperature)
+        fold_metrics.append({key: value for key, value in metrics.items() if isinstance(value, (int, float)) and not isinstance(value, bool)})
+        epochs.append(_selected_epochs(metrics, int(cfg.trainer.max_epochs)))
+
+    labels = torch.tensor([label for _, label in pool])
+    oof: dict[str, Any] = dict(classification_metrics(oof_logits, labels, names, per_class=True))
+    intervals = bootstrap_intervals(labels.tolist(), oof_logits.argmax(dim=-1).tolist(), len(names), seed=int(cfg.seed))
+    oof.update({f"{name}_ci95": interval for name, interval in intervals.items()})
+    summary = summarise(fold_metrics)
+    summary.update(k=folds, split_seed=datamodule.split_seed, selected_epochs=epochs, oof=oof, images=len(pool))
+    result: dict[str, Any] = {key: value for key, value in summary["mean"].items() if key.startswith("val/")}
+    result.update({f"{key}_std": value for key, value in summary["std"].items() if key.startswith("val/")})
+    result.update({f"test/{key}": value for key, value in oof.items()})
+    result.update({f"oof/{key}": value for key, value in oof.items()})
+    result.update({"cv/folds": folds, "cv/images": len(pool)})
+
+    if cfg.cv.refit:
+        refit_epochs = int(round(statistics.median(epochs)))
+        temperature = fit_temperature(raw_logits, labels) if str(cfg.calibration) == "temperature" else 1.0
+        log.info("Refit on all %d non-test images: %d epochs (median selected by the folds), temperature %.3f", len(pool), refit_epochs, temperature)
+        datamodule.use_splits({"train": pool, "val": [], "test": official_test})
+        pl.seed_everything(cfg.seed, workers=True)
+        refit_backbone = copy.deepcopy(pristine) if pristine is not None else backbone
+        refit, _ = fit_and_test(cfg, refit_backbone, datamodule, precision_note, refit=(refit_epochs, temperature), prune=False)
+        summary["refit"] = {key: value for key, value in refit.items() if not key.startswith("val/")}
+        if official_test:  # the refit model's test on the official list replaces the out-of-fold figures
+            result.update({key: value for key, value in refit.items() if key.startswith("test/")})
+        result.update({key: value for key, value in refit.items() if not key.startswith(("val/", "test/"))})
+        result["cv/refit_epochs"] = refit_epochs
+    if is_global_zero():
+        write_predictions(run_dir / OOF, pool, names, oof_logits.softmax(dim=-1))
+        write_json(run_dir / SUMMARY, summary)
+        write_json(run_dir / "metrics.json", result)
+        log.info("Cross-validation (%d folds) in %s: %s", folds, run_dir, fold_line(summary, "val/acc") + "; out-of-fold " + summary_line(result))
+    return result
+
+
+def summarise(fold_metrics: list[dict[str, float]]) -> dict[str, Any]:
+    """{folds, mean, std, ci95}: the metrics every fold has, each with its mean, sample std and t-interval."""
+    keys = [key for key in fold_metrics[0] if all(key in m and m[key] is not None and math.isfinite(m[key]) for m in fold_metrics)]
+    found: dict[str, Any] = {"folds": fold_metrics, "mean": {}, "std": {}, "ci95": {}}
+    for key in keys:
+        mean, std, interval = mean_std_interval([m[key] for m in fold_metrics])
+        found["mean"][key], found["std"][key], found["ci95"][key] = mean, std, interval
+    return found
+
+
+def fold_line(summary: dict[str, Any], key: str) -> str:
+    if key not in summary["mean"]:
+        return ""
+    low, high = summary["ci95"][key]
+    return f"{key} {summary['mean'][key]:.3f} ± {summary['std'][key]:.3f} over {len(summary['folds'])} folds (95 % [{low:.3f}, {high:.3f}])"

@@ -1,0 +1,203 @@
+"""How sure a number is: bootstrap intervals, class-aware metrics, temperature scaling, cross-validation, class
+balance, and the sweep report's paired verdicts. Pure statistics first (no data), then real runs on the shared photos."""
+
+from __future__ import annotations
+
+import csv
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import yaml
+from sklearn.metrics import balanced_accuracy_score, f1_score
+
+from conftest import PETS, SPECIES_RUN, read_metrics, run
+from transferlab.core.statistics import bootstrap_intervals, mean_std_interval, paired_bootstrap, point_metrics, unpaired_bootstrap
+from transferlab.data.sampling import EpochBalancedSampler, balanced_loss_weights
+from transferlab.models.evaluation import calibration_metrics, fit_temperature
+
+
+# -- statistics, no data -----------------------------------------------------------------------------------------
+def test_bootstrap_interval_covers_the_true_accuracy_in_at_least_90_percent_of_simulated_test_sets():
+    rng = np.random.default_rng(0)
+    true_acc, n, covered = 0.85, 74, 0
+    for trial in range(200):
+        labels = rng.integers(0, 3, n)
+        right = rng.random(n) < true_acc
+        predicted = np.where(right, labels, (labels + rng.integers(1, 3, n)) % 3)
+        low, high = bootstrap_intervals(labels, predicted, 3, seed=trial, resamples=1000)["acc"]
+        covered += low <= true_acc <= high
+    assert covered / 200 >= 0.90, covered
+
+
+def test_point_metrics_are_scikit_learns():
+    rng = np.random.default_rng(1)
+    labels = rng.integers(0, 5, 300)
+    predicted = np.where(rng.random(300) < 0.7, labels, rng.integers(0, 5, 300))
+    found = point_metrics(labels, predicted, 5)
+    assert found["acc"] == pytest.approx(float(np.mean(labels == predicted)))
+    assert found["balanced_acc"] == pytest.approx(balanced_accuracy_score(labels, predicted))
+    assert found["macro_f1"] == pytest.approx(f1_score(labels, predicted, average="macro"))
+
+
+def test_paired_bootstrap_separates_a_real_difference_from_noise():
+    rng = np.random.default_rng(2)
+    good = rng.random(200) < 0.9
+    bad = rng.random(200) < 0.6
+    assert paired_bootstrap(good, bad, seed=0).verdict() == "worse"
+    assert paired_bootstrap(good, good, seed=0).p_value == 1.0
+    assert unpaired_bootstrap(good, bad, seed=0).verdict() == "worse"
+    nearly = good.copy()
+    nearly[:2] = ~nearly[:2]  # two images out of 200 differ
+    assert paired_bootstrap(good, nearly, seed=0).verdict() == "indistinguishable"
+    mean, std, (low, high) = mean_std_interval([0.9, 0.92, 0.88, 0.95, 0.91])
+    assert mean == pytest.approx(0.912) and std == pytest.approx(np.std([0.9, 0.92, 0.88, 0.95, 0.91], ddof=1)) and low < mean < high
+
+
+def test_temperature_undoes_a_known_overconfidence():
+    torch.manual_seed(0)
+    labels = torch.randint(0, 3, (400,))
+    logits = torch.randn(400, 3)
+    logits[torch.arange(400), labels] += 2.0
+    t_plain, t_sharp = fit_temperature(logits, labels), fit_temperature(logits * 5, labels)
+    assert t_sharp / t_plain == pytest.approx(5, rel=0.05)
+    assert calibration_metrics(logits * 5 / t_sharp, labels, 3)["ece"] < calibration_metrics(logits * 5, labels, 3)["ece"] / 2
+
+
+def test_balanced_sampler_draws_every_class_equally_and_is_a_function_of_seed_and_epoch():
+    labels = [0] * 20 + [1] * 180
+    sampler = EpochBalancedSampler(labels, seed=3)
+    sampler.set_epoch(4)
+    drawn = [labels[i] for i in sampler]
+    assert len(drawn) == 200 and 0.4 < drawn.count(0) / 200 < 0.6
+    again = EpochBalancedSampler(labels, seed=3)
+    again.set_epoch(4)
+    first = list(again)
+    sampler.set_epoch(4)
+    assert list(sampler) == first
+    sampler.set_epoch(5)
+    assert list(sampler) != first
+    assert balanced_loss_weights(labels, 2) == pytest.approx([200 / 40, 200 / 360])
+
+
+# -- real runs on the shared photos ----------------------------------------------------------------------------
+@pytest.mark.shared
+def test_cross_validation_predicts_every_image_once_and_its_refit_can_be_tested(species_run, tmp_path):
+    out = tmp_path / "cv"
+    result = run("train", *SPECIES_RUN, "cv.folds=3", "cv.refit=true", f"hydra.run.dir={out}")
+    summary = json.loads((out / "cv_summary.json").read_text())
+    assert len(summary["folds"]) == 3 and {"mean", "std", "ci95"} <= set(summary)
+    for key, mean in summary["mean"].items():
+        assert mean == pytest.approx(np.mean([fold[key] for fold in summary["folds"]])), key
+        low, high = summary["ci95"][key]
+        assert low <= mean <= high
+    assert summary["mean"]["test/acc"] >= 0.95
+    with open(out / "oof_predictions.csv", newline="") as fh:
+        rows = list(csv.DictReader(fh))
+    with open(species_run / "test_predictions.csv", newline="") as fh:
+        assert list(rows[0]) == next(csv.reader(fh))  # the same columns as test_predictions.csv
+    paths = [r["path"] for r in rows]
+    assert len(paths) == len(set(paths)) == len(list(PETS.glob("*.jpg")))  # every image, once
+    for k in range(3):
+        fold = out / f"fold_{k}"
+        assert {"metrics.json", "test_predictions.csv", "config.yaml", "reliability_diagram.png"} <= {p.name for p in fold.iterdir()}
+        with open(fold / "test_predictions.csv", newline="") as fh:
+            held_out = {r["path"] for r in csv.DictReader(fh)}
+        assert held_out <= set(paths)
+    metrics = read_metrics(out)
+    assert result == pytest.approx(summary["mean"]["val/acc_best"])  # what a sweeper optimises: the CV mean
+    assert metrics["test/acc"] == pytest.approx(sum(r["label"] == r["predicted"] for r in rows) / len(rows))
+    assert len(metrics["test/acc_ci95"]) == 2 and metrics["cv/folds"] == 3
+
+    checkpoint = torch.load(out / "checkpoints" / "best.ckpt", weights_only=True, map_location="cpu")
+    assert float(checkpoint["state_dict"]["temperature"]) == pytest.approx(metrics["calibration/temperature"])
+    run("eval", f"ckpt_path={out / 'checkpoints' / 'best.ckpt'}", f"hydra.run.dir={tmp_path / 'eval'}")
+    assert read_metrics(tmp_path / "eval")["test/acc"] >= 0.95
+
+
+@pytest.mark.shared
+def test_an_overconfident_head_is_calibrated_and_predict_keeps_its_labels(tmp_path):
+    """Breeds (37 classes, val errors to calibrate on): the head's logits x 5, then temperature scaling."""
+    import lightning.pytorch as pl
+
+    from transferlab.models.classifier import load_checkpoint
+    from transferlab.training.builders import build_datamodule
+    from transferlab.training.calibration import validate_and_calibrate
+
+    trained = tmp_path / "breeds"
+    breeds = [o for o in SPECIES_RUN if not o.startswith(("data.task=", "data.class_weights="))]
+    run("train", *breeds, "data.task=breeds", "calibration=none", f"hydra.run.dir={trained}")
+    plain = trained / "checkpoints" / "best.ckpt"
+    checkpoint = torch.load(plain, weights_only=True, map_location="cpu")
+    for key in ("head.1.weight", "head.1.bias"):
+        checkpoint["state_dict"][key] = checkpoint["state_dict"][key] * 5
+    sharp = tmp_path / "sharp.ckpt"
+    torch.save(checkpoint, sharp)
+    shutil.copy(sharp, tmp_path / "sharp_uncalibrated.ckpt")
+
+    model, hparams = load_checkpoint(sharp)
+    datamodule = build_datamodule(hparams["run"]["data"], model.backbone.preprocessing)
+    trainer = pl.Trainer(logger=False, enable_progress_bar=False, enable_model_summary=False, accelerator="cpu")
+    found = validate_and_calibrate(trainer, model, datamodule, str(sharp), "temperature")
+    assert found["val/ece"] < found["val/ece_before_calibration"] and found["calibration/temperature"] > 1  # softened
+
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    for src in sorted(PETS.glob("*.jpg"))[::12]:  # 31 photos over all breeds
+        shutil.copy(src, photos / src.name)
+    predictions = {}
+    for name in ("sharp_uncalibrated", "sharp"):
+        output = tmp_path / f"{name}.csv"
+        run("predict", f"ckpt_path={tmp_path / (name + '.ckpt')}", f"input={photos}", f"output={output}", f"hydra.run.dir={tmp_path / name}")
+        with open(output, newline="") as fh:
+            predictions[name] = {r["path"]: r for r in csv.DictReader(fh)}
+    before, after = predictions["sharp_uncalibrated"], predictions["sharp"]
+    assert all(before[p]["label"] == after[p]["label"] for p in before)  # a temperature never changes the winner
+    assert np.mean([float(after[p]["score"]) for p in after]) < np.mean([float(before[p]["score"]) for p in before]) - 0.01
+
+
+@pytest.mark.shared
+def test_sweep_report_flags_a_broken_job_and_not_two_seeds(tmp_path):
+    """Three real runs laid out as a sweep (job.json + overrides), then the report: lr=1e-6 is worse, seeds are not."""
+    from transferlab.sweeps.records import write_job_record
+    from transferlab.sweeps.summary import write_report
+
+    sweep = tmp_path / "sweep"
+    jobs = [["seed=1"], ["seed=2"], ["seed=1", "optimizer.lr=1e-6"]]
+    for number, overrides in enumerate(jobs):
+        job = sweep / str(number)
+        common = [o for o in SPECIES_RUN if not o.startswith(("seed=", "optimizer.lr="))]
+        run("train", *common, "optimizer.lr=3e-3", "data.split_seed=1", *overrides, f"hydra.run.dir={job}")
+        (job / ".hydra").mkdir(exist_ok=True)
+        (job / ".hydra" / "overrides.yaml").write_text(yaml.safe_dump([*overrides, *([] if len(overrides) > 1 else ["optimizer.lr=3e-3"])]))
+        write_job_record(job, {"status": "completed", "job": number, "overrides": overrides})
+    write_report(sweep, html=True)
+    rows = {r["job"]: r for r in csv.DictReader(open(sweep / "summary.csv"))}
+    broken = rows["2"]
+    assert broken["vs_best"].startswith("worse") and float(broken["p_vs_best"]) < 0.01, broken
+    seeds = [r for name, r in rows.items() if name != "2"]
+    assert {r["vs_best"].split(" ")[0] for r in seeds} == {"best", "indistinguishable"}, seeds
+    assert json.loads(rows["0"]["test/acc_ci95"])[0] <= float(rows["0"]["test/acc"])
+    markdown = (sweep / "summary.md").read_text()
+    assert "Repeated seeds" in markdown and "± " in markdown and "(n=2)" in markdown
+    assert "indistinguishable" in (sweep / "report.html").read_text()
+
+
+def test_fold_assignment_is_stratified_and_seeded():
+    from transferlab.data.folds import fold_splits
+
+    pool = [(Path(f"{i}.jpg"), int(i % 3 == 0)) for i in range(60)]
+    splits = fold_splits(pool, ["a", "b"], 4, seed=5, val_fraction=0.15)
+    held_out = [s for fold in splits for s in fold["test"]]
+    assert sorted(held_out) == sorted(pool)  # every image out-of-fold once
+    for fold in splits:
+        assert not {p for p, _ in fold["test"]} & {p for p, _ in fold["train"] + fold["val"]}
+        assert sum(label for _, label in fold["test"]) == 5  # 20 of class b over 4 folds
+    assert fold_splits(pool, ["a", "b"], 4, seed=5, val_fraction=0.15) == splits
+    from transferlab.core.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="cv.folds"):
+        fold_splits(pool, ["a", "b"], 30, seed=5, val_fraction=0.15)
