@@ -201,3 +201,36 @@ def test_fold_assignment_is_stratified_and_seeded():
 
     with pytest.raises(ConfigError, match="cv.folds"):
         fold_splits(pool, ["a", "b"], 30, seed=5, val_fraction=0.15)
+
+
+@pytest.mark.shared
+def test_a_checkpoint_from_before_calibration_and_class_weights_still_evaluates(species_run, tmp_path):
+    checkpoint = torch.load(species_run / "checkpoints" / "best.ckpt", weights_only=True, map_location="cpu")
+    del checkpoint["state_dict"]["temperature"]
+    for key in ("class_weights", "sampler"):
+        del checkpoint["hyper_parameters"]["run"]["data"][key]
+    del checkpoint["hyper_parameters"]["loss_weights"]
+    old = tmp_path / "old.ckpt"
+    torch.save(checkpoint, old)
+    run("eval", f"ckpt_path={old}", f"hydra.run.dir={tmp_path / 'eval'}")
+    metrics = read_metrics(tmp_path / "eval")
+    assert metrics["test/acc"] == read_metrics(species_run)["test/acc"] and "test/ece_before_calibration" not in metrics
+
+
+@pytest.mark.shared
+def test_folds_share_one_feature_cache_even_in_memory(tiny_folder, tmp_path):
+    from conftest import FAST
+
+    run(
+        "train",
+        "data=image_folder",
+        f"data.root={tiny_folder}",
+        "cv.folds=2",
+        "trainer.max_epochs=1",
+        "performance.feature_cache.storage=memory",
+        f"hydra.run.dir={tmp_path}",
+        *FAST,
+    )
+    first, second = (json.loads((tmp_path / f"fold_{k}" / "feature_cache.json").read_text()) for k in (0, 1))
+    assert sum(first[s]["computed"] for s in ("train", "val", "test")) == 16  # every image once, in fold 0
+    assert sum(second[s]["computed"] for s in ("train", "val", "test")) == 0 and second["test"]["reused"] == 8

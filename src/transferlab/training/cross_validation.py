@@ -33,6 +33,7 @@ from transferlab.models.backbone import Backbone
 from transferlab.models.evaluation import classification_metrics, fit_temperature
 from transferlab.training.artifacts import print_config_tree, summary_line, write_predictions
 from transferlab.training.fit import fit_and_test
+from transferlab.training.performance import feature_cache
 
 log = logging.getLogger(__name__)
 SUMMARY, OOF = "cv_summary.json", "oof_predictions.csv"
@@ -63,6 +64,7 @@ def cross_validate(cfg: DictConfig, backbone: Backbone, datamodule: ImageClassif
     oof_logits = torch.zeros(len(pool), len(names))
     raw_logits = torch.zeros(len(pool), len(names))
     fold_metrics, epochs = [], []
+    cache = feature_cache(cfg, cfg.performance.feature_cache)  # one for all folds: each image's features computed once
     for k, fold in enumerate(splits):
         fold_cfg = in_folder(cfg, run_dir / f"fold_{k}")
         log.info("Cross-validation: fold %d of %d (%s)", k + 1, folds, fold_cfg.paths.output_dir)
@@ -71,7 +73,7 @@ def cross_validate(cfg: DictConfig, backbone: Backbone, datamodule: ImageClassif
         datamodule.use_splits(fold)
         pl.seed_everything(cfg.seed, workers=True)  # every fold starts from the same random state
         fold_backbone = copy.deepcopy(pristine) if pristine is not None else backbone
-        metrics, model = fit_and_test(fold_cfg, fold_backbone, datamodule, precision_note, prune=False)
+        metrics, model = fit_and_test(fold_cfg, fold_backbone, datamodule, precision_note, prune=False, cache=cache)
         logits, _ = model.outputs["test"]
         where = [row[str(path)] for path, _ in fold["test"]]
         oof_logits[where], raw_logits[where] = logits, logits * float(model.temperature)
@@ -97,7 +99,7 @@ def cross_validate(cfg: DictConfig, backbone: Backbone, datamodule: ImageClassif
         datamodule.use_splits({"train": pool, "val": [], "test": official_test})
         pl.seed_everything(cfg.seed, workers=True)
         refit_backbone = copy.deepcopy(pristine) if pristine is not None else backbone
-        refit, _ = fit_and_test(cfg, refit_backbone, datamodule, precision_note, refit=(refit_epochs, temperature), prune=False)
+        refit, _ = fit_and_test(cfg, refit_backbone, datamodule, precision_note, refit=(refit_epochs, temperature), prune=False, cache=cache)
         summary["refit"] = {key: value for key, value in refit.items() if not key.startswith("val/")}
         if official_test:  # the refit model's test on the official list replaces the out-of-fold figures
             result.update({key: value for key, value in refit.items() if key.startswith("test/")})

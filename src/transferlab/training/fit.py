@@ -11,6 +11,7 @@ from lightning.pytorch.callbacks import EarlyStopping, ModelCheckpoint
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from transferlab.callbacks.checkpoints import LastCheckpoint
+from transferlab.callbacks.feature_cache import FeatureCache
 from transferlab.callbacks.optuna_pruning import pruning_callbacks
 from transferlab.callbacks.unfreeze import GradualUnfreeze
 from transferlab.core.files import to_float_dict
@@ -53,6 +54,7 @@ def fit_and_test(
     ckpt_path: Optional[str] = None,
     refit: Optional[tuple[int, float]] = None,
     prune: bool = True,
+    cache: Optional[FeatureCache] = None,
 ) -> tuple[dict[str, Any], TransferClassifier]:
     """Fit in cfg.paths.output_dir; returns (metrics.json's values, the model). With `refit` = (epochs, temperature)
     there is no validation: train that many epochs (the schedule as configured), take that temperature, save
@@ -60,7 +62,7 @@ def fit_and_test(
     out_dir = Path(cfg.paths.output_dir)
     resolve_logger_config(cfg.get("logger"), run_name=out_dir.name)
     model = build_model(cfg, backbone, datamodule)
-    callbacks = instantiate_group(cfg.callbacks, "callbacks") + apply_performance(cfg, model, datamodule, precision_note)
+    callbacks = instantiate_group(cfg.callbacks, "callbacks") + apply_performance(cfg, model, datamodule, precision_note, cache)
     if prune:
         callbacks += pruning_callbacks()  # a trial of an Optuna sweep
     if cfg.finetune.mode == "gradual":

@@ -42,8 +42,11 @@ def is_convolutional(module: nn.Module) -> bool:
     return sum(isinstance(m, nn.Conv2d) for m in module.modules()) > 1
 
 
-def apply_performance(cfg: DictConfig, model: TransferClassifier, datamodule: Any, precision_note: str) -> list[pl.Callback]:
-    """Configure the model's layout/compilation, return the callbacks that speed the run up, log the choices."""
+def apply_performance(
+    cfg: DictConfig, model: TransferClassifier, datamodule: Any, precision_note: str, cache: Optional[FeatureCache] = None
+) -> list[pl.Callback]:
+    """Configure the model's layout/compilation, return the callbacks that speed the run up, log the choices.
+    `cache`: a feature cache to reuse (the folds of a cross-validation share one, memory storage too)."""
     perf = cfg.performance
     conv = is_convolutional(model.backbone)
     channels_last = choose_flag("performance.channels_last", perf.channels_last, auto=conv)
@@ -58,7 +61,7 @@ def apply_performance(cfg: DictConfig, model: TransferClassifier, datamodule: An
     workers = datamodule.workers()
     notes.append(f"data.num_workers {workers}" + (f" (auto: {detect().cores} cores)" if datamodule.num_workers == "auto" else ""))
     callbacks: list[pl.Callback] = []
-    cache = feature_cache(cfg, perf.feature_cache)
+    cache = cache or feature_cache(cfg, perf.feature_cache)
     if cache is not None:
         callbacks.append(cache)
         notes.append(f"feature cache on ({cache.root or 'memory'}, {cache.views} augmented views)")
