@@ -234,3 +234,30 @@ def test_folds_share_one_feature_cache_even_in_memory(tiny_folder, tmp_path):
     first, second = (json.loads((tmp_path / f"fold_{k}" / "feature_cache.json").read_text()) for k in (0, 1))
     assert sum(first[s]["computed"] for s in ("train", "val", "test")) == 16  # every image once, in fold 0
     assert sum(second[s]["computed"] for s in ("train", "val", "test")) == 0 and second["test"]["reused"] == 8
+
+
+@pytest.mark.shared
+def test_cross_validation_with_ddp_predicts_every_image_once(tiny_folder, tmp_path):
+    """Two gloo processes through every fold and the refit: one set of fold folders, every image once out-of-fold."""
+    from conftest import FAST, run_cli
+
+    out = tmp_path / "ddp"
+    run_cli(
+        "train",
+        "data=image_folder",
+        f"data.root={tiny_folder}",
+        "trainer=ddp_cpu",
+        "cv.folds=2",
+        "cv.refit=true",
+        "trainer.max_epochs=1",
+        f"hydra.run.dir={out}",
+        *FAST,
+    )
+    summary = json.loads((out / "cv_summary.json").read_text())
+    assert len(summary["folds"]) == 2 and summary["images"] == 16
+    with open(out / "oof_predictions.csv", newline="") as fh:
+        paths = [r["path"] for r in csv.DictReader(fh)]
+    assert len(paths) == len(set(paths)) == 16
+    assert sorted(p.name for p in out.iterdir() if p.name.startswith("fold_")) == ["fold_0", "fold_1"]
+    checkpoint = torch.load(out / "checkpoints" / "best.ckpt", weights_only=True, map_location="cpu")
+    assert float(checkpoint["state_dict"]["temperature"]) == pytest.approx(read_metrics(out)["calibration/temperature"])
