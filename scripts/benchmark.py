@@ -6,7 +6,8 @@
 
 Prints a markdown table and writes benchmark.json. Its top-level keys are stable (other tooling reads them):
 frozen_speedup, frozen_acc_baseline, frozen_acc_transferlab, finetune_overhead, bf16_speedup_resnet50_train,
-bf16_speedup_lite0_train, decode_speedup, peak_fraction, hardware; the measurements behind them are under
+bf16_speedup_lite0_train, decode_speedup, peak_fraction, probe_balanced_acc_sklearn, probe_balanced_acc_transferlab,
+hardware; the measurements behind them are under
 `details`. Only ratios measured side by side in this one run are meaningful on a shared machine.
 """
 
@@ -32,7 +33,7 @@ from torch.utils.data import DataLoader, Dataset
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED = Path(os.environ.get("TRANSFERLAB_SHARED", REPO.parent / "shared")) / "data"
-SECTIONS = ("frozen", "finetune", "precision", "accuracy", "decode", "peak")
+SECTIONS = ("frozen", "finetune", "precision", "accuracy", "decode", "peak", "probe")
 LITE0 = "tf_efficientnet_lite0"
 
 
@@ -161,6 +162,7 @@ def frozen_section(root: Path, work: Path, epochs: int, device: torch.device, se
         f"data.root={root}",
         "data.task=species",
         "finetune=frozen",
+        "finetune.head_solver=sgd",  # epochs of a head on cached features against the same epochs in a plain loop
         f"trainer.max_epochs={epochs}",
         f"seed={seed}",
         f"trainer.accelerator={accelerator}",
@@ -371,6 +373,7 @@ def accuracy_section(root: Path, work: Path, device: torch.device, epochs: int, 
         f"data.root={root}",
         "data.task=breeds",
         "finetune=frozen",
+        "finetune.head_solver=sgd",  # the speed settings change the epochs' arithmetic; the convex probe has none
         "optimizer.lr=3e-3",
         f"trainer.max_epochs={epochs}",
         "seed=42",
@@ -396,6 +399,40 @@ def accuracy_section(root: Path, work: Path, device: torch.device, epochs: int, 
         run = transferlab_run(common + extra + [f"paths.cache_dir={work / f'acc-cache-{len(out)}'}"], work / f"acc-{len(out)}")
         out[label] = {"test_acc": run["test_acc"], "val_acc": run["val_acc"], "seconds": run["seconds"]}
     return {"task": "breeds", "epochs": epochs, "runs": out}
+
+
+# ------------------------------------------------------------------- (f) the best ten lines a user could write
+def probe_section(root: Path, work: Path, tasks: tuple[str, ...], folds: int, seed: int) -> dict[str, Any]:
+    """scikit-learn's LogisticRegressionCV(class_weight="balanced") on transferlab's frozen Lite0 features
+    (scripts/sklearn_probe.py) against `transferlab-train data.task=T cv.folds=K` with no other flag, on the
+    same stratified folds: out-of-fold accuracy and balanced accuracy of both."""
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from sklearn_probe import features_of, probe
+
+    out: dict[str, Any] = {}
+    for task in tasks:
+        started = time.perf_counter()
+        features, labels, pool, names = features_of(LITE0, str(root), task, seed)
+        reference = probe(features, labels, pool, names, folds, seed, balanced=True)
+        sklearn_seconds = time.perf_counter() - started
+        common = [
+            f"data.root={root}",
+            f"data.task={task}",
+            f"cv.folds={folds}",
+            f"seed={seed}",
+            "callbacks.progress_bar=null",
+            "trainer.enable_progress_bar=false",
+        ]
+        ours = transferlab_run(common + [f"paths.cache_dir={work / 'probe-cache'}"], work / f"probe-{task}")
+        metrics = json.loads((work / f"probe-{task}" / "metrics.json").read_text())
+        out[task] = {
+            "folds": folds,
+            "images": len(labels),
+            "sklearn": {"acc": reference["oof/acc"], "balanced_acc": reference["oof/balanced_acc"], "seconds": sklearn_seconds},
+            "transferlab": {"acc": metrics["test/acc"], "balanced_acc": metrics["test/balanced_acc"], "seconds": ours["seconds"]},
+        }
+        out[task]["difference"] = out[task]["transferlab"]["balanced_acc"] - out[task]["sklearn"]["balanced_acc"]
+    return out
 
 
 # ---------------------------------------------------------------------------------------- (d) decode
@@ -541,6 +578,12 @@ def markdown(result: dict[str, Any]) -> str:
             f"| (e) {f['headline']}: achieved GFLOP/s vs bf16 matmul GFLOP/s | {f['matmul_gflops']['bf16']:.0f} | "
             f"{head['achieved_gflops']:.0f} | **{head['fraction']:.2f}** of peak | |"
         )
+    for task, f in d.get("probe", {}).items():
+        for key in ("acc", "balanced_acc"):
+            rows.append(
+                f"| (f) {task}, {f['folds']}-fold out-of-fold {key}: scikit-learn LogisticRegressionCV vs transferlab-train defaults | "
+                f"{f['sklearn'][key]:.3f} | {f['transferlab'][key]:.3f} | {f['transferlab'][key] - f['sklearn'][key]:+.3f} | >= -0.005 |"
+            )
     hw = result["hardware"]
     rows.append("")
     rows.append(
@@ -614,6 +657,8 @@ def main(argv: Optional[list[str]] = None) -> int:
             details["accuracy"] = accuracy_section(root, work, device, 10, args.compile)
         if "peak" in sections:
             details["peak"] = peak_section(details["precision"], device, quick)
+        if "probe" in sections:
+            details["probe"] = probe_section(root, work, ("species",) if quick else ("species", "breeds"), 3 if quick else 5, seed=42)
     finally:
         shutil.rmtree(work, ignore_errors=True)
 
@@ -635,6 +680,8 @@ def main(argv: Optional[list[str]] = None) -> int:
         "bf16_speedup_lite0_train": pick(("precision", "images_per_s", f"{LITE0}/train", "bf16_speedup")),
         "decode_speedup": pick(("decode", "speedup")),
         "peak_fraction": peak["models"][peak["headline"]]["fraction"] if peak.get("headline") else None,
+        "probe_balanced_acc_sklearn": pick(("probe", "species", "sklearn", "balanced_acc")),
+        "probe_balanced_acc_transferlab": pick(("probe", "species", "transferlab", "balanced_acc")),
         "hardware": detect().to_dict(),
         "mode": "quick" if quick else "full",
         "device": str(device),

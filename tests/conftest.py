@@ -71,6 +71,7 @@ PETS_ARGS = [
     f"data.root={PETS}",
     "backbone=tf_efficientnet_lite0",
     "finetune=frozen",
+    "finetune.head_solver=sgd",  # the head trained by epochs (learning rates, curves, resuming); the L-BFGS probe has its own tests
     "callbacks.progress_bar=null",
     "trainer.enable_progress_bar=false",
     "trainer.precision=bf16-mixed",
@@ -266,6 +267,7 @@ def session_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
 # The species run the suite shares (and the DDP test repeats with two processes): it must match to the image.
 SPECIES_RUN = [
     "data=oxford_pets",
+    "finetune.head_solver=sgd",
     "data.task=species",
     "data.class_weights=balanced",
     "trainer.max_epochs=4",

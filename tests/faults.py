@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any, Optional
 
 import lightning.pytorch as pl
+import torch
 
 
 class PauseAt(pl.Callback):
@@ -27,3 +28,32 @@ class PauseAt(pl.Callback):
         deadline = time.monotonic() + self.timeout
         while time.monotonic() < deadline and not (self.resume_file and Path(self.resume_file).exists()):
             time.sleep(0.05)
+
+
+class MixerSpy(pl.Callback):
+    """Records the Trainer stage of every call of the model's mixup / cutmix (`calls`, class-level: in-process runs)."""
+
+    calls: list[str] = []
+    batches: dict[str, int] = {}
+
+    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        mixer = pl_module.mixer  # type: ignore[attr-defined]
+        assert mixer is not None, "the run has no mixup / cutmix"
+
+        class Spy(torch.nn.Module):
+            def forward(self, images: Any, labels: Any) -> Any:
+                MixerSpy.calls.append(trainer.state.stage.value if trainer.state.stage else "none")
+                return mixer(images, labels)
+
+        pl_module.mixer = Spy()  # type: ignore[attr-defined]
+
+    def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int) -> None:
+        MixerSpy.batches["train"] = MixerSpy.batches.get("train", 0) + 1
+
+    def on_validation_batch_start(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int, dataloader_idx: int = 0
+    ) -> None:
+        MixerSpy.batches["validate"] = MixerSpy.batches.get("validate", 0) + 1
+
+    def on_test_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int, dataloader_idx: int = 0) -> None:
+        MixerSpy.batches["test"] = MixerSpy.batches.get("test", 0) + 1

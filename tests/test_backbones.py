@@ -33,6 +33,31 @@ def test_bundled_lite0_names_a_siamese_cat(lite0):
     assert index == 284 and name.startswith("Siamese cat") and prob > 0.5
 
 
+@pytest.mark.shared
+def test_bundled_lite2_names_a_siamese_cat():
+    lite2 = create_backbone("tf_efficientnet_lite2", weights="bundled").eval()
+    assert lite2.preprocessing.input_size == 260
+    index, name, prob = imagenet_top1(lite2, Image.open(sorted(PETS.glob("Siamese_*.jpg"))[0]).convert("RGB"))
+    assert index == 284 and name.startswith("Siamese cat") and prob > 0.5
+
+
+def test_an_ensemble_concatenates_its_members_features_each_through_its_own_preprocessing(lite0):
+    members = ["tf_efficientnet_lite0", "tf_efficientnet_lite1"]
+    ensemble = create_backbone("ensemble", weights="bundled", members=members).eval()
+    lite1 = create_backbone("tf_efficientnet_lite1", weights="bundled").eval()
+    assert ensemble.num_features == 2560 and ensemble.preprocessing.input_size == max(
+        lite0.preprocessing.resize_size, lite1.preprocessing.resize_size
+    )
+    image = Image.fromarray(skimage.data.chelsea())
+    with torch.inference_mode():
+        both = ensemble(ensemble.preprocessing.eval_transform()(image)[None])[0]
+        own = [m(m.preprocessing.eval_transform()(image)[None])[0] for m in (lite0, lite1)]
+    for part, reference in zip(both.split(1280), own):  # the same features, up to one extra resampling
+        assert torch.nn.functional.cosine_similarity(part, reference, dim=0) > 0.98
+    with pytest.raises(ConfigError, match="backbone.members"):
+        create_backbone("ensemble", weights="bundled")
+
+
 def test_bundled_lite0_sees_a_domestic_cat_in_chelsea(lite0):
     index, _, _ = imagenet_top1(lite0, Image.fromarray(skimage.data.chelsea()))
     assert index in DOMESTIC_CATS

@@ -74,7 +74,8 @@ def test_option_composes_and_instantiates(tmp_path, group, option):
     assert backbone(torch.zeros(1, 3, 64, 64)).shape == (1, backbone.num_features)
     optimizer = instantiate(cfg.optimizer)(params=[torch.nn.Parameter(torch.zeros(1))])
     if cfg.scheduler.get("_target_"):
-        instantiate(cfg.scheduler)(optimizer=optimizer)
+        at_run = {"total_steps": 100, "epochs": 10} if cfg.scheduler.get("interval") == "step" else {}  # from the trainer
+        instantiate(cfg.scheduler)(optimizer=optimizer, **at_run)
     trainer_cfg = OmegaConf.merge(cfg.trainer, {"accelerator": "cpu"} if cfg.trainer.accelerator == "gpu" else {})
     if trainer_cfg.get("devices") == -1:
         trainer_cfg.devices = 2

@@ -247,6 +247,7 @@ def test_local_launcher_runs_a_two_job_sweep_in_separate_processes(tiny_folder, 
         f"data.root={tiny_folder}",
         "trainer.max_epochs=1",
         f"hydra.sweep.dir={sweep}",
+        "finetune.head_solver=sgd",
         *FAST,
     )
     records = [job_record(j) for j in job_dirs(sweep)]

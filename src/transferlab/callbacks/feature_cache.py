@@ -42,6 +42,7 @@ class FeatureCache(pl.Callback):
         self.root = Path(cache_dir).expanduser() / "features" if storage == "disk" and cache_dir else None
         self.views, self.seed, self.batch_size = int(augmented_views), int(seed), int(batch_size)
         self.stats: dict[str, Any] = {}
+        self.skip_splits: set[str] = set()  # evaluated on images instead (tta: test-time views need pixels)
         self._stores: dict[str, FeatureStore] = {}
 
     def _store(self, pl_module: pl.LightningModule, datamodule: Any, precision: str, views: int, digest: str) -> FeatureStore:
@@ -74,7 +75,7 @@ class FeatureCache(pl.Callback):
         splits = [
             s
             for s in STAGE_SPLITS.get(stage, ()) + (("test",) if stage == "fit" else ())
-            if s not in datamodule.feature_sets and datamodule.splits.get(s)
+            if s not in datamodule.feature_sets and datamodule.splits.get(s) and s not in self.skip_splits
         ]
         by_store: dict[str, list[str]] = {}
         digest = weights_digest(backbone.body) if splits else ""  # once: ~0.3 s for ResNet-50's 100 MB

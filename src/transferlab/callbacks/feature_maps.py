@@ -25,12 +25,14 @@ log = logging.getLogger(__name__)
 
 
 def val_image_paths(trainer: pl.Trainer) -> list[Path]:
-    """The validation files of the run's datamodule (`splits["val"]`: (path, label) pairs)."""
+    """Held-out files of the run's datamodule: `splits["val"]`, or the test split where the run has no validation
+    split (the L-BFGS probe with finetune.select_c=cv trains on it)."""
     datamodule = trainer.datamodule  # type: ignore[attr-defined]
     splits = getattr(datamodule, "splits", None) or {}
-    if not splits.get("val"):
-        raise DataError("callbacks: this datamodule exposes no validation files (splits['val']); the picture callbacks need them")
-    return [Path(path) for path, _ in splits["val"]]
+    held_out = splits.get("val") or splits.get("test")
+    if not held_out:
+        raise DataError("callbacks: this datamodule exposes no validation or test files (splits['val'/'test']); the picture callbacks need them")
+    return [Path(path) for path, _ in held_out]
 
 
 class FeatureMaps(pl.Callback):

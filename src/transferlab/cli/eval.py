@@ -22,6 +22,7 @@ def evaluate(cfg: DictConfig) -> dict:
     out_dir = Path(cfg.paths.output_dir)
     print_config_tree(cfg, save_to=out_dir / "config.yaml")
     model, hparams = load_checkpoint(cfg.ckpt_path)
+    model.tta = str(cfg.get("tta") or "none")
     run = hparams.get("run") or {}
     pl.seed_everything(run.get("seed", 0), workers=True)
     overrides = {k: v for k, v in (container(cfg.data) or {}).items() if v is not None}

@@ -20,6 +20,7 @@ from transferlab.core.errors import DataError
 from transferlab.core.hardware import resolve_device
 from transferlab.data.images import decode_rgb, describe_failure, list_files
 from transferlab.models.classifier import load_checkpoint
+from transferlab.models.tta import averaged_logits
 
 log = logging.getLogger(__name__)
 
@@ -69,7 +70,7 @@ def predict(cfg: DictConfig) -> Path:
         writer = csv.writer(fh)
         writer.writerow(["path", "label", "score", "error"] + [f"top{j}_{kind}" for j in range(1, k + 1) for kind in ("label", "score")])
         for indices, images, errors in loader:
-            probs = model(images.to(device)).float().softmax(dim=-1).cpu()
+            probs = averaged_logits(model, images.to(device), str(cfg.get("tta") or "none")).float().softmax(dim=-1).cpu()
             scores, labels = probs.topk(k, dim=-1)
             for i, err, s, top in zip(indices.tolist(), errors, scores.tolist(), labels.tolist()):
                 if err:

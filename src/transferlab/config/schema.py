@@ -30,6 +30,8 @@ class Backbone:
     source: str  # auto or a registered source name
     weights: str  # imagenet | none | bundled | a state_dict / safetensors path
     input_size: Optional[int]
+    crop_pct: Optional[float]  # replaces the pretrained centre-crop fraction
+    members: Optional[list[str]]  # name=ensemble only
 
 
 @dataclass
@@ -38,6 +40,15 @@ class Finetune:
     head_dropout: float
     backbone_lr_factor: float
     unfreeze_at_epoch: Optional[int]
+    head_solver: Optional[Literal["sgd", "lbfgs"]]  # frozen only
+    select_c: Optional[Literal["cv", "val"]]  # head_solver=lbfgs
+    c_folds: Optional[int]
+    standardize: Optional[bool]
+    label_smoothing: Optional[float]  # the fine-tuning recipe (full / gradual)
+    mixup: Optional[float]
+    cutmix: Optional[float]
+    ema_decay: Optional[float]
+    layer_decay: Optional[float]
 
 
 @dataclass
@@ -70,6 +81,11 @@ class CrossValidation:
 
 
 @dataclass
+class Tune:
+    lr_find: bool
+
+
+@dataclass
 class Train:
     task_name: str
     tags: list[str]
@@ -77,7 +93,9 @@ class Train:
     ckpt_path: Optional[str]
     optimized_metric: Optional[str]
     calibration: Literal["temperature", "none"]
+    tta: Literal["none", "hflip", "five_crop"]  # test-time augmentation (models.tta)
     cv: CrossValidation
+    tune: Tune
     data: Target
     backbone: Backbone
     finetune: Finetune
@@ -104,6 +122,7 @@ class Eval:
     task_name: str
     tags: list[str]
     ckpt_path: str
+    tta: Literal["none", "hflip", "five_crop"]  # test-time augmentation (models.tta)
     data: EvalData
     trainer: Target
     logger: Targets
@@ -118,6 +137,7 @@ class Predict:
     input: str
     output: str
     topk: int
+    tta: Literal["none", "hflip", "five_crop"]  # test-time augmentation (models.tta)
     batch_size: int
     num_workers: int
     device: str

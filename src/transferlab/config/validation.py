@@ -190,6 +190,7 @@ def check_target(key: str, node: Mapping[str, Any]) -> None:
     if node.get("_partial_") and first:
         params.pop(first, None)  # supplied at call time: optimizer params / scheduler optimizer
         required.discard(first)
+        required -= set(getattr(obj, "supplied_at_run", ()))  # e.g. a per-step schedule's total step count
     missing = sorted(required - set(node))
     if missing:
         raise ConfigError(f"{_join(key, missing[0])}: required value is missing ({target} needs it)")
@@ -228,6 +229,7 @@ LIMITS: dict[str, tuple[Callable[[Any], bool], str]] = {
     "finetune.head_dropout": (lambda v: 0 <= v < 1, "a probability in [0, 1)"),
     "finetune.backbone_lr_factor": (lambda v: v >= 0, "a number >= 0 (the backbone's lr = optimizer.lr x this)"),
     "finetune.unfreeze_at_epoch": (lambda v: v >= 0, "an epoch number >= 0"),
+    "finetune.c_folds": (lambda v: v >= 2, "an integer >= 2 (inner folds that choose the probe's C)"),
     "backbone.input_size": (lambda v: v >= 16, "a size in pixels >= 16, or null for the backbone's own"),
     "performance.feature_cache.batch_size": (lambda v: v >= 1, "an integer >= 1"),
     "performance.feature_cache.augmented_views": (lambda v: v >= 0, "an integer >= 0"),

@@ -178,11 +178,13 @@ class ImageClassificationDataModule(pl.LightningDataModule):
             }
         )
 
-    def use_splits(self, splits: dict[str, list[Sample]]) -> None:
+    def use_splits(self, splits: dict[str, list[Sample]], announce: bool = True) -> None:
         """Train / val / test lists (the split, a cross-validation fold, a refit); say what they hold."""
         self.splits = splits
         self.feature_sets.clear()
         self._decoded.clear()
+        if not announce:
+            return
         log.info("Data: %s classes; %s", len(self.class_names), ", ".join(f"{k} {len(v)}" for k, v in splits.items()))
         counts = np.bincount([label for _, label in splits["train"]], minlength=len(self.class_names))
         ratio = counts.max() / max(counts.min(), 1)

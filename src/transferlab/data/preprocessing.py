@@ -10,6 +10,8 @@ from typing import Any
 import torch
 from torchvision.transforms import v2
 
+from transferlab.core.errors import ConfigError
+
 _INTERPOLATIONS = {
     "bilinear": v2.InterpolationMode.BILINEAR,
     "bicubic": v2.InterpolationMode.BICUBIC,
@@ -77,6 +79,24 @@ class Preprocessing:
         jitter = float(augment.get("color_jitter", 0.0) or 0.0)
         if jitter > 0:
             steps.append(v2.ColorJitter(brightness=jitter, contrast=jitter, saturation=jitter))
-        if augment.get("trivial_augment", False):
-            steps.append(v2.TrivialAugmentWide(interpolation=self._mode))
+        policy = str(augment.get("policy") or ("trivialaugment" if augment.get("trivial_augment") else "none"))
+        if policy != "none":
+            steps.append(augmentation_policy(policy))
         return v2.Compose(steps + self._finish())
+
+
+POLICIES = ("none", "randaugment", "trivialaugment", "autoaugment")
+
+
+def augmentation_policy(name: str) -> v2.Transform:
+    """data.augment.policy: torchvision's RandAugment (2 ops, magnitude 9), TrivialAugmentWide, or AutoAugment's
+    ImageNet policy, applied to the 8-bit image before normalisation. Their rotations and shears interpolate
+    bilinearly: on tensors torchvision's affine warps support no bicubic mode (the backbone's resize keeps its own)."""
+    interpolation = v2.InterpolationMode.BILINEAR
+    if name == "randaugment":
+        return v2.RandAugment(num_ops=2, magnitude=9, interpolation=interpolation)
+    if name == "trivialaugment":
+        return v2.TrivialAugmentWide(interpolation=interpolation)
+    if name == "autoaugment":
+        return v2.AutoAugment(v2.AutoAugmentPolicy.IMAGENET, interpolation=interpolation)
+    raise ConfigError(f"data.augment.policy={name!r}: use one of {', '.join(POLICIES)}")

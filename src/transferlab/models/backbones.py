@@ -8,11 +8,14 @@ selects the source that ships those weights.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
+from collections.abc import Sequence
 from typing import Optional
 
 from transferlab.core.errors import ConfigError, close_matches
 from transferlab.models.backbone import Backbone
+from transferlab.models.ensemble import ensemble_backbone
 from transferlab.models.sources import SOURCES, BackboneSource, by_name
 
 __all__ = ["Backbone", "create_backbone", "resolve_source"]
@@ -41,11 +44,31 @@ def resolve_source(name: str, source: str = "auto", weights: str = "imagenet") -
     raise ConfigError(f"backbone.name: unknown backbone {name!r} in {where}{close_matches(name, pool)}")
 
 
-def create_backbone(name: str, weights: str = "imagenet", source: str = "auto", input_size: Optional[int] = None) -> Backbone:
-    """The one factory. `weights`: imagenet | none | bundled | path to a state_dict of the original model."""
+def create_backbone(
+    name: str,
+    weights: str = "imagenet",
+    source: str = "auto",
+    input_size: Optional[int] = None,
+    crop_pct: Optional[float] = None,
+    members: Optional[Sequence[str]] = None,
+) -> Backbone:
+    """The one factory. `weights`: imagenet | none | bundled | path to a state_dict of the original model;
+    `input_size` / `crop_pct` replace the pretrained preprocessing's; `members` (name=ensemble): the backbones
+    whose features are concatenated (models.ensemble), each built with these weights and source."""
+    if members:
+        if name != "ensemble":
+            raise ConfigError(f"backbone.members: only backbone.name=ensemble has members, not {name!r}; remove backbone.members")
+        parts = [create_backbone(member, weights, source, input_size, crop_pct) for member in members]
+        return ensemble_backbone(parts)
+    if name == "ensemble":
+        raise ConfigError(
+            "backbone.members: backbone=ensemble needs a list of backbones, e.g. backbone.members=[tf_efficientnet_lite0,tf_efficientnet_lite2]"
+        )
     chosen = resolve_source(name, source, weights)
     backbone = chosen.build(name, weights)
     backbone.preprocessing = backbone.preprocessing.resized(input_size)
+    if crop_pct is not None:
+        backbone.preprocessing = dataclasses.replace(backbone.preprocessing, crop_pct=float(crop_pct))
     log.info(
         "Backbone %s (%s, weights=%s): %d features, input %d px", name, chosen.name, weights, backbone.num_features, backbone.preprocessing.input_size
     )

