@@ -48,7 +48,10 @@ class LinearProbeSolver(pl.Callback):
         model = as_classifier(pl_module)
         datamodule = trainer.datamodule  # type: ignore[attr-defined]
         if "train" not in datamodule.feature_sets:
-            raise ConfigError("finetune.head_solver=lbfgs needs the frozen-feature cache: set performance.feature_cache.enabled=true")
+            raise ConfigError(
+                "finetune.head_solver=lbfgs (the default probe) needs the frozen-feature cache: set performance.feature_cache.enabled=true, "
+                "or finetune.head_solver=sgd to train the head by epochs on images"
+            )
         x, y, images = feature_matrix(datamodule.feature_sets["train"])
         weights = model.loss_weights.cpu() if model.loss_weights is not None else None
         classes = len(model.class_names)
