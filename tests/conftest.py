@@ -313,3 +313,39 @@ def read_wandb_log(path: Path) -> list:
             records.append(record)
             pending = b""
     return records
+
+
+needs_browser = pytest.mark.skipif(
+    not Path("/usr/bin/chromium").exists() and not os.environ.get("TRANSFERLAB_REQUIRE_BROWSER"),
+    reason="Debian chromium + chromium-driver not installed (.ci/run installs them; CI never skips this)",
+)
+
+
+def chromium_render(page: Path, screenshot: Path) -> tuple[list[dict], list[int]]:
+    """Open `page` in headless Chromium: (console messages, naturalWidth of every image)."""
+    from selenium import webdriver
+    from selenium.webdriver.chrome.service import Service
+
+    options = webdriver.ChromeOptions()
+    options.binary_location = "/usr/bin/chromium"
+    for flag in (
+        "--headless=new",
+        "--no-sandbox",
+        "--disable-gpu",
+        "--disable-quic",
+        "--no-first-run",
+        "--disable-sync",
+        "--disable-background-networking",
+        "--disable-component-update",
+        "--window-size=1280,1600",
+    ):
+        options.add_argument(flag)
+    options.set_capability("goog:loggingPrefs", {"browser": "ALL"})
+    driver = webdriver.Chrome(service=Service("/usr/bin/chromedriver"), options=options)
+    try:
+        driver.get(page.resolve().as_uri())
+        widths = driver.execute_script("return Array.from(document.images, i => i.complete ? i.naturalWidth : -1)")
+        driver.save_screenshot(str(screenshot))
+        return driver.get_log("browser"), widths
+    finally:
+        driver.quit()

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import FAST, PETS_ARGS, read_metrics, read_wandb_log, run, run_cli, run_mains
+from conftest import FAST, PETS_ARGS, chromium_render, needs_browser, read_metrics, read_wandb_log, run, run_cli, run_mains
 
 pytestmark = pytest.mark.shared
 
@@ -80,40 +80,7 @@ def test_report_command_rebuilds_the_summary(grid_sweep, tmp_path):
     assert bad["code"] == 2 and bad["stderr"].strip().startswith("error:") and "no job folders" in bad["stderr"]
 
 
-def chromium_render(page: Path, screenshot: Path) -> tuple[list[dict], list[int]]:
-    """Open `page` in headless Chromium: (console messages, naturalWidth of every image)."""
-    from selenium import webdriver
-    from selenium.webdriver.chrome.service import Service
-
-    options = webdriver.ChromeOptions()
-    options.binary_location = "/usr/bin/chromium"
-    for flag in (
-        "--headless=new",
-        "--no-sandbox",
-        "--disable-gpu",
-        "--disable-quic",
-        "--no-first-run",
-        "--disable-sync",
-        "--disable-background-networking",
-        "--disable-component-update",
-        "--window-size=1280,1600",
-    ):
-        options.add_argument(flag)
-    options.set_capability("goog:loggingPrefs", {"browser": "ALL"})
-    driver = webdriver.Chrome(service=Service("/usr/bin/chromedriver"), options=options)
-    try:
-        driver.get(page.resolve().as_uri())
-        widths = driver.execute_script("return Array.from(document.images, i => i.complete ? i.naturalWidth : -1)")
-        driver.save_screenshot(str(screenshot))
-        return driver.get_log("browser"), widths
-    finally:
-        driver.quit()
-
-
-@pytest.mark.skipif(
-    not Path("/usr/bin/chromium").exists() and not os.environ.get("TRANSFERLAB_REQUIRE_BROWSER"),
-    reason="Debian chromium + chromium-driver not installed (.ci/run installs them; CI never skips this)",
-)
+@needs_browser
 def test_report_html_renders_in_headless_chromium(grid_sweep, tmp_path):
     import numpy as np
     from PIL import Image
@@ -121,6 +88,7 @@ def test_report_html_renders_in_headless_chromium(grid_sweep, tmp_path):
     page = grid_sweep / "report.html"
     html = page.read_text()
     assert "http://" not in html and "https://" not in html and "<script" not in html  # self-contained
+    assert "top losses, with the map of the predicted class" in html  # the best run's interpretation
     console, widths = chromium_render(page, tmp_path / "report.png")
     assert not [m for m in console if m["level"] in ("SEVERE", "WARNING")], console
     # metric vs parameters, learning curves, the best run's confusion matrix: every picture decoded

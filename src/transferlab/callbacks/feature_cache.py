@@ -21,7 +21,16 @@ import torch
 from torch.utils.data import DataLoader
 
 from transferlab.core.errors import ConfigError
-from transferlab.data.feature_cache import FeatureDataset, FeatureStore, ViewsDataset, compute_features, fingerprint, image_key, weights_digest
+from transferlab.data.feature_cache import (
+    FeatureDataset,
+    FeatureStore,
+    ViewsDataset,
+    compute_features,
+    describe,
+    fingerprint,
+    image_key,
+    weights_digest,
+)
 from transferlab.models.classifier import as_classifier
 
 log = logging.getLogger(__name__)
@@ -49,16 +58,7 @@ class FeatureCache(pl.Callback):
         backbone = as_classifier(pl_module).backbone
         prep = datamodule.preprocessing
         transform = prep.train_transform(datamodule.augment) if views else prep.eval_transform()
-        description = {
-            "backbone": backbone.name,
-            "source": backbone.source,
-            "weights_sha256": digest,
-            "transform": repr(transform),
-            "decode_size": prep.decode_size(datamodule.augment if views else None),
-            "precision": precision,
-            "views": views,
-            "seed": self.seed if views else None,
-        }
+        description = describe(backbone, transform, prep.decode_size(datamodule.augment if views else None), precision, views, self.seed, digest)
         key = fingerprint(**description)
         if key not in self._stores:
             self._stores[key] = FeatureStore(self.root, key, description)

@@ -37,7 +37,9 @@ def evaluate(cfg: DictConfig) -> dict:
     )
     if run.get("refit") and not datamodule.has_official_test and "root" not in overrides:
         log.warning("This checkpoint was refit on every image of its data (cv.refit): this test split was trained on; give data.root=<new images>")
-    return test_and_report(trainer, model, datamodule, out_dir, None, {"checkpoint": str(cfg.ckpt_path)}, seed=int(run.get("seed", 0)))
+    return test_and_report(
+        trainer, model, datamodule, out_dir, None, {"checkpoint": str(cfg.ckpt_path)}, seed=int(run.get("seed", 0)), interpret=cfg.get("interpret")
+    )
 
 
 def keys_added_since(stored: dict) -> dict:

@@ -86,6 +86,16 @@ class Tune:
 
 
 @dataclass
+class Interpret:
+    enabled: bool
+    top_losses: int
+    cam_method: Literal["gradcam", "gradcam++", "scorecam"]
+    most_confused: int
+    embedding: Literal["tsne", "pca", "none"]
+    max_points: int
+
+
+@dataclass
 class Train:
     task_name: str
     tags: list[str]
@@ -105,6 +115,7 @@ class Train:
     performance: Performance
     logger: Targets
     callbacks: Targets
+    interpret: Interpret
     paths: Paths
 
 
@@ -127,6 +138,7 @@ class Eval:
     trainer: Target
     logger: Targets
     callbacks: Optional[Targets]
+    interpret: Interpret
     paths: Paths
 
 
@@ -176,6 +188,46 @@ class Attack:
 
 
 @dataclass
+class Explain:
+    task_name: str
+    ckpt_path: Optional[str]
+    input: str
+    target: Optional[Union[str, int]]
+    method: Literal["gradcam", "gradcam++", "scorecam"]
+    target_layer: Optional[str]
+    image_weight: float
+    batch_size: int
+    device: str
+    backbone: Backbone
+    paths: Paths
+
+
+@dataclass
+class AuditDuplicates:
+    threshold: float  # cosine similarity of pooled features
+    hash_distance: int  # perceptual-hash bits (of 64)
+    hash_min_similarity: float
+    neighbours: int
+
+
+@dataclass
+class Audit:
+    task_name: str
+    seed: int
+    folds: int
+    device: str
+    precision: str
+    feature_cache: bool
+    duplicates: AuditDuplicates
+    outlier_z: float
+    write_exclude: list[str]  # label_issues | duplicates | outliers
+    max_rows: int
+    data: Target
+    backbone: Backbone
+    paths: Paths
+
+
+@dataclass
 class Report:
     """transferlab-report's arguments (argparse, not Hydra), checked the same way."""
 
@@ -187,9 +239,18 @@ class Report:
 
 # Top-level keys beyond the schema are allowed (`+note=...` on the command line: Hydra already insists on the +);
 # inside a group node every key must be known, so a mistyped `+data.batchsize` is caught.
-OPEN_NODES: frozenset[type] = frozenset({Train, Eval, Predict, Visualize, Attack, EvalData})
+OPEN_NODES: frozenset[type] = frozenset({Train, Eval, Predict, Visualize, Attack, Audit, Explain, EvalData})
 
-COMMANDS: dict[str, type] = {"train": Train, "eval": Eval, "predict": Predict, "visualize": Visualize, "attack": Attack, "report": Report}
+COMMANDS: dict[str, type] = {
+    "train": Train,
+    "eval": Eval,
+    "predict": Predict,
+    "visualize": Visualize,
+    "attack": Attack,
+    "audit": Audit,
+    "explain": Explain,
+    "report": Report,
+}
 
 # Values that are ours, not the instantiated class's, and are resolved before the class sees them:
 # (class path, parameter) -> accepted values besides what its annotation allows.

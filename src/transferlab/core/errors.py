@@ -38,6 +38,19 @@ class IncompatibleLibrary(ResourceError):
     """An installed library changed an internal that transferlab relies on (transferlab.core.compat): exit 1."""
 
 
+class MissingPackage(ResourceError):
+    """An optional dependency (an extra of the package) is not installed: the machine's set-up, so exit 1."""
+
+
+def require_packages(purpose: str, extra: str, *modules: str) -> None:
+    """Fail with one line naming the pip command when any of `modules` cannot be imported."""
+    import importlib.util
+
+    missing = [m for m in modules if importlib.util.find_spec(m) is None]
+    if missing:
+        raise MissingPackage(f"{purpose} needs {', '.join(missing)}: pip install 'transferlab[{extra}]'")
+
+
 def close_matches(word: str, candidates: Iterable[str], n: int = 3) -> str:
     """' (did you mean: a, b?)' or '' — appended to messages about mistyped names."""
     matches = difflib.get_close_matches(word, list(candidates), n=n, cutoff=0.6)

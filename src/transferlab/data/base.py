@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import functools
 import logging
-import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -34,6 +33,7 @@ from transferlab.data.sampling import (
     balanced_loss_weights,
     epoch_seed,
 )
+from transferlab.data.splits import drop_excluded, stratified_split
 
 log = logging.getLogger(__name__)
 
@@ -45,26 +45,6 @@ class Discovered:
     class_names: list[str]
     samples: list[Sample]
     test_samples: Optional[list[Sample]] = None
-
-
-def stratified_split(labels: Sequence[int], val_fraction: float, test_fraction: float, seed: int) -> tuple[list[int], list[int], list[int]]:
-    """Per class, shuffle with `seed` and cut off val/test shares (at least one each when the class has 3+)."""
-    rng = np.random.default_rng(seed)
-    labels_arr = np.asarray(labels)
-    train, val, test = [], [], []
-    for label in np.unique(labels_arr):
-        idx = rng.permutation(np.flatnonzero(labels_arr == label)).tolist()
-        n = len(idx)
-        n_test = int(math.floor(n * test_fraction + 0.5))
-        n_val = int(math.floor(n * val_fraction + 0.5))
-        if n >= 3:
-            n_test = max(n_test, 1 if test_fraction > 0 else 0)
-            n_val = max(n_val, 1 if val_fraction > 0 else 0)
-        n_test, n_val = min(n_test, max(n - 1, 0)), min(n_val, max(n - 1 - n_test, 0))
-        test += idx[:n_test]
-        val += idx[n_test : n_test + n_val]
-        train += idx[n_test + n_val :]
-    return sorted(train), sorted(val), sorted(test)
 
 
 class ImageClassificationDataModule(pl.LightningDataModule):
@@ -90,6 +70,7 @@ class ImageClassificationDataModule(pl.LightningDataModule):
         download: bool,
         class_weights: str,
         sampler: str,
+        exclude: Optional[str],
     ) -> None:
         """Every value comes from the dataset's YAML (conf/data/_base.yaml and the option extending it)."""
         super().__init__()
@@ -102,7 +83,7 @@ class ImageClassificationDataModule(pl.LightningDataModule):
         for key, choice, choices in (("class_weights", class_weights, ("none", "balanced")), ("sampler", sampler, ("random", "balanced"))):
             if choice not in choices:
                 raise ConfigError(f"data.{key}: expected {' or '.join(choices)}, got {choice!r}")
-        self.class_weights, self.sampler = class_weights, sampler
+        self.class_weights, self.sampler, self.exclude = class_weights, sampler, exclude
         self.root = Path(str(root)).expanduser()
         self.val_fraction, self.test_fraction, self.split_seed = val_fraction, test_fraction, split_seed
         if num_workers != "auto" and (not isinstance(num_workers, int) or num_workers < 0):
@@ -149,6 +130,9 @@ class ImageClassificationDataModule(pl.LightningDataModule):
             return
         self.prepare_data()
         found = self.discover()
+        if self.exclude:  # before the integrity scan: an excluded file is neither checked nor reported
+            found.samples, test = drop_excluded(self.exclude, self.root, found.samples, found.test_samples or [])
+            found.test_samples = test if found.test_samples is not None else None
         pool = self._usable(found.samples)
         official_test = self._usable(found.test_samples) if found.test_samples is not None else None
         if not pool:

@@ -53,6 +53,20 @@ def fingerprint(**parts: Any) -> str:
     return hashlib.sha256(text.encode()).hexdigest()[:24]
 
 
+def describe(backbone: Any, transform: Any, decode_size: int, precision: str, views: int, seed: Optional[int], digest: str) -> dict[str, Any]:
+    """What makes features differ (the fingerprint's parts): the same for a training run and an audit of one data set."""
+    return {
+        "backbone": backbone.name,
+        "source": backbone.source,
+        "weights_sha256": digest,
+        "transform": repr(transform),
+        "decode_size": decode_size,
+        "precision": precision,
+        "views": views,
+        "seed": seed if views else None,
+    }
+
+
 class FeatureStore:
     """Rows of features by image key, in memory (root=None) or in memory-mapped shards under root/fingerprint."""
 

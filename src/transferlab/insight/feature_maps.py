@@ -20,17 +20,17 @@ from transferlab.core.plotting import pyplot, save_figure
 DEFAULT_STRIDES = (4, 8, 16, 32)
 
 
-def _spatial_outputs(body: nn.Module, size: int) -> list[tuple[str, int, int]]:
-    """(module name, stride, channels) for every module whose output is a 4-d map, in completion order."""
-    found: list[tuple[str, int, int]] = []
+def module_outputs(body: nn.Module, size: int) -> list[tuple[str, tuple[int, ...]]]:
+    """(module name, output shape) of every module with a tensor output, in the order their forward passes finish."""
+    found: list[tuple[str, tuple[int, ...]]] = []
     handles = []
     for name, module in body.named_modules():
         if not name or isinstance(module, (nn.AdaptiveAvgPool2d, nn.AdaptiveMaxPool2d)):  # a pooled map is not a feature map
             continue
 
         def hook(_m, _i, out, name=name):
-            if isinstance(out, torch.Tensor) and out.dim() == 4 and out.shape[-1] > 0:
-                found.append((name, max(1, round(size / out.shape[-1])), int(out.shape[1])))
+            if isinstance(out, torch.Tensor):
+                found.append((name, tuple(out.shape)))
 
         handles.append(module.register_forward_hook(hook))
     try:
@@ -45,9 +45,14 @@ def _spatial_outputs(body: nn.Module, size: int) -> list[tuple[str, int, int]]:
     return found
 
 
+def spatial_outputs(body: nn.Module, size: int) -> list[tuple[str, int, int]]:
+    """(module name, stride, channels) for every module whose output is a 4-d map, in completion order."""
+    return [(name, max(1, round(size / shape[-1])), int(shape[1])) for name, shape in module_outputs(body, size) if len(shape) == 4 and shape[-1] > 0]
+
+
 def pick_layers(body: nn.Module, size: int, strides: Sequence[int] = DEFAULT_STRIDES) -> list[str]:
     """Per stride, the outermost (fewest dots) module with that output stride that finishes last."""
-    outputs = _spatial_outputs(body, size)
+    outputs = spatial_outputs(body, size)
     chosen = []
     for stride in strides:
         candidates = [(name.count("."), -order, name) for order, (name, s, _) in enumerate(outputs) if s == stride]

@@ -17,6 +17,7 @@ from typing import Any, Optional
 from matplotlib.ticker import MaxNLocator
 
 from transferlab.core.plotting import pyplot
+from transferlab.insight.html_page import figure
 from transferlab.sweeps.collect import Job, Sweep, cell, columns, headline, with_interval
 from transferlab.sweeps.compare import Verdict, group_label, seed_groups, shown_metrics, vs_best
 
@@ -37,10 +38,6 @@ def _png(fig: Any) -> str:
     fig.savefig(buffer, format="png", dpi=100)
     pyplot().close(fig)
     return "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode()
-
-
-def _file_png(path: Path) -> str:
-    return "data:image/png;base64," + base64.b64encode(path.read_bytes()).decode()
 
 
 def _number(text: Optional[str]) -> Optional[float]:
@@ -168,17 +165,24 @@ def _failures(sweep: Sweep) -> str:
     return f"<h2>Failures</h2><table><tr><th>job</th><th>overrides</th><th>error</th><th>traceback</th></tr>{rows}</table>"
 
 
+FIRST_PICTURES = (  # what a reader asks for first: the test report and the run's interpretation (training.run_report)
+    ("confusion_matrix.png", "confusion matrix (test)"),
+    ("top_losses.png", "top losses, with the map of the predicted class"),
+    ("most_confused.png", "most confused pairs"),
+    ("embedding_map.png", "embedding map of the test images"),
+    ("reliability_diagram.png", "reliability diagram (test)"),
+)
+
+
 def _best_pictures(job: Job, limit: int = 12) -> str:
-    pictures = []
-    confusion = job.path / "confusion_matrix.png"
-    if confusion.is_file():
-        pictures.append((confusion, "confusion matrix (test)"))
-    others = sorted(p for p in job.path.rglob("*.png") if p != confusion and ".hydra" not in p.parts and "wandb" not in p.parts)
-    pictures += [(p, p.relative_to(job.path).as_posix()) for p in others[: limit - len(pictures)]]
-    figures = "".join(
-        f'<figure><img src="{_file_png(p)}" alt="{html.escape(c)}"><figcaption>{html.escape(c)}</figcaption></figure>' for p, c in pictures
-    )
-    return f'<div class="pictures">{figures}</div>' if figures else "<p>No pictures in the best run's folder.</p>"
+    pictures = [(job.path / name, caption) for name, caption in FIRST_PICTURES if (job.path / name).is_file()]
+    first = {p for p, _ in pictures}
+    others = sorted(p for p in job.path.rglob("*.png") if p not in first and ".hydra" not in p.parts and "wandb" not in p.parts)
+    pictures += [(p, p.relative_to(job.path).as_posix()) for p in others[: max(0, limit - len(pictures))]]
+    figures = "".join(figure(p, c) for p, c in pictures)
+    report = job.path / "report.html"
+    link = f"<p>The run's own page: <code>{html.escape(str(report))}</code></p>" if report.is_file() else ""
+    return (f'<div class="pictures">{figures}</div>' if figures else "<p>No pictures in the best run's folder.</p>") + link
 
 
 def _seeds(sweep: Sweep) -> str:

@@ -7,7 +7,7 @@ import csv
 import logging
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, Optional
 
 import lightning.pytorch as pl
 import torch
@@ -28,6 +28,7 @@ from transferlab.data.images import Sample
 from transferlab.models.classifier import TransferClassifier, as_classifier
 from transferlab.models.evaluation import calibration_metrics, reliability_bins
 from transferlab.training.loggers import finish_loggers
+from transferlab.training.run_report import interpret_run, write_report
 
 log = logging.getLogger(__name__)
 
@@ -130,9 +131,10 @@ def test_and_report(
     ckpt_path: str | None,
     extra: dict[str, Any],
     seed: int,
+    interpret: Optional[Mapping[str, Any]] = None,
 ) -> dict[str, Any]:
     """Test (the given checkpoint, or the model as it is), then write metrics.json (bootstrap intervals seeded with
-    `seed`), test_predictions.csv and the test report."""
+    `seed`), test_predictions.csv, the test report, the interpretation (`interpret`: conf/interpret/) and report.html."""
     trainer.test(model, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=True if ckpt_path else None)
     metrics = {**extra, **to_float_dict({k: v for k, v in trainer.callback_metrics.items() if k.startswith(("test/", "adv/"))})}
     tested = as_classifier(trainer.lightning_module)
@@ -154,7 +156,10 @@ def test_and_report(
         write_reliability_diagram(out_dir / "reliability_diagram.png", probs, labels, before, trainer.loggers)
         if datamodule.skipped:
             write_skipped(out_dir / "skipped_images.csv", datamodule.skipped)
-        log.info("Results in %s: %s", out_dir, summary_line(metrics))
+        if interpret and interpret.get("enabled"):
+            interpret_run(out_dir, tested, datamodule, probs, interpret, seed)
+        write_report(out_dir, metrics, f"Run report: {out_dir.name}")
+        log.info("Results in %s: %s (report.html)", out_dir, summary_line(metrics))
     finish_loggers(trainer.loggers)
     return metrics
 

@@ -34,6 +34,7 @@ from transferlab.models.evaluation import classification_metrics, fit_temperatur
 from transferlab.training.artifacts import print_config_tree, summary_line, write_predictions
 from transferlab.training.fit import fit_and_test
 from transferlab.training.performance import feature_cache
+from transferlab.training.run_report import write_report
 
 log = logging.getLogger(__name__)
 SUMMARY, OOF = "cv_summary.json", "oof_predictions.csv"
@@ -73,7 +74,7 @@ def cross_validate(cfg: DictConfig, backbone: Backbone, datamodule: ImageClassif
         datamodule.use_splits(fold)
         pl.seed_everything(cfg.seed, workers=True)  # every fold starts from the same random state
         fold_backbone = copy.deepcopy(pristine) if pristine is not None else backbone
-        metrics, model = fit_and_test(fold_cfg, fold_backbone, datamodule, precision_note, prune=False, cache=cache)
+        metrics, model = fit_and_test(fold_cfg, fold_backbone, datamodule, precision_note, prune=False, cache=cache, interpret=False)
         logits, _ = model.outputs["test"]
         where = [row[str(path)] for path, _ in fold["test"]]
         oof_logits[where], raw_logits[where] = logits, logits * float(model.temperature)
@@ -113,6 +114,7 @@ def cross_validate(cfg: DictConfig, backbone: Backbone, datamodule: ImageClassif
         write_predictions(run_dir / OOF, pool, names, oof_logits.softmax(dim=-1))
         write_json(run_dir / SUMMARY, summary)
         write_json(run_dir / "metrics.json", result)
+        write_report(run_dir, result, f"Run report: {run_dir.name} ({folds}-fold cross-validation, out-of-fold test figures)")
         log.info("Cross-validation (%d folds) in %s: %s", folds, run_dir, fold_line(summary, "val/acc") + "; out-of-fold " + summary_line(result))
     return result
 

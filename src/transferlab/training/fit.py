@@ -89,10 +89,11 @@ def fit_and_test(
     prune: bool = True,
     cache: Optional[FeatureCache] = None,
     probe_c: Optional[float] = None,
+    interpret: bool = True,
 ) -> tuple[dict[str, Any], TransferClassifier]:
     """Fit in cfg.paths.output_dir; returns (metrics.json's values, the model). With `refit` = (epochs, temperature)
     there is no validation: train that many epochs (the schedule as configured), take that temperature, save
-    checkpoints/best.ckpt, and test it if the data has a test split."""
+    checkpoints/best.ckpt, and test it if the data has a test split. `interpret`: after the test (not in CV folds)."""
     out_dir = Path(cfg.paths.output_dir)
     resolve_logger_config(cfg.get("logger"), run_name=out_dir.name)
     model = build_model(cfg, backbone, datamodule)
@@ -167,4 +168,5 @@ def fit_and_test(
         extra["probe/C"] = solver.c
     if not datamodule.splits.get("test"):
         return extra, model
-    return test_and_report(trainer, model, datamodule, out_dir, best, extra, seed=int(cfg.seed)), model
+    settings = cfg.get("interpret") if interpret else None
+    return test_and_report(trainer, model, datamodule, out_dir, best, extra, seed=int(cfg.seed), interpret=settings), model

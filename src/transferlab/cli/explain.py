@@ -1,0 +1,105 @@
+"""transferlab-explain: class activation maps of image files, for a checkpoint or a backbone's ImageNet head.
+
+`python -m transferlab.explain ckpt_path=CKPT input=DIR hydra.run.dir=OUT` writes, per image, OUT/<stem>_cam.npy
+(float32 [S, S] in [0, 1] over the model's input crop, S = its input size), OUT/<stem>_cam.png (the map over
+that crop) and a row of OUT/explain.csv (path, target, prob); files that cannot be read are listed in
+OUT/skipped_images.csv with their reason.
+"""
+
+from __future__ import annotations
+
+import csv
+import logging
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from omegaconf import DictConfig
+from PIL import Image
+
+from transferlab.cli.app import Command
+from transferlab.cli.predict import collect_inputs
+from transferlab.core.errors import DataError
+from transferlab.core.files import write_json
+from transferlab.core.hardware import resolve_device
+from transferlab.insight.cam import CamExplainer, body_of, overlay, target_layer
+from transferlab.insight.pixels import build_pixel_classifier, load_pixels
+from transferlab.training.artifacts import print_config_tree, write_skipped
+from transferlab.training.builders import container
+
+log = logging.getLogger(__name__)
+
+
+def output_stems(files: list[Path], root: Path) -> list[str]:
+    """<stem> per file; where two files share a stem (sub-folders), their relative path with `__` instead."""
+    counts = Counter(f.stem for f in files)
+    return [f.stem if counts[f.stem] == 1 else "__".join(f.relative_to(root).with_suffix("").parts) for f in files]
+
+
+def explain(cfg: DictConfig) -> dict[str, Any]:
+    out_dir = Path(cfg.paths.output_dir)
+    print_config_tree(cfg, save_to=out_dir / "config.yaml", show=False)
+    device = resolve_device(cfg.device)
+    model = build_pixel_classifier(container(cfg.backbone), cfg.ckpt_path).to(device)
+    target = None if cfg.target is None else model.resolve_target(cfg.target)
+    body = body_of(model)
+    layer = target_layer(body, model.input_size, cfg.target_layer)
+    explainer = CamExplainer(model, body, layer, str(cfg.method), int(cfg.batch_size))
+    files = collect_inputs(cfg.input)
+    if not files:
+        raise DataError(f"input: no files under {cfg.input}; give an image file or a folder of images")
+    root = Path(cfg.input).expanduser() if Path(cfg.input).expanduser().is_dir() else files[0].parent
+    stems = output_stems(files, root)
+    log.info(
+        "%s of %d image(s): %s, layer %s%s",
+        cfg.method,
+        len(files),
+        model.name,
+        layer,
+        f", class {model.class_names[target]}" if target is not None else "",
+    )
+    skipped: dict[str, str] = {}
+    rows = []
+    step = 1 if cfg.method == "scorecam" else max(1, int(cfg.batch_size))
+    for start in range(0, len(files), step):
+        batch, names, pixels = [], [], []
+        for file, stem in zip(files[start : start + step], stems[start : start + step]):
+            try:
+                pixels.append(load_pixels(file, model.preprocessing))
+            except DataError as exc:
+                skipped[str(file)] = str(exc).removeprefix("input: ")
+                continue
+            batch.append(file)
+            names.append(stem)
+        if not batch:
+            continue
+        images = torch.stack(pixels)
+        probs = model.probabilities(images).cpu()
+        targets = [target if target is not None else int(p.argmax()) for p in probs]
+        maps = explainer(images, targets)
+        for file, stem, image, cam, k, p in zip(batch, names, images, maps, targets, probs):
+            np.save(out_dir / f"{stem}_cam.npy", cam.astype(np.float32))
+            Image.fromarray(overlay(image, cam, float(cfg.image_weight))).save(out_dir / f"{stem}_cam.png")
+            rows.append([str(file), model.class_names[k], f"{float(p[k]):.6f}"])
+    explainer.close()
+    with open(out_dir / "explain.csv", "w", newline="") as fh:
+        writer = csv.writer(fh)
+        writer.writerow(["path", "target", "prob"])
+        writer.writerows(rows)
+    if skipped:
+        write_skipped(out_dir / "skipped_images.csv", skipped)
+        log.warning("%d file(s) could not be read (nothing was deleted); list in %s", len(skipped), out_dir / "skipped_images.csv")
+    summary = {"model": model.name, "method": str(cfg.method), "layer": layer, "images": len(rows), "skipped": len(skipped)}
+    write_json(out_dir / "explain.json", summary)
+    log.info("Wrote %d map(s) to %s (explain.csv: path, target, prob)", len(rows), out_dir)
+    return summary
+
+
+command = Command("explain", explain)
+main = command.main
+
+
+if __name__ == "__main__":
+    main()

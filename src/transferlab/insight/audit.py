@@ -1,0 +1,149 @@
+"""The data audit: label issues, near-duplicates (leakage across the run's splits), outliers, skipped files.
+
+Inputs are the images with their given labels and split, and their pooled features (insight.embeddings);
+outputs are CSV files with fixed columns, audit.json, and the list of files a user may leave out of training
+(`data.exclude`). Nothing is moved or deleted.
+"""
+
+from __future__ import annotations
+
+import csv
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+import numpy as np
+
+from transferlab.insight.duplicates import Pair, find_duplicates, nearest_neighbours, perceptual_hashes
+from transferlab.insight.label_issues import LabelIssue, Outlier, find_label_issues, find_outliers, out_of_fold_probabilities
+
+log = logging.getLogger(__name__)
+
+EXCLUDE_KINDS = ("label_issues", "duplicates", "outliers")
+
+
+@dataclass
+class AuditSettings:
+    folds: int  # K of the out-of-fold probe
+    seed: int
+    threshold: float  # duplicates: cosine similarity at or above which two images are reported
+    hash_distance: int  # ... or perceptual hashes this close (bits of 64)
+    hash_min_similarity: float  # ... with at least this cosine similarity
+    neighbours: int  # most similar partners kept per image in the blocked search
+    outlier_z: float  # robust z-score of the mean neighbour similarity beyond which an image is unlike all others
+    workers: int
+
+
+@dataclass
+class AuditResult:
+    paths: list[Path]
+    labels: np.ndarray
+    splits: list[str]
+    class_names: list[str]
+    probs: np.ndarray
+    c: float
+    oof_accuracy: float
+    label_issues: list[LabelIssue]
+    duplicates: list[Pair]
+    outliers: list[Outlier]
+    skipped: dict[str, str] = field(default_factory=dict)
+
+    def cross_split(self, pair: Pair) -> bool:
+        return self.splits[pair.a] != self.splits[pair.b]
+
+    @property
+    def leaks(self) -> list[Pair]:
+        return [p for p in self.duplicates if self.cross_split(p)]
+
+
+def run_audit(
+    paths: list[Path], labels: np.ndarray, splits: list[str], class_names: list[str], features: np.ndarray, settings: AuditSettings
+) -> AuditResult:
+    num_classes = len(class_names)
+    oof = out_of_fold_probabilities(features, labels, num_classes, settings.folds, settings.seed)
+    log.info("Audit: %d-fold probe on %d images, C=%g, out-of-fold accuracy %.3f", settings.folds, len(paths), oof.c, oof.accuracy)
+    issues = find_label_issues(labels, oof.probs)
+    hashes = perceptual_hashes(paths, settings.workers)
+    neighbours = nearest_neighbours(features, settings.neighbours)
+    pairs = find_duplicates(features, neighbours, hashes, settings.threshold, settings.hash_distance, settings.hash_min_similarity)
+    outliers = find_outliers(features, labels, num_classes, neighbours[0], settings.outlier_z)
+    return AuditResult(paths, labels, splits, class_names, oof.probs, oof.c, oof.accuracy, issues, pairs, outliers)
+
+
+def _write(path: Path, head: list[str], rows: list[list[Any]]) -> Path:
+    with open(path, "w", newline="") as fh:
+        writer = csv.writer(fh)
+        writer.writerow(head)
+        writer.writerows(rows)
+    return path
+
+
+def write_tables(result: AuditResult, out: Path) -> dict[str, Path]:
+    """label_issues.csv, duplicates.csv, outliers.csv (and skipped_images.csv when files were refused)."""
+    names = result.class_names
+    files = {
+        "label_issues": _write(
+            out / "label_issues.csv",
+            ["path", "given", "suggested", "score"],
+            [[str(result.paths[i.index]), names[i.given], names[i.suggested], f"{i.score:.6f}"] for i in result.label_issues],
+        ),
+        "duplicates": _write(
+            out / "duplicates.csv",
+            ["path_a", "path_b", "similarity", "cross_split"],
+            [[str(result.paths[p.a]), str(result.paths[p.b]), f"{p.similarity:.6f}", str(result.cross_split(p)).lower()] for p in result.duplicates],
+        ),
+        "outliers": _write(
+            out / "outliers.csv",
+            ["path", "given", "nearest_class", "neighbour_similarity", "z"],
+            [
+                [str(result.paths[o.index]), names[result.labels[o.index]], names[o.nearest], f"{o.similarity:.6f}", f"{o.z:.3f}"]
+                for o in result.outliers
+            ],
+        ),
+    }
+    if result.skipped:
+        files["skipped"] = _write(out / "skipped_images.csv", ["path", "reason"], [list(kv) for kv in sorted(result.skipped.items())])
+    return files
+
+
+def exclusions(result: AuditResult, kinds: list[str]) -> list[Path]:
+    """The files a user may train without: flagged labels, outliers, and of each duplicate pair path_b (images are
+    listed train, val, test, so that is the one in the later split: the evaluation keeps no twin of a training image)."""
+    chosen: dict[str, Path] = {}
+    for kind in kinds:
+        if kind == "label_issues":
+            chosen.update((str(result.paths[i.index]), result.paths[i.index]) for i in result.label_issues)
+        elif kind == "duplicates":
+            chosen.update((str(result.paths[p.b]), result.paths[p.b]) for p in result.duplicates)
+        elif kind == "outliers":
+            chosen.update((str(result.paths[o.index]), result.paths[o.index]) for o in result.outliers)
+    return list(chosen.values())
+
+
+def write_exclude(paths: list[Path], kinds: list[str], out: Path) -> Path:
+    lines = [f"# transferlab-audit: {', '.join(kinds)}; train without them with data.exclude={out}", *(str(p) for p in paths)]
+    out.write_text("\n".join(lines) + "\n")
+    return out
+
+
+def summary(result: AuditResult, settings: AuditSettings, exclude_file: Optional[Path]) -> dict[str, Any]:
+    counts = {s: result.splits.count(s) for s in dict.fromkeys(result.splits)}
+    return {
+        "images": len(result.paths),
+        "classes": len(result.class_names),
+        "splits": counts,
+        "probe": {"folds": settings.folds, "C": result.c, "out_of_fold_accuracy": round(result.oof_accuracy, 4)},
+        "label_issues": len(result.label_issues),
+        "duplicates": len(result.duplicates),
+        "cross_split_duplicates": len(result.leaks),
+        "outliers": len(result.outliers),
+        "skipped": len(result.skipped),
+        "thresholds": {
+            "similarity": settings.threshold,
+            "hash_distance": settings.hash_distance,
+            "hash_min_similarity": settings.hash_min_similarity,
+            "outlier_z": settings.outlier_z,
+        },
+        "exclude_file": str(exclude_file) if exclude_file else None,
+    }

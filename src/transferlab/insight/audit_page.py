@@ -1,0 +1,83 @@
+"""audit.html: the audit's findings with thumbnails, one self-contained file (insight.html_page)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from transferlab.insight.audit import AuditResult
+from transferlab.insight.html_page import escape, page, table, thumb
+
+
+def _more(total: int, shown: int, csv_name: str) -> str:
+    return f"<p>{total - shown} more in <code>{escape(csv_name)}</code>.</p>" if total > shown else ""
+
+
+def write_audit_page(result: AuditResult, facts: dict[str, Any], path: Path, max_rows: int) -> Path:
+    names = result.class_names
+    issues = result.label_issues[:max_rows]
+    pairs = result.duplicates[:max_rows]
+    outliers = result.outliers[:max_rows]
+    probe = facts["probe"]
+    body = [
+        '<ul class="summary">',
+        f"<li>{facts['images']} images, {facts['classes']} classes; splits: "
+        + ", ".join(f"{escape(k)} {v}" for k, v in facts["splits"].items())
+        + "</li>",
+        f"<li>Out-of-fold probe: {probe['folds']} folds, C={probe['C']:g}, accuracy {probe['out_of_fold_accuracy']:.3f}</li>",
+        f"<li><b>{facts['label_issues']}</b> label issue(s), <b>{facts['duplicates']}</b> near-duplicate pair(s) "
+        f"(<b>{facts['cross_split_duplicates']}</b> across splits: leakage), <b>{facts['outliers']}</b> outlier(s), "
+        f"<b>{facts['skipped']}</b> unusable file(s)</li>",
+        "<li>Nothing was moved or deleted."
+        + (f" Exclude list: <code>{escape(facts['exclude_file'])}</code>" if facts["exclude_file"] else "")
+        + "</li>",
+        "</ul>",
+        "<h2>Label issues</h2><p>Confident learning (cleanlab) on out-of-fold probabilities; score = 1 - p(given label), most suspicious first.</p>",
+        table(
+            ["image", "path", "given", "suggested", "score"],
+            [
+                [thumb(result.paths[i.index]), escape(result.paths[i.index]), escape(names[i.given]), escape(names[i.suggested]), f"{i.score:.3f}"]
+                for i in issues
+            ],
+        )
+        if issues
+        else "<p>None found.</p>",
+        _more(len(result.label_issues), len(issues), "label_issues.csv"),
+        "<h2>Near-duplicates</h2><p>Rows in red straddle train / val / test: the same picture is trained and evaluated on.</p>",
+        table(
+            ["image a", "image b", "paths", "similarity", "hash bits", "splits"],
+            [
+                [
+                    thumb(result.paths[p.a]),
+                    thumb(result.paths[p.b]),
+                    f"{escape(result.paths[p.a])}<br>{escape(result.paths[p.b])}",
+                    f"{p.similarity:.3f}",
+                    escape(p.hash_distance if p.hash_distance is not None else ""),
+                    f"{escape(result.splits[p.a])} / {escape(result.splits[p.b])}",
+                ]
+                for p in pairs
+            ],
+            ["warn" if result.cross_split(p) else "" for p in pairs],
+        )
+        if pairs
+        else "<p>None found.</p>",
+        _more(len(result.duplicates), len(pairs), "duplicates.csv"),
+        "<h2>Outliers</h2><p>Images unlike all others: low mean similarity to their nearest neighbours in feature space (robust z-score).</p>",
+        table(
+            ["image", "path", "given", "nearest class", "neighbour similarity", "z"],
+            [
+                [thumb(result.paths[o.index]), escape(result.paths[o.index]), escape(names[result.labels[o.index]]), escape(names[o.nearest])]
+                + [f"{o.similarity:.3f}", f"{o.z:.1f}"]
+                for o in outliers
+            ],
+        )
+        if outliers
+        else "<p>None found.</p>",
+        _more(len(result.outliers), len(outliers), "outliers.csv"),
+        "<h2>Unusable files</h2>",
+        table(["path", "reason"], [[escape(p), escape(r)] for p, r in sorted(result.skipped.items())[:max_rows]])
+        if result.skipped
+        else "<p>None.</p>",
+    ]
+    path.write_text(page("Data audit", body))
+    return path
