@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import csv
 import logging
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
@@ -61,13 +62,31 @@ def run_audit(
     paths: list[Path], labels: np.ndarray, splits: list[str], class_names: list[str], features: np.ndarray, settings: AuditSettings
 ) -> AuditResult:
     num_classes = len(class_names)
+    started = time.perf_counter()
     oof = out_of_fold_probabilities(features, labels, num_classes, settings.folds, settings.seed)
-    log.info("Audit: %d-fold probe on %d images, C=%g, out-of-fold accuracy %.3f", settings.folds, len(paths), oof.c, oof.accuracy)
     issues = find_label_issues(labels, oof.probs)
+    probed = time.perf_counter()
+    log.info(
+        "Audit: %d-fold probe on %d images, C=%g, out-of-fold accuracy %.3f; %d label issue(s); %.1f s",
+        settings.folds,
+        len(paths),
+        oof.c,
+        oof.accuracy,
+        len(issues),
+        probed - started,
+    )
     hashes = perceptual_hashes(paths, settings.workers)
+    hashed = time.perf_counter()
     neighbours = nearest_neighbours(features, settings.neighbours)
     pairs = find_duplicates(features, neighbours, hashes, settings.threshold, settings.hash_distance, settings.hash_min_similarity)
     outliers = find_outliers(features, labels, num_classes, neighbours[0], settings.outlier_z)
+    log.info(
+        "Audit: perceptual hashes %.1f s; neighbour search, %d near-duplicate pair(s), %d outlier(s): %.1f s",
+        hashed - probed,
+        len(pairs),
+        len(outliers),
+        time.perf_counter() - hashed,
+    )
     return AuditResult(paths, labels, splits, class_names, oof.probs, oof.c, oof.accuracy, issues, pairs, outliers)
 
 

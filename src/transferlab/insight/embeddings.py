@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
+import time
 import uuid
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -75,8 +76,11 @@ def pooled_features(
         log.info(
             "Features: computing %d of %d image(s) with %s (%s); the rest come from the cache", len(todo), len(samples), backbone.name, precision
         )
+        started = time.perf_counter()
         features = compute_features(body, loader, device, forward_context(precision, device), channels_last)
         store.add(todo_keys, features, f"eval-{uuid.uuid4().hex[:12]}-audit")
+        seconds = time.perf_counter() - started
+        log.info("Features: %d image(s) in %.1f s (%.0f img/s)", len(todo), seconds, len(todo) / max(seconds, 1e-9))
     rows = store.rows(keys)
     dim = rows[0][0].shape[-1] if rows else 0
     out_file.parent.mkdir(parents=True, exist_ok=True)
