@@ -9,8 +9,12 @@ from transferlab.insight.audit import AuditResult
 from transferlab.insight.html_page import escape, page, table, thumb
 
 
-def _more(total: int, shown: int, csv_name: str) -> str:
-    return f"<p>{total - shown} more in <code>{escape(csv_name)}</code>.</p>" if total > shown else ""
+def _findings(head: list[str], rows: list[list[str]], total: int, csv_name: str, classes: list[str] | None = None) -> str:
+    """A table of the first rows of one finding, or "None found.", and how many more the CSV holds."""
+    if not rows:
+        return "<p>None found.</p>"
+    more = f"<p>{total - len(rows)} more in <code>{escape(csv_name)}</code>.</p>" if total > len(rows) else ""
+    return table(head, rows, classes) + more
 
 
 def write_audit_page(result: AuditResult, facts: dict[str, Any], path: Path, max_rows: int) -> Path:
@@ -33,18 +37,17 @@ def write_audit_page(result: AuditResult, facts: dict[str, Any], path: Path, max
         + "</li>",
         "</ul>",
         "<h2>Label issues</h2><p>Confident learning (cleanlab) on out-of-fold probabilities; score = 1 - p(given label), most suspicious first.</p>",
-        table(
+        _findings(
             ["image", "path", "given", "suggested", "score"],
             [
                 [thumb(result.paths[i.index]), escape(result.paths[i.index]), escape(names[i.given]), escape(names[i.suggested]), f"{i.score:.3f}"]
                 for i in issues
             ],
-        )
-        if issues
-        else "<p>None found.</p>",
-        _more(len(result.label_issues), len(issues), "label_issues.csv"),
+            len(result.label_issues),
+            "label_issues.csv",
+        ),
         "<h2>Near-duplicates</h2><p>Rows in red straddle train / val / test: the same picture is trained and evaluated on.</p>",
-        table(
+        _findings(
             ["image a", "image b", "paths", "similarity", "hash bits", "splits"],
             [
                 [
@@ -57,23 +60,21 @@ def write_audit_page(result: AuditResult, facts: dict[str, Any], path: Path, max
                 ]
                 for p in pairs
             ],
+            len(result.duplicates),
+            "duplicates.csv",
             ["warn" if result.cross_split(p) else "" for p in pairs],
-        )
-        if pairs
-        else "<p>None found.</p>",
-        _more(len(result.duplicates), len(pairs), "duplicates.csv"),
+        ),
         "<h2>Outliers</h2><p>Images unlike all others: low mean similarity to their nearest neighbours in feature space (robust z-score).</p>",
-        table(
+        _findings(
             ["image", "path", "given", "nearest class", "neighbour similarity", "z"],
             [
                 [thumb(result.paths[o.index]), escape(result.paths[o.index]), escape(names[result.labels[o.index]]), escape(names[o.nearest])]
                 + [f"{o.similarity:.3f}", f"{o.z:.1f}"]
                 for o in outliers
             ],
-        )
-        if outliers
-        else "<p>None found.</p>",
-        _more(len(result.outliers), len(outliers), "outliers.csv"),
+            len(result.outliers),
+            "outliers.csv",
+        ),
         "<h2>Unusable files</h2>",
         table(["path", "reason"], [[escape(p), escape(r)] for p, r in sorted(result.skipped.items())[:max_rows]])
         if result.skipped
