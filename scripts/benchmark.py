@@ -7,7 +7,7 @@
 Prints a markdown table and writes benchmark.json. Its top-level keys are stable (other tooling reads them):
 frozen_speedup, frozen_acc_baseline, frozen_acc_transferlab, finetune_overhead, bf16_speedup_resnet50_train,
 bf16_speedup_lite0_train, decode_speedup, peak_fraction, probe_balanced_acc_sklearn, probe_balanced_acc_transferlab,
-hardware; the measurements behind them are under
+hardware, predict_vs_raw, predict_onnxruntime_img_s; the measurements behind them are under
 `details`. Only ratios measured side by side in this one run are meaningful on a shared machine.
 """
 
@@ -33,7 +33,7 @@ from torch.utils.data import DataLoader, Dataset
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED = Path(os.environ.get("TRANSFERLAB_SHARED", REPO.parent / "shared")) / "data"
-SECTIONS = ("frozen", "finetune", "precision", "accuracy", "decode", "peak", "probe")
+SECTIONS = ("frozen", "finetune", "precision", "accuracy", "decode", "peak", "probe", "predict")
 LITE0 = "tf_efficientnet_lite0"
 
 
@@ -584,6 +584,13 @@ def markdown(result: dict[str, Any]) -> str:
                 f"| (f) {task}, {f['folds']}-fold out-of-fold {key}: scikit-learn LogisticRegressionCV vs transferlab-train defaults | "
                 f"{f['sklearn'][key]:.3f} | {f['transferlab'][key]:.3f} | {f['transferlab'][key] - f['sklearn'][key]:+.3f} | >= -0.005 |"
             )
+    if "predict" in d:
+        f = d["predict"]
+        rows.append(
+            f"| (g) label {f['images']} JPEGs, Lite0 batch {f['batch']} {f['precision']}, {f['workers']} worker(s): img/s (raw loop vs "
+            f"transferlab-predict; onnxruntime {f['onnxruntime_img_s']:.1f}, fp32 without workers {f['fp32_no_workers_img_s']:.1f}) | {f['raw_img_s']:.1f} | {f['transferlab_img_s']:.1f} | "
+            f"**{f['predict_vs_raw']:.2f}** | >= 0.8 |"
+        )
     hw = result["hardware"]
     rows.append("")
     rows.append(
@@ -657,6 +664,10 @@ def main(argv: Optional[list[str]] = None) -> int:
             details["accuracy"] = accuracy_section(root, work, device, 10, args.compile)
         if "peak" in sections:
             details["peak"] = peak_section(details["precision"], device, quick)
+        if "predict" in sections:
+            from predict_bench import predict_section  # scripts/ is on sys.path when this file runs
+
+            details["predict"] = predict_section(files[:48] if quick else files, work, rounds=1 if quick else 2, batch=16 if quick else 32)
         if "probe" in sections:
             details["probe"] = probe_section(root, work, ("species",) if quick else ("species", "breeds"), 3 if quick else 5, seed=42)
     finally:
@@ -682,6 +693,8 @@ def main(argv: Optional[list[str]] = None) -> int:
         "peak_fraction": peak["models"][peak["headline"]]["fraction"] if peak.get("headline") else None,
         "probe_balanced_acc_sklearn": pick(("probe", "species", "sklearn", "balanced_acc")),
         "probe_balanced_acc_transferlab": pick(("probe", "species", "transferlab", "balanced_acc")),
+        "predict_vs_raw": pick(("predict", "predict_vs_raw")),
+        "predict_onnxruntime_img_s": pick(("predict", "onnxruntime_img_s")),
         "hardware": detect().to_dict(),
         "mode": "quick" if quick else "full",
         "device": str(device),

@@ -4,6 +4,7 @@ for what is about the process: exit codes, DDP, kills, sweeps, launchers)."""
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import http.server
 import json
@@ -12,6 +13,7 @@ import shutil
 import subprocess
 import sys
 import threading
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -321,8 +323,9 @@ needs_browser = pytest.mark.skipif(
 )
 
 
-def chromium_render(page: Path, screenshot: Path) -> tuple[list[dict], list[int]]:
-    """Open `page` in headless Chromium: (console messages, naturalWidth of every image)."""
+@contextlib.contextmanager
+def chromium_driver() -> Iterator[Any]:
+    """Headless Debian Chromium through selenium, with the flags this closed network needs."""
     from selenium import webdriver
     from selenium.webdriver.chrome.service import Service
 
@@ -343,9 +346,28 @@ def chromium_render(page: Path, screenshot: Path) -> tuple[list[dict], list[int]
     options.set_capability("goog:loggingPrefs", {"browser": "ALL"})
     driver = webdriver.Chrome(service=Service("/usr/bin/chromedriver"), options=options)
     try:
+        yield driver
+    finally:
+        driver.quit()
+
+
+def chromium_render(page: Path, screenshot: Path) -> tuple[list[dict], list[int]]:
+    """Open `page` in headless Chromium: (console messages, naturalWidth of every image)."""
+    with chromium_driver() as driver:
         driver.get(page.resolve().as_uri())
         widths = driver.execute_script("return Array.from(document.images, i => i.complete ? i.naturalWidth : -1)")
         driver.save_screenshot(str(screenshot))
         return driver.get_log("browser"), widths
-    finally:
-        driver.quit()
+
+
+@pytest.fixture(scope="session")
+def species_package(species_run, tmp_path_factory) -> Path:
+    """The species run's best checkpoint exported as a model package (format=all), once per test session."""
+    from filelock import FileLock
+
+    root = session_root(tmp_path_factory)
+    out = root / "species_package"
+    with FileLock(str(root / "species_package.lock")):
+        if not (out / "config.json").is_file():
+            run("export", f"ckpt_path={species_run / 'checkpoints' / 'best.ckpt'}", f"output={out}", f"hydra.run.dir={root / 'export_run'}")
+    return out

@@ -20,7 +20,7 @@ from transferlab.core.errors import IncompatibleLibrary
 PACKAGE = REPO / "src" / "transferlab"
 # Lower imports from higher, never the other way: commands -> training / sweeps -> config -> callbacks ->
 # insight -> models -> data -> core.
-LAYERS = {"core": 0, "data": 1, "models": 2, "insight": 3, "callbacks": 4, "config": 5, "training": 6, "sweeps": 6, "cli": 7}
+LAYERS = {"core": 0, "data": 1, "models": 2, "insight": 3, "callbacks": 4, "config": 5, "training": 6, "sweeps": 6, "deploy": 6, "cli": 7}
 MAX_ROOT_MODULES, MAX_LINES, SHIM_LINES = 6, 300, 15
 
 

@@ -346,9 +346,11 @@ def test_benchmark_quick_writes_every_key(tmp_path):
         "peak_fraction",
         "probe_balanced_acc_sklearn",
         "probe_balanced_acc_transferlab",
+        "predict_vs_raw",
+        "predict_onnxruntime_img_s",
     ):
         assert isinstance(result[key], float) and math.isfinite(result[key]) and result[key] > 0, key
     assert 0 <= result["frozen_acc_baseline"] <= 1 and 0 <= result["frozen_acc_transferlab"] <= 1
     assert {"cpu_model", "cores", "flags", "gpu"} <= set(result["hardware"])
-    assert "| (a) frozen Lite0" in proc.stdout and "| (d) decode" in proc.stdout and "| (f) species" in proc.stdout
+    assert "| (a) frozen Lite0" in proc.stdout and "| (d) decode" in proc.stdout and "| (f) species" in proc.stdout and "| (g) label" in proc.stdout
     assert result["probe_balanced_acc_transferlab"] >= result["probe_balanced_acc_sklearn"] - 0.05  # 111 photos, 3 folds

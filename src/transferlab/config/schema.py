@@ -145,14 +145,48 @@ class Eval:
 @dataclass
 class Predict:
     task_name: str
-    ckpt_path: str
+    ckpt_path: str  # a checkpoint or a model package folder
     input: str
     output: str
     topk: int
     tta: Literal["none", "hflip", "five_crop"]  # test-time augmentation (models.tta)
+    runtime: Literal["torch", "onnx"]  # deploy.runtime
+    precision: Literal["auto", "32-true", "bf16-mixed", "16-mixed"]
+    channels_last: Union[bool, Literal["auto"]]
+    threads: Optional[int]
     batch_size: int
-    num_workers: int
+    num_workers: Union[int, Literal["auto"]]
     device: str
+    paths: Paths
+
+
+@dataclass
+class Export:
+    task_name: str
+    ckpt_path: str
+    output: str
+    format: Literal["onnx", "torchscript", "all"]
+    opset: int
+    paths: Paths
+
+
+@dataclass
+class Serve:
+    task_name: str
+    ckpt_path: str
+    host: str
+    port: int
+    runtime: Literal["torch", "onnx"]
+    precision: Literal["auto", "32-true", "bf16-mixed", "16-mixed"]
+    channels_last: Union[bool, Literal["auto"]]
+    threads: Optional[int]
+    tta: Literal["none", "hflip", "five_crop"]
+    device: str
+    topk: int
+    max_batch: int  # concurrent requests' images batched into one forward pass
+    batch_wait_ms: float
+    max_images: int
+    max_request_mb: float
     paths: Paths
 
 
@@ -239,7 +273,7 @@ class Report:
 
 # Top-level keys beyond the schema are allowed (`+note=...` on the command line: Hydra already insists on the +);
 # inside a group node every key must be known, so a mistyped `+data.batchsize` is caught.
-OPEN_NODES: frozenset[type] = frozenset({Train, Eval, Predict, Visualize, Attack, Audit, Explain, EvalData})
+OPEN_NODES: frozenset[type] = frozenset({Train, Eval, Predict, Visualize, Attack, Audit, Explain, Export, Serve, EvalData})
 
 COMMANDS: dict[str, type] = {
     "train": Train,
@@ -249,6 +283,8 @@ COMMANDS: dict[str, type] = {
     "attack": Attack,
     "audit": Audit,
     "explain": Explain,
+    "export": Export,
+    "serve": Serve,
     "report": Report,
 }
 

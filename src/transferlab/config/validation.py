@@ -11,12 +11,13 @@ import dataclasses
 import inspect
 import types
 import typing
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from typing import Any, Literal, Optional
 
 from hydra.utils import get_object
 from omegaconf import DictConfig, OmegaConf
 
+from transferlab.config.limits import LIMITS
 from transferlab.config.schema import COMMANDS, OPEN_NODES, OUR_VALUES, Target, Targets
 from transferlab.core.errors import ConfigError, close_matches
 
@@ -215,33 +216,6 @@ def _number(value: Any) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
-# Values in range, for every command that has the key: key -> (test, expected form). Checked after the types.
-LIMITS: dict[str, tuple[Callable[[Any], bool], str]] = {
-    "seed": (lambda v: 0 <= v < 2**32, "an integer in [0, 2**32)"),
-    "data.batch_size": (lambda v: v >= 1, "an integer >= 1"),
-    "optimizer.lr": (lambda v: v > 0, "a number > 0, e.g. optimizer.lr=1e-3"),
-    "optimizer.weight_decay": (lambda v: v >= 0, "a number >= 0"),
-    "optimizer.momentum": (lambda v: 0 <= v < 1, "a number in [0, 1)"),
-    "trainer.max_epochs": (lambda v: v >= 1 or v == -1, "an integer >= 1 (or -1 for no limit)"),
-    "cv.folds": (lambda v: v >= 2, "null (one split) or K >= 2 folds, e.g. cv.folds=5"),
-    "trainer.accumulate_grad_batches": (lambda v: v >= 1, "an integer >= 1"),
-    "trainer.gradient_clip_val": (lambda v: v >= 0, "a number >= 0 or null"),
-    "finetune.head_dropout": (lambda v: 0 <= v < 1, "a probability in [0, 1)"),
-    "finetune.backbone_lr_factor": (lambda v: v >= 0, "a number >= 0 (the backbone's lr = optimizer.lr x this)"),
-    "finetune.unfreeze_at_epoch": (lambda v: v >= 0, "an epoch number >= 0"),
-    "finetune.c_folds": (lambda v: v >= 2, "an integer >= 2 (inner folds that choose the probe's C)"),
-    "backbone.input_size": (lambda v: v >= 16, "a size in pixels >= 16, or null for the backbone's own"),
-    "performance.feature_cache.batch_size": (lambda v: v >= 1, "an integer >= 1"),
-    "performance.feature_cache.augmented_views": (lambda v: v >= 0, "an integer >= 0"),
-    "steps": (lambda v: v >= 1, "an integer >= 1 (optimisation steps)"),
-    "views": (lambda v: v >= 1, "an integer >= 1"),
-    "stop_prob": (lambda v: 0 < v <= 1, "a probability in (0, 1], or null"),
-    "topk": (lambda v: v >= 1, "an integer >= 1"),
-    "batch_size": (lambda v: v >= 1, "an integer >= 1"),
-    "num_workers": (lambda v: v >= 0, "an integer >= 0"),
-}
-
-
 def _lookup(values: Mapping[str, Any], dotted: str) -> tuple[bool, Any]:
     node: Any = values
     for part in dotted.split("."):
@@ -254,7 +228,7 @@ def _lookup(values: Mapping[str, Any], dotted: str) -> tuple[bool, Any]:
 def check_limits(values: Mapping[str, Any]) -> None:
     for key, (ok, form) in LIMITS.items():
         found, value = _lookup(values, key)
-        if found and value is not None and not (_number(value) and ok(value)):
+        if found and value is not None and value != "auto" and not (_number(value) and ok(value)):  # "auto": the schema's type decides
             raise ConfigError(f"{key}: expected {form}, got {value!r}")
     trainer = values.get("trainer") or {}
     accelerator = trainer.get("accelerator")

@@ -8,12 +8,14 @@ hardware has it (GPUs with bf16, CPUs with avx512_bf16 / AMX), 32-true elsewhere
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import logging
 import os
 import platform
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
-from typing import Any, Optional, Union
+from typing import Any, ContextManager, Optional, Union
 
 import torch
 
@@ -119,3 +121,11 @@ def resolve_device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     return torch.device(name)
+
+
+def forward_context(precision: str, device: torch.device) -> Callable[[], ContextManager]:
+    """What Lightning's precision plugin does around a forward pass, for `32-true` and `bf16-mixed` / `16-mixed`."""
+    if precision.startswith(("bf16", "16")):
+        dtype = torch.bfloat16 if precision.startswith("bf16") else torch.float16
+        return lambda: torch.autocast(device.type, dtype=dtype)
+    return contextlib.nullcontext

@@ -19,7 +19,9 @@ def read_checkpoint(path: str | Path, key: str = "ckpt_path") -> dict[str, Any]:
     """The checkpoint's dict (tensors memory-mapped, so a look at its metadata costs no full read)."""
     file = Path(path).expanduser()
     if not file.is_file():
-        raise DataError(f"{key}: {file} is not a file; give the path of a .ckpt (e.g. <run>/checkpoints/last.ckpt)")
+        raise DataError(
+            f"{key}: {file} is not a file; give the path of a .ckpt (e.g. <run>/checkpoints/last.ckpt) or of a model package folder (transferlab-export)"
+        )
     try:
         try:
             return torch.load(file, map_location="cpu", weights_only=True, mmap=True)

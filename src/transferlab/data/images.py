@@ -11,6 +11,7 @@ decompression-bomb limit (`PIL.Image.MAX_IMAGE_PIXELS`) is refused before a sing
 from __future__ import annotations
 
 import contextlib
+import io
 import re
 import warnings
 from collections.abc import Iterator, Sequence
@@ -27,13 +28,16 @@ from transferlab.core.errors import DataError
 Sample = tuple[Path, int]  # (image file, class index)
 
 
+Source = str | Path | bytes  # a file, or an image's bytes (an upload to transferlab-serve)
+
+
 @contextlib.contextmanager
-def open_image(path: str | Path) -> Iterator[Image.Image]:
+def open_image(source: Source) -> Iterator[Image.Image]:
     """Pillow's lazy open (header only) with the decompression-bomb warning turned into an error."""
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # e.g. "Corrupt EXIF data" on files that decode fine
         warnings.simplefilter("error", Image.DecompressionBombWarning)
-        with Image.open(path) as img:
+        with Image.open(io.BytesIO(source) if isinstance(source, bytes) else source) as img:
             yield img
 
 
@@ -74,10 +78,9 @@ def _draft_decode(img: Image.Image, min_short_side: int) -> Optional[torch.Tenso
     return _pil_to_tensor(ImageOps.exif_transpose(img))
 
 
-def decode_rgb(path: str | Path, min_short_side: Optional[int] = None) -> torch.Tensor:
-    """uint8 [3, H, W] tensor with EXIF orientation applied; `min_short_side` allows a cheaper reduced decode."""
-    path = Path(path)
-    with open_image(path) as img:  # the header: format, size, and the bomb check
+def decode_rgb(source: Source, min_short_side: Optional[int] = None) -> torch.Tensor:
+    """uint8 [3, H, W] tensor of a file or of bytes, EXIF orientation applied; `min_short_side` allows a cheaper reduced decode."""
+    with open_image(source) as img:  # the header: format, size, and the bomb check
         if img.format == "JPEG":
             if min_short_side:
                 reduced = _draft_decode(img, min_short_side)
@@ -88,7 +91,8 @@ def decode_rgb(path: str | Path, min_short_side: Optional[int] = None) -> torch.
             try:
                 with warnings.catch_warnings():
                     warnings.simplefilter("ignore")
-                    return decode_jpeg(read_file(str(path)), mode=ImageReadMode.RGB, apply_exif_orientation=True)
+                    data = torch.frombuffer(bytearray(source), dtype=torch.uint8) if isinstance(source, bytes) else read_file(str(source))
+                    return decode_jpeg(data, mode=ImageReadMode.RGB, apply_exif_orientation=True)
             except Exception:  # noqa: BLE001 - CMYK, progressive oddities: Pillow decides
                 pass
         img.load()
@@ -106,10 +110,13 @@ _SIGNATURES = [
 _ISO_BRANDS = {b"heic": "HEIC", b"heix": "HEIC", b"mif1": "HEIF", b"avif": "AVIF", b"isom": "MP4 video", b"qt  ": "QuickTime video"}
 
 
-def sniff_format(path: str | Path) -> str:
+def sniff_format(source: Source) -> str:
     """What an unidentifiable file looks like, from its first bytes: named formats, text, or unknown."""
-    with open(path, "rb") as fh:
-        head = fh.read(512)
+    if isinstance(source, bytes):
+        head = source[:512]
+    else:
+        with open(source, "rb") as fh:
+            head = fh.read(512)
     if not head:
         return "empty file (0 bytes)"
     if head[4:8] == b"ftyp":
@@ -122,7 +129,7 @@ def sniff_format(path: str | Path) -> str:
     return "not an image (unknown binary format)"
 
 
-def describe_failure(exc: BaseException, path: str | Path) -> str:
+def describe_failure(exc: BaseException, path: Source) -> str:
     """One line on why an image cannot be used, without repeating its path."""
     from PIL import UnidentifiedImageError
 
@@ -140,7 +147,7 @@ def describe_failure(exc: BaseException, path: str | Path) -> str:
             pass
     if isinstance(exc, OSError) and exc.strerror:
         return f"{type(exc).__name__}: {exc.strerror}"
-    text = " ".join(str(exc).replace(str(path), "<file>").split()) or type(exc).__name__
+    text = " ".join((str(exc) if isinstance(path, bytes) else str(exc).replace(str(path), "<file>")).split()) or type(exc).__name__
     return f"{type(exc).__name__}: {text}"
 
 

@@ -8,35 +8,26 @@ opened memory-mapped, so 25,000 x 1,280 features never need to sit in RAM at onc
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import math
 import time
 import uuid
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, ContextManager, Optional
+from typing import Any, Optional
 
 import numpy as np
 import torch
 from torch import nn
 from torch.utils.data import DataLoader
 
-from transferlab.core.hardware import choose_precision
+from transferlab.core.hardware import choose_precision, forward_context
 from transferlab.data.feature_cache import FeatureStore, compute_features, describe, fingerprint, image_key, weights_digest
 from transferlab.data.images import ImageDataset, Sample
 
 log = logging.getLogger(__name__)
 
 CHUNK = 4096  # rows copied from the store into the output file at a time
-
-
-def forward_context(precision: str, device: torch.device) -> Callable[[], ContextManager]:
-    """What Lightning's precision plugin does around a forward pass, for `32-true` and `bf16-mixed` / `16-mixed`."""
-    if precision.startswith(("bf16", "16")):
-        dtype = torch.bfloat16 if precision.startswith("bf16") else torch.float16
-        return lambda: torch.autocast(device.type, dtype=dtype)
-    return contextlib.nullcontext
 
 
 def pooled_features(

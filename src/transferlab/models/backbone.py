@@ -57,3 +57,8 @@ def load_state_dict_file(model: nn.Module, path: str) -> None:
     except RuntimeError as exc:
         first = str(exc).splitlines()[0]
         raise ConfigError(f"backbone.weights: {file} does not fit {type(model).__name__}: {first}") from exc
+
+
+def is_convolutional(module: nn.Module) -> bool:
+    """What `channels_last: auto` asks: convolutions gain from the NHWC layout, token models do not."""
+    return sum(isinstance(m, nn.Conv2d) for m in module.modules()) > 1

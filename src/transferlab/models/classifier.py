@@ -24,6 +24,7 @@ from torchmetrics.classification import MulticlassAccuracy
 from transferlab.core.errors import DataError, TrainingDiverged
 from transferlab.core.safe_load import read_checkpoint
 from transferlab.data.preprocessing import Preprocessing
+from transferlab.models import package
 from transferlab.models.backbones import Backbone, create_backbone
 from transferlab.models.evaluation import classification_metrics
 from transferlab.models.optimization import parameter_groups
@@ -249,7 +250,15 @@ def gather_in_order(batches: list[tuple[torch.Tensor, torch.Tensor]], num_classe
 
 
 def load_checkpoint(path: str | Path) -> tuple[TransferClassifier, dict[str, Any]]:
-    """Rebuild a trained classifier without downloading anything: the weights come from the checkpoint."""
+    """Rebuild a trained classifier without downloading anything: the weights come from the checkpoint, or from
+    a model package folder (transferlab-export; models.package), which is accepted wherever a checkpoint is."""
+    if package.is_package(path):
+        config = package.read_package(path)
+        hparams = package.hyper_parameters(config, Path(path))
+        hparams["backbone"] = {**hparams["backbone"], "weights": "none"}
+        model = TransferClassifier(**hparams)
+        package.load_weights(model, path)
+        return model.eval(), hparams
     ckpt = read_checkpoint(path)
     try:
         hparams = dict(ckpt["hyper_parameters"])

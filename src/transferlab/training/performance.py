@@ -12,10 +12,10 @@ from typing import Any, Optional
 
 import lightning.pytorch as pl
 from omegaconf import DictConfig, open_dict
-from torch import nn
 
 from transferlab.callbacks.feature_cache import FeatureCache
 from transferlab.core.hardware import choose_flag, choose_precision, detect, on_gpu
+from transferlab.models.backbone import is_convolutional
 from transferlab.models.classifier import TransferClassifier
 
 log = logging.getLogger(__name__)
@@ -36,10 +36,6 @@ def resolve_precision(cfg: DictConfig) -> str:
             cfg.trainer.precision = chosen
         return f"precision {chosen} (auto: {why})"
     return f"precision {chosen}"
-
-
-def is_convolutional(module: nn.Module) -> bool:
-    return sum(isinstance(m, nn.Conv2d) for m in module.modules()) > 1
 
 
 def apply_performance(

@@ -1,0 +1,64 @@
+"""transferlab-serve: answer HTTP requests with a checkpoint's or package's predictions (deploy.server).
+
+SIGTERM (a service manager, `docker stop`) stops the server gracefully: it stops accepting connections,
+finishes the requests in flight, and exits 0. Ctrl-C does the same and exits 130, as a shell expects.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import logging
+import signal
+import sys
+
+from omegaconf import DictConfig
+
+from transferlab.cli.app import Command
+from transferlab.core.errors import MissingPackage, ResourceError, require_packages
+from transferlab.deploy.runtime import load_runtime
+
+log = logging.getLogger(__name__)
+
+
+def serve(cfg: DictConfig) -> None:
+    require_packages("transferlab-serve", "serve", "fastapi", "uvicorn")
+    if not (importlib.util.find_spec("python_multipart") or importlib.util.find_spec("multipart")):
+        raise MissingPackage("transferlab-serve needs python-multipart (uploads): pip install 'transferlab[serve]'")
+    import uvicorn
+
+    from transferlab.deploy.server import ServeSettings, create_app
+
+    predictor = load_runtime(str(cfg.ckpt_path), cfg.runtime, cfg.device, str(cfg.precision), cfg.channels_last, str(cfg.tta), cfg.threads)
+    settings = ServeSettings(
+        topk=int(cfg.topk),
+        max_batch=int(cfg.max_batch),
+        batch_wait_ms=float(cfg.batch_wait_ms),
+        max_images=int(cfg.max_images),
+        max_request_bytes=int(float(cfg.max_request_mb) * 2**20),
+    )
+    server = uvicorn.Server(
+        uvicorn.Config(create_app(predictor, settings), host=str(cfg.host), port=int(cfg.port), timeout_graceful_shutdown=10, log_config=None)
+    )
+    # uvicorn restores these handlers after its graceful shutdown and re-raises the signal it caught into them:
+    # with ours in place that records the signal instead of killing the process with it.
+    caught: list[int] = []
+    previous = {sig: signal.signal(sig, lambda number, frame: caught.append(number)) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        server.run()
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+    if not server.started:
+        raise ResourceError(f"port: the server could not start on {cfg.host}:{cfg.port} (in use? see the line above); choose another port=")
+    name = signal.Signals(caught[-1]).name if caught else "a shutdown"
+    log.info("Stopped on %s after finishing the requests in flight", name)
+    if signal.SIGINT in caught:
+        sys.exit(130)
+
+
+command = Command("serve", serve)
+main = command.main
+
+
+if __name__ == "__main__":
+    main()

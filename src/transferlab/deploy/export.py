@@ -1,0 +1,175 @@
+"""Write a model package (models.package) from a checkpoint: safetensors, ONNX, TorchScript, config.json, card.
+
+Every exported format is loaded back and run on sample inputs (batches of 1, 3 and 8: the ONNX batch axis is
+dynamic) and must give the checkpoint's own fp32 logits to TOLERANCE, else the export fails with one line and
+the output folder keeps what it had. Files are written in a staging folder inside the output and moved into
+place at the end, so a failed or interrupted export never leaves a package whose files disagree.
+"""
+
+from __future__ import annotations
+
+import importlib.metadata
+import logging
+import os
+import shutil
+import tempfile
+import warnings
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from transferlab.core.errors import DataError, ResourceError, require_packages
+from transferlab.core.files import write_json
+from transferlab.models import package
+from transferlab.models.classifier import TransferClassifier, load_checkpoint
+from transferlab.models.package_card import model_card
+
+log = logging.getLogger(__name__)
+
+FORMATS = ("onnx", "torchscript", "all")
+TOLERANCE = 1e-4  # largest |logit difference| an exported format may have to the checkpoint
+CHECK_BATCHES = (1, 3, 8)
+
+
+class ExportMismatch(ResourceError):
+    """An exported format computes something else than the checkpoint (an exporter or runtime bug): exit 1."""
+
+
+class InferenceNetwork(nn.Module):
+    """What a package's model.onnx / model.pt compute: normalised images [N, 3, S, S] -> calibrated logits."""
+
+    def __init__(self, model: TransferClassifier) -> None:
+        super().__init__()
+        self.backbone, self.head = model.backbone, model.head
+        self.register_buffer("temperature", model.temperature.detach().clone().reshape(()))
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return self.head(self.backbone(images)) / self.temperature
+
+
+def sample_inputs(size: int, seed: int = 0) -> list[torch.Tensor]:
+    generator = torch.Generator().manual_seed(seed)
+    return [torch.randn(n, 3, size, size, generator=generator) for n in CHECK_BATCHES]
+
+
+def largest_difference(expected: list[torch.Tensor], got: list[Any]) -> float:
+    return max(float((torch.as_tensor(g).float() - e).abs().max()) for e, g in zip(expected, got))
+
+
+def export_onnx(network: InferenceNetwork, file: Path, size: int, opset: int) -> None:
+    """TorchScript-based exporter (dynamo=False): one graph, a dynamic batch axis, no onnxscript needed at run time."""
+    example = torch.zeros(2, 3, size, size)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the exporter's deprecation and tracer notices
+        torch.onnx.export(
+            network,
+            (example,),
+            str(file),
+            input_names=["images"],
+            output_names=["logits"],
+            dynamic_axes={"images": {0: "batch"}, "logits": {0: "batch"}},
+            opset_version=opset,
+            dynamo=False,
+        )
+
+
+def onnx_logits(file: Path, inputs: list[torch.Tensor]) -> list[Any]:
+    import onnxruntime
+
+    session = onnxruntime.InferenceSession(str(file), providers=["CPUExecutionProvider"])
+    return [session.run(["logits"], {"images": x.numpy()})[0] for x in inputs]
+
+
+def export_torchscript(network: InferenceNetwork, file: Path, size: int) -> None:
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # torch.jit.trace's deprecation notice (torch.export has no C++ loader yet)
+        traced = torch.jit.trace(network, torch.zeros(2, 3, size, size), check_trace=False)
+    traced.save(str(file))
+
+
+def torchscript_logits(file: Path, inputs: list[torch.Tensor]) -> list[torch.Tensor]:
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)  # torch.jit.load's deprecation notice
+        loaded = torch.jit.load(str(file), map_location="cpu")
+    return [loaded(x) for x in inputs]
+
+
+def _transferlab_version() -> str:
+    try:
+        return importlib.metadata.version("transferlab")
+    except importlib.metadata.PackageNotFoundError:
+        return "unknown"
+
+
+def _checked(name: str, difference: float) -> float:
+    if not difference <= TOLERANCE:  # NaN fails too
+        raise ExportMismatch(
+            f"export: the {name} output differs from the checkpoint's by {difference:.2e} (> {TOLERANCE:g}); nothing was written. "
+            f"Try another opset (opset=17) or format, and report the backbone if it persists"
+        )
+    log.info("Checked %s: largest |logit difference| to the checkpoint %.2e on batches of %s", name, difference, CHECK_BATCHES)
+    return difference
+
+
+def export_package(ckpt_path: str, output: Path, fmt: str, opset: int) -> dict[str, Any]:
+    """Write the package into `output` (created; an earlier package there is replaced); returns its config.json."""
+    if fmt not in FORMATS:
+        raise DataError(f"format={fmt!r}: use one of {', '.join(FORMATS)}")
+    wanted = {"onnx", "torchscript"} if fmt == "all" else {fmt}
+    if "onnx" in wanted:
+        require_packages("format=onnx (ONNX export and its check)", "export", "onnx", "onnxruntime")
+    model, hparams = load_checkpoint(ckpt_path)
+    model = model.float().eval()
+    size = model.backbone.preprocessing.input_size
+    network = InferenceNetwork(model).eval()
+    inputs = sample_inputs(size)
+    with torch.inference_mode():
+        expected = [network(x) for x in inputs]
+    output.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=".export-", dir=output))
+    try:
+        formats: dict[str, Any] = {"safetensors": {"file": package.WEIGHTS}}
+        metrics = package.run_metrics(ckpt_path)
+        config = package.package_config(hparams, model.backbone.preprocessing, float(model.temperature), metrics, formats, _transferlab_version())
+        package.save_weights(model, staging / package.WEIGHTS)
+        write_json(staging / package.CONFIG, config)
+        reloaded, _ = load_checkpoint(staging)
+        with torch.inference_mode():
+            formats["safetensors"]["max_abs_diff"] = _checked(
+                "safetensors", largest_difference(expected, [InferenceNetwork(reloaded)(x) for x in inputs])
+            )
+        if "onnx" in wanted:
+            export_onnx(network, staging / package.ONNX, size, opset)
+            diff = largest_difference(expected, onnx_logits(staging / package.ONNX, inputs))
+            formats["onnx"] = {
+                "file": package.ONNX,
+                "opset": opset,
+                "input": "images",
+                "output": "logits",
+                "max_abs_diff": _checked("ONNX (onnxruntime)", diff),
+            }
+        if "torchscript" in wanted:
+            export_torchscript(network, staging / package.TORCHSCRIPT, size)
+            with torch.inference_mode():
+                diff = largest_difference(expected, torchscript_logits(staging / package.TORCHSCRIPT, inputs))
+            formats["torchscript"] = {"file": package.TORCHSCRIPT, "kind": "torch.jit.trace", "max_abs_diff": _checked("TorchScript", diff)}
+        config["formats"] = formats
+        config["export_check"] = {"tolerance": TOLERANCE, "batches": list(CHECK_BATCHES), "inputs": "seeded standard normal, float32"}
+        write_json(staging / package.CONFIG, config)
+        (staging / package.CARD).write_text(model_card(config))
+        _move_into(staging, output)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return config
+
+
+def _move_into(staging: Path, output: Path) -> None:
+    """Replace the package files in `output`; a format file this export did not write is removed (it would be stale)."""
+    for name in (package.ONNX, package.TORCHSCRIPT):
+        if not (staging / name).exists():
+            (output / name).unlink(missing_ok=True)
+    for file in sorted(staging.iterdir(), key=lambda f: f.name == package.CONFIG):  # config.json last: it names the rest
+        file.chmod(0o644)
+        os.replace(file, output / file.name)

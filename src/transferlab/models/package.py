@@ -1,0 +1,152 @@
+"""The model package: a folder a trained model lives in outside transferlab (transferlab-export writes it).
+
+    model.safetensors   the classifier's weights (backbone, head, calibration temperature): no pickle
+    config.json         what a consumer needs: classes, preprocessing, temperature, the run's metrics, formats
+    model.onnx          float32 NCHW normalised images -> logits (dynamic batch)       [format=onnx|all]
+    model.pt            the same network as TorchScript (torch.jit.load, C++ too)     [format=torchscript|all]
+    README.md           the model card (models.package_card)
+
+A consumer's preprocessing is exactly: RGB; resize the shorter side to `resize_size` with `interpolation`;
+centre-crop `input_size`; scale to [0, 1]; normalise with `mean` / `std`. The outputs are the classifier's
+logits already divided by `temperature` (`logits_are_calibrated` says whether that temperature was fitted).
+This module reads and writes the format without importing Lightning, so an onnxruntime consumer needs no
+training stack; `models.classifier.load_checkpoint` turns a package back into the LightningModule.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any, Optional
+
+from torch import nn
+
+from transferlab.core.errors import DataError
+from transferlab.data.preprocessing import Preprocessing
+
+CONFIG, WEIGHTS, ONNX, TORCHSCRIPT, CARD = "config.json", "model.safetensors", "model.onnx", "model.pt", "README.md"
+FORMAT_VERSION = 1
+# The consumer's contract (issue 17's stable interface): config.json always has these keys.
+INTERFACE_KEYS = ("class_names", "input_size", "resize_size", "interpolation", "mean", "std", "temperature", "logits_are_calibrated")
+
+
+def is_package(path: str | Path) -> bool:
+    folder = Path(path).expanduser()
+    return folder.is_dir() and (folder / CONFIG).is_file()
+
+
+def read_package(path: str | Path, key: str = "ckpt_path") -> dict[str, Any]:
+    """config.json of a package folder, checked for the keys every consumer relies on."""
+    folder = Path(path).expanduser()
+    try:
+        config = json.loads((folder / CONFIG).read_text())
+    except (OSError, ValueError) as exc:
+        raise DataError(f"{key}: {folder / CONFIG} is not readable JSON ({exc}); export the model again with transferlab-export") from None
+    missing = [k for k in INTERFACE_KEYS if k not in config] if isinstance(config, dict) else list(INTERFACE_KEYS)
+    if missing:
+        raise DataError(f"{key}: {folder} is not a transferlab model package ({CONFIG} lacks {', '.join(missing)})")
+    return config
+
+
+def preprocessing_of(config: Mapping[str, Any]) -> Preprocessing:
+    """The eval pipeline a package describes (crop_pct from input_size / resize_size when absent)."""
+    crop = config.get("crop_pct") or float(config["input_size"]) / float(config["resize_size"])
+    return Preprocessing(
+        input_size=int(config["input_size"]),
+        interpolation=str(config["interpolation"]),
+        crop_pct=float(crop),
+        mean=tuple(config["mean"]),
+        std=tuple(config["std"]),
+    )
+
+
+def run_metrics(ckpt_path: str | Path) -> dict[str, Any]:
+    """metrics.json of the run a checkpoint belongs to (<run>/checkpoints/best.ckpt -> <run>/metrics.json), if any."""
+    ckpt = Path(ckpt_path).expanduser().resolve()
+    for folder in (ckpt.parent.parent, ckpt.parent) if ckpt.is_file() else (ckpt,):
+        found = folder / "metrics.json"
+        if found.is_file():
+            try:
+                values = json.loads(found.read_text())
+            except ValueError:
+                return {}
+            return {k: v for k, v in values.items() if k.startswith(("test/", "val/", "cv/", "calibration/")) and "/acc_class/" not in k}
+    return {}
+
+
+def package_config(
+    hparams: Mapping[str, Any],
+    preprocessing: Preprocessing,
+    temperature: float,
+    metrics: Mapping[str, Any],
+    formats: Mapping[str, Any],
+    version: str,
+) -> dict[str, Any]:
+    """config.json: the consumer's interface keys first, then provenance (backbone, run, metrics) and the formats."""
+    run = dict(hparams.get("run") or {})
+    calibrated = "calibration/temperature" in metrics or not math.isclose(temperature, 1.0)
+    return {
+        "class_names": list(hparams["class_names"]),
+        "input_size": preprocessing.input_size,
+        "resize_size": preprocessing.resize_size,
+        "interpolation": preprocessing.interpolation,
+        "crop_pct": preprocessing.crop_pct,
+        "mean": list(preprocessing.mean),
+        "std": list(preprocessing.std),
+        "temperature": float(temperature),
+        "logits_are_calibrated": bool(calibrated),
+        "input": {"name": "images", "dtype": "float32", "layout": "NCHW", "normalised": True, "channels": "RGB"},
+        "output": {"name": "logits", "meaning": "logits / temperature; softmax gives the class probabilities"},
+        "backbone": {k: hparams["backbone"].get(k) for k in ("name", "source", "input_size")},
+        "finetune_mode": (hparams.get("finetune") or {}).get("mode"),
+        "data": {k: (run.get("data") or {}).get(k) for k in ("_target_", "root", "task", "val_fraction", "test_fraction")},
+        "seed": run.get("seed"),
+        "metrics": dict(metrics),
+        "formats": dict(formats),
+        "transferlab_version": version,
+        "format_version": FORMAT_VERSION,
+        "hyper_parameters": jsonable(dict(hparams)),  # what models.classifier needs to rebuild the LightningModule
+    }
+
+
+def jsonable(value: Any) -> Any:
+    """Hyper-parameters as JSON (they are plain containers already; anything else becomes its text)."""
+    return json.loads(json.dumps(value, default=str))
+
+
+def save_weights(model: nn.Module, file: Path) -> None:
+    """The state_dict as safetensors (tied tensors stored once: safetensors.torch.save_model)."""
+    from safetensors.torch import save_model
+
+    save_model(model, str(file), metadata={"format": "pt", "producer": "transferlab"})
+
+
+def load_weights(model: nn.Module, folder: str | Path, key: str = "ckpt_path") -> None:
+    from safetensors.torch import load_model
+
+    file = Path(folder).expanduser() / WEIGHTS
+    if not file.is_file():
+        raise DataError(f"{key}: {file} is missing; this package has no weights for torch (export it again with transferlab-export)")
+    try:
+        missing, unexpected = load_model(model, str(file), strict=False)
+    except Exception as exc:  # noqa: BLE001 - a truncated or foreign file: one line
+        raise DataError(f"{key}: {file} is not readable safetensors of this model ({' '.join(str(exc).split())[:200]})") from None
+    if missing or unexpected:
+        raise DataError(f"{key}: {file} does not match the model in {CONFIG} (missing {list(missing)[:3]}, unexpected {list(unexpected)[:3]})")
+
+
+def onnx_file(config: Mapping[str, Any], folder: str | Path, key: str = "ckpt_path") -> Path:
+    info = (config.get("formats") or {}).get("onnx")
+    file = Path(folder).expanduser() / str(info.get("file", ONNX) if isinstance(info, Mapping) else ONNX)
+    if not info or not file.is_file():
+        raise DataError(f"{key}: {Path(folder)} has no {file.name}; export with format=onnx (or all), or use runtime=torch")
+    return file
+
+
+def hyper_parameters(config: Mapping[str, Any], folder: Path, key: str = "ckpt_path") -> dict[str, Any]:
+    found: Optional[Mapping[str, Any]] = config.get("hyper_parameters")
+    if not isinstance(found, Mapping) or "backbone" not in found:
+        raise DataError(f"{key}: {folder / CONFIG} has no hyper_parameters; it is usable with runtime=onnx only")
+    return dict(found)
