@@ -86,6 +86,33 @@ def test_state_dict_path_loads_strictly(tmp_path):
         create_backbone("resnet18", weights=str(tmp_path / "bad.pt"))
 
 
+def test_safetensors_and_prefixed_state_dicts_give_the_same_imagenet_logits(tmp_path):
+    """A hub-style model.safetensors, a .pth, a DDP (`module.`) and a Hugging Face TimmWrapper (`timm_model.`) copy of
+    the same weights: the same ImageNet logits as the model they came from."""
+    import timm
+    from safetensors.torch import save_file
+
+    torch.manual_seed(0)
+    source = timm.create_model("resnet18", pretrained=False).eval()
+    state = {k: v.contiguous() for k, v in source.state_dict().items()}
+    save_file(state, str(tmp_path / "model.safetensors"))
+    torch.save(state, tmp_path / "weights.pth")
+    save_file({f"timm_model.{k}": v for k, v in state.items()}, str(tmp_path / "hf.safetensors"))
+    torch.save({"state_dict": {f"module.{k}": v for k, v in state.items()}, "epoch": 3}, tmp_path / "ddp.bin")
+    x = torch.randn(2, 3, 96, 96)
+    with torch.inference_mode():
+        expected = source(x)
+        for name in ("model.safetensors", "weights.pth", "hf.safetensors", "ddp.bin"):
+            backbone = create_backbone("resnet18", weights=str(tmp_path / name), source="timm").eval()
+            assert torch.equal(backbone.imagenet_logits(x), expected), name
+    (tmp_path / "broken.safetensors").write_bytes(b"\x08\x00\x00\x00\x00\x00\x00\x00{oops")
+    with pytest.raises(ConfigError, match="broken.safetensors is not a readable safetensors file"):
+        create_backbone("resnet18", weights=str(tmp_path / "broken.safetensors"), source="timm")
+    save_file({k: v for k, v in state.items() if not k.startswith("fc.")}, str(tmp_path / "headless.safetensors"))
+    with pytest.raises(ConfigError, match="does not fit ResNet: it lacks 2 of its .* tensors .e.g. fc.bias, fc.weight"):
+        create_backbone("resnet18", weights=str(tmp_path / "headless.safetensors"), source="timm")
+
+
 def test_unknown_backbone_suggests_close_names():
     with pytest.raises(ConfigError, match=r"unknown backbone 'resnt50'.*did you mean: .*resnet50"):
         create_backbone("resnt50")

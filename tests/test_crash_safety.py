@@ -93,6 +93,23 @@ def test_killed_mid_epoch_resumes_to_the_uninterrupted_result(tiny_folder, tmp_p
     assert max((ref_head[k].float() - got_head[k].float()).abs().max().item() for k in ref_head) <= 1e-6
 
 
+def test_ctrl_c_exits_130_with_one_line_saying_what_was_kept(tiny_folder, tmp_path):
+    """SIGINT to the process group, as a terminal sends it: Lightning stops, we say what is kept and how to resume."""
+    out, marker, log = tmp_path / "run", tmp_path / "paused", tmp_path / "run.log"
+    proc = start_cli(f"data.root={tiny_folder}", *DETERMINISTIC, f"hydra.run.dir={out}", *pause(1, 1, marker), log=log)
+    wait_for(marker, proc, log)
+    os.killpg(proc.pid, signal.SIGINT)
+    assert proc.wait(60) == 130, log.read_text()[-3000:]
+    text = log.read_text()
+    last = text.strip().splitlines()[-1]
+    assert (
+        last
+        == f"interrupted (Ctrl-C): what was written is in {out}; resume with: transferlab-train <the same arguments> hydra.run.dir={out} ckpt_path=auto"
+    )
+    assert "Traceback" not in text and "litlogger" not in text and "💡" not in text
+    assert torch.load(out / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)["epoch"] == 0
+
+
 def test_auto_resume_without_a_checkpoint_starts_fresh_and_skips_unreadable_ones(tiny_folder, tmp_path):
     run_dir = tmp_path / "run"
     (run_dir / "checkpoints").mkdir(parents=True)

@@ -185,3 +185,16 @@ def test_failed_download_says_how_to_point_at_local_copy(tmp_path, monkeypatch):
     dm = make_datamodule("oxford_pets", root=str(tmp_path / "pets"), download=True)
     with pytest.raises(DataError, match=r"download failed .* set data.root="):
         dm.setup()
+
+
+def test_progress_bars_count_images_on_a_terminal_and_stay_out_of_pipes(monkeypatch, capsys):
+    from transferlab.core.progress import progress
+
+    batches = [(list(range(4)), "labels")] * 3
+    monkeypatch.setenv("TRANSFERLAB_PROGRESS", "always")  # as on a terminal
+    assert list(progress(iter(batches), 12, "Computing features", size=lambda b: len(b[0]))) == batches
+    shown = capsys.readouterr().err
+    assert "Computing features" in shown and "12/12" in shown
+    monkeypatch.setenv("TRANSFERLAB_PROGRESS", "auto")  # pytest's captured stderr is a pipe, not a terminal
+    assert list(progress(iter(batches), 12, "Computing features")) == batches
+    assert capsys.readouterr().err == ""

@@ -211,6 +211,7 @@ def test_picture_callbacks_write_to_run_dir_tensorboard_and_wandb(tiny_folder, t
         "train",
         "callbacks=[feature_maps,ideal_class,adversarial]",
         "logger=many",
+        f"paths.log_dir={tmp_path / 'logs'}",  # the MLflow store of logger=many
         "data=image_folder",
         f"data.root={tiny_folder}",
         "trainer.max_epochs=1",

@@ -179,6 +179,7 @@ def test_planted_secrets_never_reach_configs_logs_or_checkpoints(tiny_folder, tm
         f"hydra.run.dir={run_dir}",
         "trainer.max_epochs=1",
         "logger=many",
+        f"paths.log_dir={tmp_path / 'logs'}",  # the MLflow store of logger=many
         "tags=[dev,${oc.env:HF_TOKEN}]",
         "+run_note=${oc.env:DATASET_KEY}",
         "+logger.wandb.notes=${oc.env:AWS_SECRET}",
@@ -189,9 +190,17 @@ def test_planted_secrets_never_reach_configs_logs_or_checkpoints(tiny_folder, tm
         check=False,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
-    files = [p for p in [*run_dir.rglob("*"), *(tmp_path / "wandb_home").rglob("*")] if p.is_file()]
+    files = [p for p in [*run_dir.rglob("*"), *(tmp_path / "wandb_home").rglob("*"), *(tmp_path / "logs").rglob("*")] if p.is_file()]
     kinds = {p.suffix for p in files}
-    assert {".ckpt", ".yaml", ".log", ".csv", ".json", ".wandb"} <= kinds and any(p.name.startswith("events.out") for p in files)
+    assert {
+        ".ckpt",
+        ".yaml",
+        ".log",
+        ".csv",
+        ".json",
+        ".wandb",
+        ".db",
+    } <= kinds  # .db: the MLflow store (params, tags) and any(p.name.startswith("events.out") for p in files)
     leaks = [(p, name) for p in files for name, value in PLANTED.items() if value.encode() in p.read_bytes()]
     for name, value in PLANTED.items():
         if value in proc.stdout + proc.stderr:

@@ -215,6 +215,7 @@ def test_loggers_write_real_csv_tensorboard_and_offline_wandb(tiny_folder, tmp_p
     run_cli(  # a real process: W&B writes its offline run to disk when the process winds it up
         "train",
         "logger=many",
+        f"paths.log_dir={tmp_path / 'logs'}",  # the MLflow store of logger=many
         "data=image_folder",
         f"data.root={tiny_folder}",
         "trainer.max_epochs=1",

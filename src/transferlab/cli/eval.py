@@ -13,6 +13,7 @@ from transferlab.config.paths import config_dir
 from transferlab.models.classifier import load_checkpoint
 from transferlab.training.artifacts import print_config_tree, test_and_report
 from transferlab.training.builders import build_datamodule, build_trainer, container, instantiate_group
+from transferlab.training.loggers import resolve_logger_config
 
 log = logging.getLogger(__name__)
 
@@ -32,6 +33,7 @@ def evaluate(cfg: DictConfig) -> dict:
         log.warning("The data's classes %s differ from the checkpoint's %s", datamodule.class_names[:5], model.class_names[:5])
     trainer_cfg = OmegaConf.merge(cfg.trainer, {"precision": cfg.trainer.precision or run.get("precision") or "32-true"})
     assert isinstance(trainer_cfg, DictConfig)
+    resolve_logger_config(cfg.get("logger"), run_name=out_dir.name, task_name=str(cfg.task_name), tags=list(cfg.get("tags") or []))
     trainer = build_trainer(
         trainer_cfg, callbacks=instantiate_group(cfg.get("callbacks"), "callbacks"), loggers=instantiate_group(cfg.logger, "logger")
     )

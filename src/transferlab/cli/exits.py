@@ -12,6 +12,7 @@ import functools
 import os
 import sys
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any, NoReturn, TypeVar
 
 from omegaconf.errors import OmegaConfBaseException
@@ -29,13 +30,42 @@ def fail(exc: BaseException) -> NoReturn:
     sys.exit(exit_code(exc))
 
 
+INTERRUPTED = 130  # 128 + SIGINT, what a shell expects of a program stopped with Ctrl-C
+
+
+def interrupted() -> NoReturn:
+    """Ctrl-C: one line saying what was kept and how to go on, exit 130 (no traceback)."""
+    kept, resume = "nothing was written yet", ""
+    try:
+        from hydra.core.hydra_config import HydraConfig
+
+        out = Path(HydraConfig.get().runtime.output_dir)
+        if out.is_dir() and any(out.iterdir()):
+            kept = f"what was written is in {out}"
+        if (out / "checkpoints" / "last.ckpt").is_file():
+            resume = f"; resume with: transferlab-train <the same arguments> hydra.run.dir={out} ckpt_path=auto"
+    except (ImportError, ValueError):  # no Hydra job (a library call)
+        pass
+    print(f"interrupted (Ctrl-C): {kept}{resume}", file=sys.stderr, flush=True)
+    sys.exit(INTERRUPTED)
+
+
 def user_errors_exit(func: F) -> F:
-    """Turn TransferlabError / OmegaConf errors, and known failures of the machine, into `fail(...)`."""
+    """Turn TransferlabError / OmegaConf errors, and known failures of the machine, into `fail(...)`; Ctrl-C
+    into `interrupted()`, also where Lightning caught it first (its `sys.exit(1)` raised while handling it)."""
 
     @functools.wraps(func)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
         try:
             return func(*args, **kwargs)
+        except KeyboardInterrupt:
+            if in_sweep():
+                raise
+            interrupted()
+        except SystemExit as leaving:
+            if isinstance(leaving.__context__, KeyboardInterrupt) and leaving.code != INTERRUPTED and not in_sweep():
+                interrupted()
+            raise
         except Exception as raised:  # noqa: BLE001 - sorted below; anything unknown is re-raised unchanged
             exc = raised if isinstance(raised, (TransferlabError, OmegaConfBaseException)) else explain_runtime_failure(raised)
             if exc is None or os.environ.get("HYDRA_FULL_ERROR") == "1" or in_sweep():

@@ -19,6 +19,7 @@ from torch.utils.data import DataLoader, Dataset
 from transferlab.cli.app import Command
 from transferlab.core.errors import DataError
 from transferlab.core.hardware import default_workers
+from transferlab.core.progress import progress
 from transferlab.data.images import decode_rgb, describe_failure, list_files
 from transferlab.deploy.runtime import load_runtime
 
@@ -78,7 +79,7 @@ def predict(cfg: DictConfig) -> dict[str, Any]:
     with open(output, "w", newline="") as fh:
         writer = csv.writer(fh)
         writer.writerow(["path", "label", "score", "error"] + [f"top{j}_{kind}" for j in range(1, k + 1) for kind in ("label", "score")])
-        for indices, images, errors in loader:
+        for indices, images, errors in progress(loader, len(files), "Labelling images", size=lambda batch: len(batch[0])):
             scores, labels = predictor.probabilities(images).topk(k, dim=-1)
             for i, err, s, top in zip(indices.tolist(), errors, scores.tolist(), labels.tolist()):
                 if err:

@@ -26,6 +26,8 @@ import torch
 from torch import nn
 from torch.utils.data import Dataset
 
+from transferlab.core.progress import progress
+
 log = logging.getLogger(__name__)
 
 FORMAT_VERSION = 1
@@ -183,7 +185,8 @@ def compute_features(
     backbone.eval()
     chunks = []
     try:
-        for images, _ in loader:
+        total = len(getattr(loader, "dataset", ())) or None
+        for images, _ in progress(loader, total, "Computing features", size=lambda batch: len(batch[0])):
             views = images.shape[1] if images.ndim == 5 else 0
             batch = images.flatten(0, 1) if views else images
             batch = batch.to(device, non_blocking=True)

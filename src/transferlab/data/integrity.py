@@ -15,6 +15,7 @@ from pathlib import Path
 
 from filelock import FileLock
 
+from transferlab.core.progress import progress
 from transferlab.data.images import check_image
 
 
@@ -53,7 +54,7 @@ def scan_images(files: list[Path], root: Path, cache_dir: str | os.PathLike | No
 
     todo = [p for p in files if (st := stats[p]) is not None and cached.get(str(p), [None, None])[:2] != list(st)]
     with ThreadPoolExecutor(max_workers=workers or min(8, (os.cpu_count() or 1) * 2)) as pool:
-        for path, reason in zip(todo, pool.map(check_image, todo)):
+        for path, reason in zip(todo, progress(pool.map(check_image, todo), len(todo), "Checking images")):
             cached[str(path)] = [*(stats[path] or (-1, -1)), reason]
 
     report = ScanReport(checked=len(todo))

@@ -46,17 +46,61 @@ class Backbone(nn.Module):
         return self.imagenet_head(self.body(images))
 
 
+# Prefixes that wrappers put before a model's own parameter names: DataParallel / DDP, Lightning modules,
+# Hugging Face's TimmWrapper (`timm_model.`), and transferlab's own classifier (`backbone.body.`).
+KEY_PREFIXES = ("module.", "model.", "timm_model.", "backbone.body.", "backbone.", "encoder.")
+CONTAINER_KEYS = ("state_dict", "model", "state_dict_ema", "model_ema")  # where training scripts nest the weights
+
+
+def read_state_dict(file: Path) -> dict[str, torch.Tensor]:
+    """Tensors by name from `.safetensors` (safetensors, no pickle) or a torch file (`weights_only=True`)."""
+    if file.suffix == ".safetensors":
+        from safetensors import SafetensorError
+        from safetensors.torch import load_file
+
+        try:
+            return load_file(str(file), device="cpu")
+        except (SafetensorError, OSError, ValueError) as exc:
+            raise ConfigError(f"backbone.weights: {file} is not a readable safetensors file ({' '.join(str(exc).split())[:160]})") from None
+    state = read_checkpoint(file, key="backbone.weights")
+    for key in CONTAINER_KEYS:
+        if isinstance(state, dict) and isinstance(state.get(key), dict):
+            state = state[key]
+            break
+    return {k: v for k, v in state.items() if isinstance(v, torch.Tensor)} if isinstance(state, dict) else {}
+
+
+def matching_keys(state: dict[str, torch.Tensor], expected: set[str]) -> dict[str, torch.Tensor]:
+    """`state` as is when its names are the model's, else with the one wrapper prefix removed that makes them so."""
+    if expected <= set(state):
+        return state
+    for prefix in KEY_PREFIXES:
+        stripped = {k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)}
+        if stripped and expected <= set(stripped):
+            return stripped
+    return state
+
+
 def load_state_dict_file(model: nn.Module, path: str) -> None:
+    """backbone.weights=<file>: a state_dict of the source's original model (ImageNet head included), in
+    `.safetensors`, `.pth`, `.pt`, `.bin` or a checkpoint holding one; wrapper prefixes are removed."""
     file = Path(path).expanduser()
     if not file.is_file():
-        raise ConfigError(f"backbone.weights: {file} is not a file; use imagenet, none, bundled or a state_dict path")
-    state = read_checkpoint(file, key="backbone.weights")
-    state = state.get("state_dict", state) if isinstance(state, dict) else state
+        raise ConfigError(f"backbone.weights: {file} is not a file; use imagenet, none, bundled or a .safetensors / .pth state_dict path")
+    expected = set(model.state_dict())
+    state = matching_keys(read_state_dict(file), expected)
+    missing = sorted(expected - set(state))
+    if missing:
+        raise ConfigError(
+            f"backbone.weights: {file} does not fit {type(model).__name__}: it lacks {len(missing)} of its {len(expected)} tensors "
+            f"(e.g. {', '.join(missing[:3])}); give a state_dict of the original model, ImageNet head included"
+        )
     try:
-        model.load_state_dict(state, strict=True)
+        model.load_state_dict({k: v for k, v in state.items() if k in expected}, strict=True)
     except RuntimeError as exc:
-        first = str(exc).splitlines()[0]
-        raise ConfigError(f"backbone.weights: {file} does not fit {type(model).__name__}: {first}") from exc
+        lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+        reason = next((line for line in lines if "size mismatch" in line), lines[-1] if lines else "")
+        raise ConfigError(f"backbone.weights: {file} does not fit {type(model).__name__}: {reason}") from exc
 
 
 def is_convolutional(module: nn.Module) -> bool:

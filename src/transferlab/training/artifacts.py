@@ -27,7 +27,7 @@ from transferlab.data.base import ImageClassificationDataModule
 from transferlab.data.images import Sample
 from transferlab.models.classifier import TransferClassifier, as_classifier
 from transferlab.models.evaluation import calibration_metrics, reliability_bins
-from transferlab.training.loggers import finish_loggers
+from transferlab.training.loggers import finish_loggers, log_run_files
 from transferlab.training.run_report import interpret_run, write_report
 
 log = logging.getLogger(__name__)
@@ -160,6 +160,7 @@ def test_and_report(
             interpret_run(out_dir, tested, datamodule, probs, interpret, seed)
         write_report(out_dir, metrics, f"Run report: {out_dir.name}")
         log.info("Results in %s: %s (report.html)", out_dir, summary_line(metrics))
+    log_run_files(trainer.loggers, out_dir)
     finish_loggers(trainer.loggers)
     return metrics
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
 import lightning.pytorch as pl
@@ -49,8 +50,23 @@ def build_datamodule(data_cfg: dict[str, Any], preprocessing: Any) -> ImageClass
     return datamodule
 
 
+class _NoAdvertisements(logging.Filter):
+    """Lightning 2.6 logs "💡 Tip: ... litlogger / litmodels" (cloud-service adverts) on every run; users asked not to."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith("💡 Tip:")
+
+
+def silence_advertisements() -> None:
+    for name in ("lightning.pytorch.utilities.rank_zero", "lightning.fabric.utilities.rank_zero"):
+        logger = logging.getLogger(name)
+        if not any(isinstance(f, _NoAdvertisements) for f in logger.filters):
+            logger.addFilter(_NoAdvertisements())
+
+
 def build_trainer(trainer_cfg: DictConfig, callbacks: list[pl.Callback], loggers: list[Logger]) -> pl.Trainer:
     """The Trainer from config; checkpoints are written atomically unless trainer.plugins says otherwise."""
+    silence_advertisements()
     extra = {} if trainer_cfg.get("plugins") else {"plugins": [AtomicCheckpointIO()]}
     return instantiate_config(trainer_cfg, "trainer", callbacks=callbacks, logger=loggers or False, **extra)
 

@@ -95,7 +95,7 @@ def fit_and_test(
     there is no validation: train that many epochs (the schedule as configured), take that temperature, save
     checkpoints/best.ckpt, and test it if the data has a test split. `interpret`: after the test (not in CV folds)."""
     out_dir = Path(cfg.paths.output_dir)
-    resolve_logger_config(cfg.get("logger"), run_name=out_dir.name)
+    resolve_logger_config(cfg.get("logger"), run_name=out_dir.name, task_name=str(cfg.task_name), tags=list(cfg.get("tags") or []))
     model = build_model(cfg, backbone, datamodule)
     callbacks = instantiate_group(cfg.callbacks, "callbacks") + apply_performance(cfg, model, datamodule, precision_note, cache)
     if prune:

@@ -1,4 +1,5 @@
-"""Logger set-up: a CSV logger that survives resuming, and W&B that goes offline by itself without a key."""
+"""Logger set-up: a CSV logger that survives resuming, W&B that goes offline by itself without a key, and MLflow
+runs named and grouped per sweep, with the run's files as artefacts."""
 
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig, ListConfig, OmegaConf, open_dict
 
 from transferlab.core.context import sweep_identity
+from transferlab.core.errors import require_packages
 from transferlab.core.redaction import redact
 
 
@@ -107,9 +109,34 @@ def wandb_has_credentials() -> bool:
         return False
 
 
-def resolve_logger_config(logger_cfg: DictConfig | None, run_name: str) -> None:
-    """Fill `offline: auto`, an empty W&B run name and, in a sweep, an empty group (one per sweep) in place."""
+def resolve_mlflow(node: DictConfig, run_name: str, task_name: str, tags: list[str]) -> None:
+    """experiment `auto` (one per sweep), run name, transferlab's tags; mlflow itself must be installed."""
+    require_packages("logger=mlflow", "mlflow", "mlflow")
+    sweep = sweep_identity()
+    with open_dict(node):
+        if node.get("experiment_name") in (None, "auto"):
+            node.experiment_name = f"{task_name}/{sweep[0]}" if sweep else task_name
+        if not node.get("run_name"):
+            node.run_name = sweep[1] if sweep else run_name
+        if node.get("tags") is None:
+            found = {"transferlab.task": task_name, "transferlab.tags": ",".join(map(str, tags))}
+            if sweep:
+                found.update({"transferlab.sweep": sweep[0], "transferlab.job": sweep[1]})
+            node.tags = redact(found)
+        node.run_name, node.experiment_name = redact(node.run_name), redact(node.experiment_name)
+        uri, location = str(node.get("tracking_uri") or ""), node.get("artifact_location")
+        if uri.startswith("sqlite:///"):  # a local store: its folder must exist, its artefacts need an absolute place
+            Path(uri.removeprefix("sqlite:///")).expanduser().parent.mkdir(parents=True, exist_ok=True)
+        if location and "://" not in str(location):
+            node.artifact_location = Path(str(location)).expanduser().resolve().as_uri()
+
+
+def resolve_logger_config(logger_cfg: DictConfig | None, run_name: str, task_name: str = "train", tags: Optional[list[str]] = None) -> None:
+    """Fill `offline: auto`, an empty W&B run name and, in a sweep, an empty group (one per sweep) in place; the
+    same for MLflow (experiment per sweep, run name, tags)."""
     for node in (logger_cfg or {}).values():
+        if isinstance(node, DictConfig) and str(node.get("_target_", "")).endswith("MLFlowLogger"):
+            resolve_mlflow(node, run_name, task_name, list(tags or []))
         if isinstance(node, DictConfig) and str(node.get("_target_", "")).endswith("WandbLogger"):
             sweep = sweep_identity()
             with open_dict(node):
@@ -122,6 +149,32 @@ def resolve_logger_config(logger_cfg: DictConfig | None, run_name: str) -> None:
                 for key in ("name", "group", "notes", "tags", "job_type"):  # shown on wandb.ai: credentials masked
                     if node.get(key) is not None:
                         node[key] = redact(OmegaConf.to_container(node[key], resolve=True) if isinstance(node[key], ListConfig) else node[key])
+
+
+# What a run leaves behind that an MLflow run keeps as artefacts (when the files exist).
+RUN_FILES = (
+    "metrics.json",
+    "config.yaml",
+    "confusion_matrix.png",
+    "confusion_matrix.csv",
+    "per_class_accuracy.csv",
+    "reliability_diagram.png",
+    "test_predictions.csv",
+    "report.html",
+    "checkpoints/best.ckpt",
+)
+
+
+@rank_zero_only
+def log_run_files(loggers: list[Logger], out_dir: Path) -> None:
+    """The run's results, and its best (calibrated) checkpoint, as artefacts of its MLflow run."""
+    for lg in loggers:
+        if type(lg).__name__ == "MLFlowLogger":
+            client, run_id = lg.experiment, lg.run_id  # type: ignore[attr-defined]
+            for name in RUN_FILES:
+                file = out_dir / name
+                if file.is_file():
+                    client.log_artifact(run_id, str(file), artifact_path=str(Path(name).parent) if "/" in name else None)
 
 
 def finish_loggers(loggers: list[Logger]) -> None:
