@@ -101,7 +101,7 @@ def test_module_sizes_and_root_modules():
 
 def test_every_root_shim_only_hands_over_to_its_command():
     for shim in PACKAGE.glob("*.py"):
-        if shim.name == "__init__.py":
+        if shim.name in ("__init__.py", "api.py"):  # api.py: the Python API, a real module (docs/architecture.md)
             continue
         assert f"from transferlab.cli.{shim.stem} import main" in shim.read_text(), shim.name
         assert (PACKAGE / "cli" / shim.name).is_file(), shim.name

@@ -71,6 +71,8 @@ def extra_for(group: str, option: str) -> list[str]:
         return ["backbone.name=convnext_tiny"]
     if (group, option) == ("data", "image_folder"):
         return ["data.root=/some/folder"]
+    if (group, option) == ("data", "hf_dataset"):
+        return ["data.path=microsoft/cats_vs_dogs"]
     return []
 
 

@@ -66,6 +66,8 @@ def test_option_composes_and_instantiates(tmp_path, group, option):
     overrides = [f"{group}={option}"]
     if (group, option) == ("backbone", "custom"):
         overrides.append("backbone.name=convnext_tiny")
+    if (group, option) == ("data", "hf_dataset"):
+        overrides.append("data.path=microsoft/cats_vs_dogs")
     cfg = compose_train(tmp_path, *overrides)
 
     datamodule = instantiate(cfg.data)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -45,3 +46,20 @@ def test_wheel_ships_configs_and_experiments(tmp_path):
         text=True,
     ).stdout.strip()
     assert where.startswith(str(target))
+    # The quickstart, as on a fresh machine: from the installed wheel alone, no source tree, no ../shared, no
+    # caches, no network; the photos it trains on ship inside the wheel with their licence.
+    sample = [n for n in names if n.startswith("transferlab/data/quickstart_sample/")]
+    assert "transferlab/data/quickstart_sample/LICENSE.md" in sample and len(sample) == 112
+    assert sum(zipfile.ZipFile(wheel).getinfo(n).file_size for n in sample) <= 10 * 2**20
+    fresh = {**env, "HOME": str(tmp_path / "home"), "TRANSFERLAB_PROGRESS": "never"}
+    fresh.pop("TRANSFERLAB_CACHE_DIR", None)
+    fresh.pop("TRANSFERLAB_DATA_DIR", None)
+    subprocess.run(
+        [sys.executable, "-m", "transferlab.train", "experiment=quickstart"], cwd=tmp_path, env=fresh, check=True, capture_output=True, timeout=600
+    )
+    (metrics_file,) = (tmp_path / "logs" / "train" / "runs").glob("*/metrics.json")
+    metrics = json.loads(metrics_file.read_text())
+    assert metrics["test/acc"] >= 0.9 and metrics["test/acc_ci95"][0] <= metrics["test/acc"]
+    assert f"root: {target}" in (metrics_file.parent / "config.yaml").read_text()  # the photos inside the install
+    readme = (REPO / "README.md").read_text()
+    assert readme.index("transferlab-train experiment=quickstart") == readme.index("transferlab-train")  # the README's first example

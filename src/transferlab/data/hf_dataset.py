@@ -1,0 +1,111 @@
+"""A Hugging Face `datasets` image-classification dataset: a hub name, a `save_to_disk` folder, or an image folder.
+
+The images are written once, as the bytes the dataset holds (no re-encoding), to a folder under the cache keyed
+by the dataset's fingerprint; from there everything works as for any other dataset: the integrity scan reports
+undecodable images (nothing is deleted), the feature cache, the audit, predictions with file paths. Rows whose
+image is a file on disk already (the `imagefolder` builder, local paths) are used where they are. The dataset's
+own `test` split is the official test list when it has one; `train` (and `validation`) form the pool that the
+stratified split and cross-validation use.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+from pathlib import Path
+from typing import Any, Optional
+
+from filelock import FileLock
+
+from transferlab.core.errors import DataError, require_packages
+from transferlab.core.files import write_json
+from transferlab.data.base import Discovered, ImageClassificationDataModule, Sample
+
+log = logging.getLogger(__name__)
+
+TEST_SPLITS, POOL_SPLITS = ("test",), ("train", "validation", "valid", "val")
+
+
+class HfDatasetDataModule(ImageClassificationDataModule):
+    layout = "a Hugging Face dataset with an image column and a class-label column"
+
+    def __init__(self, *, path: str, name: Optional[str], image_column: str, label_column: str, **kwargs: Any) -> None:
+        """`path`, `name`, the columns and the rest: conf/data/hf_dataset.yaml (`root` = where its images are written)."""
+        super().__init__(**kwargs)
+        self.path, self.name, self.image_column, self.label_column = str(path), name, image_column, label_column
+
+    def is_present(self) -> bool:
+        return True  # datasets fetches (or fails) in discover(); root is only the image store
+
+    def _load(self) -> Any:
+        require_packages("data=hf_dataset", "hf", "datasets")
+        import datasets
+
+        local = Path(self.path).expanduser()
+        try:
+            if local.is_dir() and any((local / f).is_file() for f in ("dataset_dict.json", "dataset_info.json", "state.json")):
+                loaded = datasets.load_from_disk(str(local))
+            elif local.is_dir():
+                loaded = datasets.load_dataset("imagefolder", data_dir=str(local))
+            else:
+                loaded = datasets.load_dataset(self.path, self.name)
+        except FileNotFoundError as exc:
+            raise DataError(f"data.path: {self.path} is neither a dataset folder nor a dataset on the hub ({exc})") from None
+        except ConnectionError as exc:
+            raise DataError(f"data.path: {self.path} could not be fetched from the hub ({exc}); give a local folder (save_to_disk) instead") from None
+        return loaded if isinstance(loaded, datasets.DatasetDict) else datasets.DatasetDict({"train": loaded})
+
+    def _class_names(self, split: Any) -> list[str]:
+        if self.image_column not in split.column_names or self.label_column not in split.column_names:
+            raise DataError(
+                f"data.image_column / data.label_column: {self.path} has the columns {', '.join(split.column_names)}, "
+                f"not {self.image_column!r} and {self.label_column!r}; set them, e.g. data.label_column=labels"
+            )
+        feature = split.features[self.label_column]
+        names = getattr(feature, "names", None)
+        return list(names) if names else sorted({str(v) for v in split[self.label_column]})
+
+    def discover(self) -> Discovered:
+        import datasets
+
+        found = self._load()
+        known = [s for s in found if s in TEST_SPLITS + POOL_SPLITS] or list(found)[:1]
+        class_names = self._class_names(found[known[0]])
+        fingerprint = hashlib.sha256(json.dumps([self.path, self.name, [found[s]._fingerprint for s in known]]).encode()).hexdigest()[:16]
+        store = self.root / f"{Path(self.path).name or 'dataset'}-{fingerprint}"
+        samples: dict[str, list[Sample]] = {}
+        with FileLock(str(store) + ".lock"):
+            done = store / "samples.json"
+            if done.is_file():
+                samples = {k: [(Path(p), int(y)) for p, y in v] for k, v in json.loads(done.read_text()).items()}
+            else:
+                for split in known:
+                    rows = found[split].cast_column(self.image_column, datasets.Image(decode=False))
+                    samples[split] = self._write(rows, store / split, class_names)
+                write_json(done, {k: [[str(p), y] for p, y in v] for k, v in samples.items()})
+        test = [s for split in TEST_SPLITS if split in samples for s in samples[split]] or None
+        pool = [s for split in known if split not in TEST_SPLITS for s in samples[split]]
+        if not pool and test:  # only a test split: it becomes the pool of the stratified split
+            pool, test = test, None
+        log.info("data.path %s: splits %s, %d classes, images in %s", self.path, {k: len(v) for k, v in samples.items()}, len(class_names), store)
+        return Discovered(class_names=class_names, samples=pool, test_samples=test)
+
+    def _write(self, rows: Any, folder: Path, class_names: list[str]) -> list[Sample]:
+        """Each row's image as a file (its own bytes), or its existing file; labels as indices into class_names."""
+        folder.mkdir(parents=True, exist_ok=True)
+        index = {name: i for i, name in enumerate(class_names)}
+        found: list[Sample] = []
+        for i, row in enumerate(rows):
+            image, label = row[self.image_column] or {}, row[self.label_column]
+            if label is None or (isinstance(label, int) and label < 0):  # unlabelled rows (ClassLabel -1): nothing to learn
+                continue
+            label = int(label) if getattr(rows.features[self.label_column], "names", None) else index[str(label)]
+            source = Path(image["path"]) if image.get("path") else None
+            if image.get("bytes") is None and source is not None and source.is_file():
+                found.append((source, label))
+                continue
+            file = folder / f"{i:07d}{source.suffix if source and source.suffix else '.img'}"
+            file.write_bytes(image.get("bytes") or b"")  # an empty image stays an (empty) file: the scan reports it
+            found.append((file, label))
+        return found
