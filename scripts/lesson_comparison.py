@@ -1,4 +1,4 @@
-"""Regenerate the README's "Inside the network" pictures: transferlab's beside the lesson's.
+"""Regenerate the pictures of "Inside the network" (docs/insight.md): transferlab's beside the lesson's.
 
 Runs the three lesson presets with the offline EfficientNet-Lite0 (ideal cat, ideal zebra, the dog attacked
 into a Siamese cat), measures the lesson's published pictures in ../shared/data/seed-images with the same

@@ -1,0 +1,130 @@
+"""Write docs/configuration.md from the comments in conf/: every command's keys and every group option's keys,
+each with its default and the comment beside it (the YAML is the one source of truth; this page is generated).
+
+    python scripts/config_reference.py            # rewrite docs/configuration.md
+    python scripts/config_reference.py --check    # exit 1 when it is out of date (tests/test_docs.py)
+"""
+
+from __future__ import annotations
+
+import argparse
+import re
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+CONF, OUT = REPO / "conf", REPO / "docs" / "configuration.md"
+KEY = re.compile(r"^(?P<indent>\s*)(?P<key>[A-Za-z_][\w\-]*):(?P<rest>.*)$")
+
+
+def split_comment(rest: str) -> tuple[str, str]:
+    """`value  # comment` -> (value, comment); a `#` inside quotes or `${...}` is part of the value."""
+    depth, quote = 0, ""
+    for i, ch in enumerate(rest):
+        if quote:
+            quote = "" if ch == quote else quote
+        elif ch in "'\"":
+            quote = ch
+        elif ch == "{":
+            depth += 1
+        elif ch == "}":
+            depth -= 1
+        elif ch == "#" and depth == 0 and (i == 0 or rest[i - 1].isspace()):
+            return rest[:i].strip(), rest[i + 1 :].strip()
+    return rest.strip(), ""
+
+
+def cell(text: str) -> str:
+    return text.replace("|", "\\|").replace("\n", " ") or " "
+
+
+def describe(file: Path) -> tuple[str, list[tuple[str, str, str]]]:
+    """(header comment, [(dotted key, default, comment)]) of one YAML file."""
+    header, rows, stack, in_defaults = [], [], [], False
+    for line in file.read_text().splitlines():
+        stripped = line.strip()
+        if stripped.startswith("#") and not rows and not stack:
+            text = stripped.lstrip("#").strip()
+            if not text.startswith("@package"):
+                header.append(text)
+            continue
+        match = KEY.match(line)
+        if not match or stripped.startswith("-"):
+            continue
+        indent, key = len(match["indent"]), match["key"]
+        if indent == 0:
+            in_defaults = key == "defaults"
+        if in_defaults:
+            continue
+        while stack and stack[-1][0] >= indent:
+            stack.pop()
+        value, comment = split_comment(match["rest"])
+        dotted = ".".join([*(k for _, k in stack), key])
+        if value == "":
+            stack.append((indent, key))
+            if comment:
+                rows.append((dotted, "", comment))
+            continue
+        rows.append((dotted, value if len(value) <= 70 else value[:67] + "...", comment))
+    return " ".join(header), rows
+
+
+def table(rows: list[tuple[str, str, str]], prefix: str = "") -> list[str]:
+    if not rows:
+        return []
+    out = ["| key | default | what |", "| --- | --- | --- |"]
+    out += [f"| `{cell(prefix + k)}` | {('`' + cell(v) + '`') if v else ' '} | {cell(c)} |" for k, v, c in rows]
+    return out + [""]
+
+
+def reference() -> str:
+    lines = [
+        "# Configuration reference",
+        "",
+        "Generated from the comments in `conf/` by `python scripts/config_reference.py` (do not edit by hand: edit the",
+        "YAML and run it again). Every key can be set on the command line (`key=value`); a `???` default must be given.",
+        "",
+        "## Commands",
+        "",
+    ]
+    for file in sorted(CONF.glob("*.yaml")):
+        header, rows = describe(file)
+        lines += [f"### `transferlab-{file.stem}` (conf/{file.name})", "", header, "", *table(rows)]
+    lines += ["## Config groups", "", "Choose an option with `<group>=<option>`; its keys are then under `<group>.`.", ""]
+    for group in sorted(p for p in CONF.iterdir() if p.is_dir() and p.name not in ("experiment", "hydra")):
+        lines += [f"### `{group.name}`", ""]
+        for file in sorted(group.rglob("*.yaml")):
+            option = file.relative_to(group).with_suffix("").as_posix()
+            header, rows = describe(file)
+            prefix = "" if group.name in ("logger", "callbacks") else f"{group.name}."
+            title = "the shared keys of every option" if option.startswith("_") else f"`{group.name}={option}`"
+            lines += [f"#### {title}", "", header, "", *table(rows, prefix)]
+    lines += [
+        "## Experiment presets (`experiment=<name>`, files in `experiments/`)",
+        "",
+        "| preset | what, and its measured result |",
+        "| --- | --- |",
+    ]
+    for file in sorted((CONF / "experiment").rglob("*.yaml")):
+        header, _ = describe(file)
+        lines.append(f"| `{file.relative_to(CONF / 'experiment').with_suffix('').as_posix()}` | {cell(header)} |")
+    return "\n".join(lines).replace("\n\n\n", "\n\n") + "\n"
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--check", action="store_true", help="exit 1 when docs/configuration.md is out of date")
+    args = parser.parse_args()
+    text = reference()
+    if args.check:
+        if not OUT.is_file() or OUT.read_text() != text:
+            print("docs/configuration.md is out of date: run python scripts/config_reference.py", file=sys.stderr)
+            return 1
+        return 0
+    OUT.write_text(text)
+    print(f"wrote {OUT} ({len(text.splitlines())} lines)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
