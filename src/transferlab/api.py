@@ -82,6 +82,21 @@ def evaluate(ckpt_path: Union[str, Path], overrides: Sequence[str] = (), run_dir
     return _result(out, None)
 
 
+def run(command: str, overrides: Sequence[str] = (), run_dir: Optional[Union[str, Path]] = None) -> Any:
+    """Any command (`visualize`, `attack`, `explain`, `audit`, `export`, ...) in this process: its task's result.
+
+    >>> api.run("attack", ["input=dog.jpg", "target=Siamese cat", "eps=1/255"])["target_prob"]
+    """
+    import importlib
+
+    from transferlab.config.schema import COMMANDS
+
+    if command not in COMMANDS or command == "report":
+        raise ValueError(f"command={command!r}: use one of {', '.join(c for c in COMMANDS if c != 'report')}")
+    out = _run_dir(command, run_dir, overrides)
+    return importlib.import_module(f"transferlab.cli.{command}").command.run_in_process(list(overrides), out)
+
+
 class Model:
     """A trained classifier with its preprocessing: `predict(images)` for PIL images or image files."""
 
