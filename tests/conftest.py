@@ -360,6 +360,33 @@ def chromium_render(page: Path, screenshot: Path) -> tuple[list[dict], list[int]
         return driver.get_log("browser"), widths
 
 
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on (the servers the tests start: ours, MLflow, torchrun)."""
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def wait_for_http(url: str, proc: subprocess.Popen, log: Path, timeout: float = 120) -> None:
+    """Until `url` answers 200 (a server the test started as `proc`, writing to `log`); fails with its log's tail."""
+    import time
+
+    import httpx
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        assert proc.poll() is None, log.read_text()[-3000:]
+        try:
+            if httpx.get(url, timeout=2).status_code == 200:
+                return
+        except httpx.TransportError:
+            time.sleep(0.3)
+    proc.kill()
+    raise AssertionError(f"{url} did not answer within {timeout:.0f} s: {log.read_text()[-3000:]}")
+
+
 @pytest.fixture(scope="session")
 def species_package(species_run, tmp_path_factory) -> Path:
     """The species run's best checkpoint exported as a model package (format=all), once per test session."""

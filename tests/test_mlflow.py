@@ -5,29 +5,19 @@ per sweep, and the run's page in the MLflow UI in headless Chromium."""
 from __future__ import annotations
 
 import json
-import socket
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 
-from conftest import FAST, chromium_driver, needs_browser, run, run_cli
+from conftest import FAST, chromium_driver, free_port, needs_browser, run, run_cli, wait_for_http
 
 pytest.importorskip("mlflow")
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def mlflow_server(tmp_path_factory):
-    import httpx
-
     root = tmp_path_factory.mktemp("mlflow")
     port = free_port()
     cmd = [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", f"sqlite:///{root / 'db.sqlite'}"]
@@ -35,15 +25,8 @@ def mlflow_server(tmp_path_factory):
     log = root / "server.log"
     proc = subprocess.Popen(cmd, stdout=open(log, "w"), stderr=subprocess.STDOUT, cwd=root)
     url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 180
     try:
-        while True:
-            assert proc.poll() is None and time.monotonic() < deadline, log.read_text()[-3000:]
-            try:
-                if httpx.get(f"{url}/health", timeout=2).status_code == 200:
-                    break
-            except httpx.TransportError:
-                time.sleep(0.5)
+        wait_for_http(f"{url}/health", proc, log, timeout=180)
         yield url
     finally:
         proc.terminate()

@@ -9,25 +9,17 @@ import base64
 import importlib.util
 import io
 import signal
-import socket
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 from PIL import Image
 
-from conftest import REPO, chromium_driver, cli_env, needs_browser, pet_photos, run
+from conftest import REPO, chromium_driver, cli_env, free_port, needs_browser, pet_photos, run, wait_for_http
 
 pytestmark = pytest.mark.shared
 httpx = pytest.importorskip("httpx")
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def start_server(ckpt: Path, log: Path, *overrides: str) -> tuple[subprocess.Popen, str]:
@@ -35,16 +27,8 @@ def start_server(ckpt: Path, log: Path, *overrides: str) -> tuple[subprocess.Pop
     cmd = [sys.executable, "-m", "transferlab.serve", f"ckpt_path={ckpt}", f"port={port}", f"hydra.run.dir={log.parent}", *overrides]
     proc = subprocess.Popen(cmd, stdout=open(log, "w"), stderr=subprocess.STDOUT, env=cli_env())
     url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline:
-        assert proc.poll() is None, log.read_text()[-2000:]
-        try:
-            if httpx.get(f"{url}/health", timeout=2).status_code == 200:
-                return proc, url
-        except httpx.TransportError:
-            time.sleep(0.3)
-    proc.kill()
-    raise AssertionError(f"the server did not answer within 120 s: {log.read_text()[-2000:]}")
+    wait_for_http(f"{url}/health", proc, log)
+    return proc, url
 
 
 @pytest.fixture(scope="module")

@@ -7,7 +7,6 @@ import csv
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -15,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import FAST, PETS_ARGS, chromium_render, needs_browser, read_metrics, read_wandb_log, run, run_cli, run_mains
+from conftest import FAST, PETS_ARGS, chromium_render, free_port, needs_browser, read_metrics, read_wandb_log, run, run_cli, run_mains
 
 pytestmark = pytest.mark.shared
 
@@ -279,12 +278,6 @@ def test_multirun_with_ddp_writes_one_dir_and_one_wandb_run_per_job(tiny_folder,
         assert list(run.tags) == ["sweep", "ddp"] and run.display_name.startswith(f"{job.name}: ")
         assert any(r.WhichOneof("record_type") == "exit" for r in records)  # finished
         assert job_record(job)["status"] == "completed" and read_metrics(job)["test/acc"] is not None
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.mark.slow
