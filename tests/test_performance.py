@@ -325,32 +325,79 @@ def test_image_cache_gives_the_same_eval_inputs(tiny_folder):
 
 @pytest.mark.shared  # the benchmark trains on the shared photos
 def test_benchmark_quick_writes_every_key(tmp_path):
+    script = str(REPO / "scripts" / "benchmark.py")
     out = tmp_path / "benchmark.json"
-    proc = subprocess.run(
-        [sys.executable, str(REPO / "scripts" / "benchmark.py"), "--quick", "--out", str(out)],
-        capture_output=True,
-        text=True,
-        timeout=600,
-        cwd=tmp_path,
-    )
+    proc = subprocess.run([sys.executable, script, "--quick", "--out", str(out)], capture_output=True, text=True, timeout=600, cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-4000:]
     result = json.loads(out.read_text())
-    for key in (
+    keys = [
         "frozen_speedup",
+        "frozen_speedup_cache",
+        "frozen_speedup_workers",
         "frozen_acc_baseline",
         "frozen_acc_transferlab",
         "finetune_overhead",
         "bf16_speedup_resnet50_train",
         "bf16_speedup_lite0_train",
         "decode_speedup",
+        "decode_draft_speedup",
         "peak_fraction",
         "probe_balanced_acc_sklearn",
         "probe_balanced_acc_transferlab",
         "predict_vs_raw",
         "predict_onnxruntime_img_s",
-    ):
+        "fill_vs_raw",
+        "fill_img_s",
+        "fill_raw_img_s",
+    ]
+    if result["hardware"]["cpu_bf16"]:
+        keys.append("frozen_speedup_bf16")
+    else:
+        assert result["frozen_speedup_bf16"] is None  # skipped, with a note in the table
+    for key in keys:
         assert isinstance(result[key], float) and math.isfinite(result[key]) and result[key] > 0, key
     assert 0 <= result["frozen_acc_baseline"] <= 1 and 0 <= result["frozen_acc_transferlab"] <= 1
     assert {"cpu_model", "cores", "flags", "gpu"} <= set(result["hardware"])
-    assert "| (a) frozen Lite0" in proc.stdout and "| (d) decode" in proc.stdout and "| (f) species" in proc.stdout and "| (g) label" in proc.stdout
+    for row in (
+        "| (a) frozen Lite0",
+        "| (a) same, feature cache alone",
+        "| (a) same, bf16-mixed alone",
+        "| (a) same, data.num_workers=auto alone",
+        "| (d1) decode",
+        "| (d2) same, ours with the draft path",
+        "| (f) species",
+        "| (g) label",
+        "| (h) feature-cache fill",
+    ):
+        assert row in proc.stdout, row
     assert result["probe_balanced_acc_transferlab"] >= result["probe_balanced_acc_sklearn"] - 0.05  # 111 photos, 3 folds
+
+    # Every row with a target is in `targets`; quick mode's small samples need not meet them.
+    targets = result["targets"]
+    assert {
+        "frozen_speedup",
+        "frozen_acc_vs_baseline",
+        "finetune_overhead",
+        "bf16_speedup_resnet50_train",
+        "decode_speedup",
+        "decode_draft_speedup",
+        "probe_species_balanced_acc_difference",
+        "predict_vs_raw",
+        "fill_vs_raw",
+    } <= set(targets)
+    for key, entry in targets.items():
+        assert set(entry) == {"value", "target", "met"} and isinstance(entry["met"], bool), key
+        op, bound = entry["target"].split()
+        assert op in (">=", "<=") and math.isfinite(float(bound)) and isinstance(entry["value"], float), key
+
+    def check(doctored: dict) -> subprocess.CompletedProcess:
+        path = tmp_path / "doctored.json"
+        path.write_text(json.dumps({**result, "targets": doctored}))
+        return subprocess.run([sys.executable, script, "--check", "--from", str(path)], capture_output=True, text=True, timeout=120)
+
+    met = {key: {**entry, "value": float(entry["target"].split()[1])} for key, entry in targets.items()}  # each exactly on its bound
+    passed = check(met)
+    assert passed.returncode == 0, passed.stdout + passed.stderr
+    failed = check({**met, "fill_vs_raw": {**met["fill_vs_raw"], "value": 0.5}})
+    assert failed.returncode == 1, failed.stdout + failed.stderr
+    assert [line for line in failed.stdout.splitlines() if line.startswith("target missed")] == ["target missed: fill_vs_raw = 0.500, target >= 0.9"]

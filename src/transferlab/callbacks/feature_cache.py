@@ -14,19 +14,21 @@ import math
 import time
 import uuid
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Optional, Union
 
 import lightning.pytorch as pl
 import torch
 from torch.utils.data import DataLoader
 
-from transferlab.core.errors import ConfigError
+from transferlab.core.errors import ConfigError, DataError
+from transferlab.core.hardware import inference_batch_size, inference_workers
 from transferlab.data.feature_cache import (
     FeatureDataset,
     FeatureStore,
+    Fill,
     ViewsDataset,
-    compute_features,
     describe,
+    fill_store,
     fingerprint,
     image_key,
     weights_digest,
@@ -40,7 +42,9 @@ STORAGES = ("disk", "memory")
 
 
 class FeatureCache(pl.Callback):
-    def __init__(self, *, storage: str, cache_dir: Optional[str], augmented_views: int, seed: int, batch_size: int) -> None:
+    def __init__(
+        self, *, storage: str, cache_dir: Optional[str], augmented_views: int, seed: int, batch_size: Union[int, str], shard_images: int = 1024
+    ) -> None:
         """From `performance.feature_cache` (conf/performance/default.yaml) and the run's seed and cache dir."""
         if storage not in STORAGES:
             raise ConfigError(f"performance.feature_cache.storage: expected disk or memory, got {storage!r}")
@@ -49,7 +53,7 @@ class FeatureCache(pl.Callback):
         if int(augmented_views) < 0:
             raise ConfigError(f"performance.feature_cache.augmented_views: expected 0 or more views, got {augmented_views}")
         self.root = Path(cache_dir).expanduser() / "features" if storage == "disk" and cache_dir else None
-        self.views, self.seed, self.batch_size = int(augmented_views), int(seed), int(batch_size)
+        self.views, self.seed, self.batch_size, self.shard_images = int(augmented_views), int(seed), batch_size, int(shard_images)
         self.stats: dict[str, Any] = {}
         self.skip_splits: set[str] = set()  # evaluated on images instead (tta: test-time views need pixels)
         self._stores: dict[str, FeatureStore] = {}
@@ -87,22 +91,21 @@ class FeatureCache(pl.Callback):
             store = self._stores[key]
             samples = list({str(path): (path, label) for s in store_splits for path, label in datamodule.splits[s]}.values())
             keys = [image_key(path) for path, _ in samples]
-            # Rank 0's view decides for all ranks: the same shares everywhere, and every rank fills or none does.
-            missing = trainer.strategy.broadcast(sorted(store.missing(keys)), src=0)
-            if missing:
-                self._fill(trainer, pl_module, datamodule, store, samples, keys, missing, self.views if "train" in store_splits else 0)
-            computed_keys = set(missing)
-            for split in store_splits:
-                split_keys = [image_key(path) for path, _ in datamodule.splits[split]]
-                datamodule.feature_sets[split] = FeatureDataset(store, split_keys, [label for _, label in datamodule.splits[split]])
-                computed = sum(k in computed_keys for k in split_keys)
-                self.stats[split] = {
-                    "images": len(split_keys),
-                    "computed": computed,
-                    "reused": len(split_keys) - computed,
-                    "views": self.views if split == "train" else 0,
-                    "store": str(store.folder or "memory"),
-                }
+            fill = Fill()
+            # One fill per store at a time (concurrent runs wait, then reuse); under DDP rank 0 holds it for all ranks,
+            # and rank 0's view of what is missing decides for every rank: the same shares everywhere.
+            with store.filling(take_lock=trainer.is_global_zero):
+                missing = trainer.strategy.broadcast(sorted(store.missing(keys)), src=0)
+                if missing:
+                    fill = self._fill(trainer, pl_module, datamodule, store, samples, keys, missing, self.views if "train" in store_splits else 0)
+            store.refresh()
+            unusable = store.missing(keys)
+            if unusable:
+                raise DataError(
+                    f"the backbone gives NaN or inf features for {len(unusable)} image(s), e.g. {unusable[0].split('|')[0]}; "
+                    f"with trainer.precision={trainer.precision} try trainer.precision=32-true, or leave them out with data.exclude"
+                )
+            self._record(datamodule, store, store_splits, set(missing), fill)
         if splits:
             seconds = time.perf_counter() - started
             log.info(
@@ -117,6 +120,26 @@ class FeatureCache(pl.Callback):
                 self.stats[f"seconds_{getattr(stage, 'value', stage)}"] = round(seconds, 2)
                 out.write_text(json.dumps(self.stats, indent=2))
 
+    def _record(self, datamodule: Any, store: FeatureStore, store_splits: list[str], computed_keys: set[str], fill: Fill) -> None:
+        """Hand the datamodule its feature datasets; per split: images, computed, reused, and the fill's seconds and img/s."""
+        measured = sum(fill.key_seconds.values())
+        for split in store_splits:
+            split_keys = [image_key(path) for path, _ in datamodule.splits[split]]
+            datamodule.feature_sets[split] = FeatureDataset(store, split_keys, [label for _, label in datamodule.splits[split]])
+            computed = sum(k in computed_keys for k in split_keys)
+            # This rank's time per computed image, scaled to the whole fill's wall time (under DDP: both ranks' work)
+            share = sum(fill.key_seconds.get(k, 0.0) for k in dict.fromkeys(split_keys)) / measured if measured else 0.0
+            seconds = fill.seconds * share
+            self.stats[split] = {
+                "images": len(split_keys),
+                "computed": computed,
+                "reused": len(split_keys) - computed,
+                "seconds": round(seconds, 4),
+                "images_per_second": round(computed / seconds, 1) if computed and seconds else None,
+                "views": self.views if split == "train" else 0,
+                "store": str(store.folder or "memory"),
+            }
+
     def _fill(
         self,
         trainer: pl.Trainer,
@@ -127,38 +150,61 @@ class FeatureCache(pl.Callback):
         keys: list[str],
         missing: list[str],
         views: int,
-    ) -> None:
+    ) -> Fill:
         """Each rank computes its share of the missing images; the shares meet on disk, or through the process group."""
+        started = time.perf_counter()
         rank, world = trainer.global_rank, trainer.world_size
         position = {key: i for i, key in enumerate(keys)}
         mine = missing[rank::world]
         dataset = datamodule.samples_dataset([samples[position[key]] for key in mine], train=views > 0)
         if views:
             dataset = ViewsDataset(dataset, mine, views, self.seed)
-        batch_size = max(1, self.batch_size // max(1, views))
-        workers = min(datamodule.workers(), math.ceil(len(dataset) / batch_size))  # no idle worker processes to start
-        loader = DataLoader(dataset, batch_size=batch_size, num_workers=workers, pin_memory=trainer.strategy.root_device.type == "cuda")
+        gpu = trainer.strategy.root_device.type == "cuda"
+        batch_size = max(1, inference_batch_size(self.batch_size, gpu) // max(1, views))
+        workers = datamodule.workers()
+        if datamodule.num_workers == "auto":
+            workers = inference_workers(workers, gpu)
+        workers = min(workers, math.ceil(len(dataset) / batch_size))  # no idle worker processes to start
+        loader = DataLoader(
+            dataset,
+            batch_size=batch_size,
+            num_workers=workers,
+            pin_memory=trainer.strategy.root_device.type == "cuda",
+            prefetch_factor=4 if workers else None,
+        )
+        split = "train" if views else "eval"
         with torch.random.fork_rng(devices=[]):  # the run's random stream stays as if nothing had been computed here
-            features = compute_features(
-                as_classifier(pl_module).backbone,
+            fill = fill_store(
+                store,
+                mine,
                 loader,
+                as_classifier(pl_module).backbone,
                 trainer.strategy.root_device,
                 trainer.precision_plugin.forward_context,
                 getattr(pl_module, "channels_last", False),
+                self.shard_images,
+                split + "-{}-r" + str(rank),
             )
-        split = "train" if views else "eval"
-        name = f"{split}-{uuid.uuid4().hex[:12]}-r{rank}"
-        if world == 1:
-            store.add(mine, features, name)
-            return
-        if store.folder is not None and len(mine):
-            store.add(mine, features, name)
-        trainer.strategy.barrier("feature_cache")
-        store.refresh()
-        # Memory storage, or a cache dir the nodes do not share: exchange the shares through the process group.
-        if trainer.strategy.reduce_boolean_decision(bool(store.missing(missing)), all=False):
-            gathered: list[Any] = [None] * world
-            torch.distributed.all_gather_object(gathered, (mine, features))
-            for other_rank, (other_keys, other_features) in enumerate(gathered):
-                if len(other_keys) and store.missing(other_keys):
-                    store.add(other_keys, other_features, f"{split}-{uuid.uuid4().hex[:12]}-from-r{other_rank}")
+        log.info(
+            "Feature cache: %d image(s) computed in %.1f s (%.0f img/s; batch %d, %d worker(s), %d thread(s))",
+            fill.computed,
+            fill.seconds,
+            fill.computed / max(fill.seconds, 1e-9),
+            batch_size,
+            workers,
+            torch.get_num_threads(),
+        )
+        if world > 1:
+            trainer.strategy.barrier("feature_cache")
+            store.refresh()
+            # Memory storage, or a cache dir the nodes do not share: exchange the shares through the process group.
+            if trainer.strategy.reduce_boolean_decision(bool(store.missing(missing)), all=False):
+                gathered: list[Any] = [None] * world
+                lacking = set(store.missing(mine))  # rows that were not finite: not stored, not sent
+                own = [k for k in mine if k not in lacking]
+                torch.distributed.all_gather_object(gathered, (own, store.stack(own)))
+                for other_rank, (other_keys, other_features) in enumerate(gathered):
+                    if len(other_keys) and store.missing(other_keys):
+                        store.add(other_keys, other_features, f"{split}-{uuid.uuid4().hex[:12]}-from-r{other_rank}")
+        fill.seconds = time.perf_counter() - started
+        return fill

@@ -17,7 +17,7 @@ from typing import Any, NoReturn, TypeVar
 
 from omegaconf.errors import OmegaConfBaseException
 
-from transferlab.core.context import in_sweep
+from transferlab.core.context import in_sweep, interruption_notes
 from transferlab.core.errors import TransferlabError, exit_code, explain_runtime_failure, one_line
 from transferlab.core.redaction import redact
 
@@ -46,6 +46,7 @@ def interrupted() -> NoReturn:
             resume = f"; resume with: transferlab-train <the same arguments> hydra.run.dir={out} ckpt_path=auto"
     except (ImportError, ValueError):  # no Hydra job (a library call)
         pass
+    kept = "; ".join([*interruption_notes(), kept])
     print(f"interrupted (Ctrl-C): {kept}{resume}", file=sys.stderr, flush=True)
     sys.exit(INTERRUPTED)
 

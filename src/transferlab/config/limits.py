@@ -23,6 +23,7 @@ LIMITS: dict[str, tuple[Callable[[Any], bool], str]] = {
     "backbone.input_size": (lambda v: v >= 16, "a size in pixels >= 16, or null for the backbone's own"),
     "performance.feature_cache.batch_size": (lambda v: v >= 1, "an integer >= 1"),
     "performance.feature_cache.augmented_views": (lambda v: v >= 0, "an integer >= 0"),
+    "performance.feature_cache.shard_images": (lambda v: v >= 1, "an integer >= 1"),
     "steps": (lambda v: v >= 1, "an integer >= 1 (optimisation steps)"),
     "views": (lambda v: v >= 1, "an integer >= 1"),
     "stop_prob": (lambda v: 0 < v <= 1, "a probability in (0, 1], or null"),

@@ -56,7 +56,8 @@ class FeatureCache:
     enabled: bool
     storage: Literal["disk", "memory"]
     augmented_views: int
-    batch_size: int
+    batch_size: Union[int, Literal["auto"]]
+    shard_images: int
 
 
 @dataclass

@@ -12,7 +12,7 @@ import logging
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Optional, Union
+from typing import Any, Literal, Optional, Union
 
 import lightning.pytorch as pl
 import numpy as np
@@ -22,6 +22,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 
 from transferlab.core.errors import ConfigError, DataError
 from transferlab.core.hardware import default_workers, usable_cores
+from transferlab.data.gpu_decode import DECODE_CHOICES, DeviceDecoding, EncodedImageDataset
 from transferlab.data.images import ImageDataset, Sample, decode_all
 from transferlab.data.integrity import scan_images
 from transferlab.data.preprocessing import Preprocessing
@@ -47,8 +48,8 @@ class Discovered:
     test_samples: Optional[list[Sample]] = None
 
 
-class ImageClassificationDataModule(pl.LightningDataModule):
-    """Base class. `preprocessing` (from the backbone) must be set before setup()."""
+class ImageClassificationDataModule(DeviceDecoding, pl.LightningDataModule):
+    """Base class. `preprocessing` (from the backbone) must be set before setup(). DeviceDecoding: data.decode=gpu."""
 
     layout = "a folder with the images"  # what data.root must hold, for error messages
 
@@ -71,6 +72,7 @@ class ImageClassificationDataModule(pl.LightningDataModule):
         class_weights: str,
         sampler: str,
         exclude: Optional[str],
+        decode: Literal["cpu", "gpu"] = "cpu",
     ) -> None:
         """Every value comes from the dataset's YAML (conf/data/_base.yaml and the option extending it)."""
         super().__init__()
@@ -80,10 +82,15 @@ class ImageClassificationDataModule(pl.LightningDataModule):
                     f"data.{key}: expected a fraction in [0, 1) with data.val_fraction + data.test_fraction < 1, "
                     f"got {value!r} (val {val_fraction!r} + test {test_fraction!r})"
                 )
-        for key, choice, choices in (("class_weights", class_weights, ("none", "balanced")), ("sampler", sampler, ("random", "balanced"))):
+        checks = (
+            ("class_weights", class_weights, ("none", "balanced")),
+            ("sampler", sampler, ("random", "balanced")),
+            ("decode", decode, DECODE_CHOICES),
+        )
+        for key, choice, choices in checks:
             if choice not in choices:
                 raise ConfigError(f"data.{key}: expected {' or '.join(choices)}, got {choice!r}")
-        self.class_weights, self.sampler, self.exclude = class_weights, sampler, exclude
+        self.class_weights, self.sampler, self.exclude, self.decode = class_weights, sampler, exclude, decode
         self.root = Path(str(root)).expanduser()
         self.val_fraction, self.test_fraction, self.split_seed = val_fraction, test_fraction, split_seed
         if num_workers != "auto" and (not isinstance(num_workers, int) or num_workers < 0):
@@ -252,6 +259,7 @@ class ImageClassificationDataModule(pl.LightningDataModule):
         )
         if train:
             extra["epoch_state"] = functools.partial(self._epoch_state, run_seed)
+        extra["collate_fn"] = getattr(dataset, "collate", None)  # EncodedImageDataset (data.decode=gpu) brings its own
         return (EpochDataLoader if train else DataLoader)(
             dataset, batch_size=self.batch_size, sampler=sampler, num_workers=workers, pin_memory=pin, drop_last=False, **extra
         )
@@ -271,7 +279,8 @@ class ImageClassificationDataModule(pl.LightningDataModule):
     def _split_loader(self, split: str, train: bool) -> DataLoader:
         if split in self.feature_sets:  # features come from memory / a memory map: no worker processes needed
             return self.loader(self.feature_sets[split], train, workers=0)
-        return self.loader(self.image_dataset(split, train), train)
+        images = self.image_dataset(split, train)  # data.decode=gpu: workers read bytes, on_after_batch_transfer decodes
+        return self.loader(EncodedImageDataset(images, train) if self.decode == "gpu" else images, train)
 
     def train_dataloader(self) -> DataLoader:
         return self._split_loader("train", train=True)

@@ -5,9 +5,9 @@ made its inputs (eval transform, or the augmentation pipeline + number of views 
 Any change of those gives another fingerprint, hence another store. Inside a store, rows are found by image
 key (resolved path, size, modification time), so a changed or added file is computed again and nothing else.
 
-On disk a store is a folder of shards under `<cache_dir>/features/<fingerprint>/`: `<name>.npy` (float32,
-[N, D] or [N, views, D], read memory-mapped) and `<name>.json` (its image keys), each written to a temporary
-file and renamed, the key list last; several processes (DDP ranks, sweep jobs) can fill a store at once.
+The store itself (self-checking shards, fill lock) is data/feature_store.py. `fill_store` streams a loader
+through the backbone and writes a shard every `shard_images` images, so an interrupted pass keeps what it did
+and the next run computes only the rest.
 """
 
 from __future__ import annotations
@@ -16,8 +16,10 @@ import hashlib
 import json
 import logging
 import os
-import tempfile
-from collections.abc import Callable, Iterable, Sequence
+import time
+import uuid
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ContextManager, Optional
 
@@ -26,11 +28,15 @@ import torch
 from torch import nn
 from torch.utils.data import Dataset
 
+from transferlab.core.context import note_for_interruption
 from transferlab.core.progress import progress
+from transferlab.data.feature_store import FeatureStore, finite_rows
+
+__all__ = ["FeatureStore", "FeatureDataset", "ViewsDataset", "fill_store", "compute_features", "describe", "fingerprint", "image_key"]
 
 log = logging.getLogger(__name__)
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: shards carry a checksum of their bytes
 
 
 def image_key(path: str | os.PathLike) -> str:
@@ -67,74 +73,6 @@ def describe(backbone: Any, transform: Any, decode_size: int, precision: str, vi
         "views": views,
         "seed": seed if views else None,
     }
-
-
-class FeatureStore:
-    """Rows of features by image key, in memory (root=None) or in memory-mapped shards under root/fingerprint."""
-
-    def __init__(self, root: Optional[Path], key: str, description: Optional[dict[str, Any]] = None) -> None:
-        self.key = key
-        self.folder = Path(root) / key if root is not None else None
-        self._shards: list[np.ndarray] = []
-        self._index: dict[str, tuple[int, int]] = {}
-        self._loaded: set[str] = set()
-        if self.folder is not None:
-            self.folder.mkdir(parents=True, exist_ok=True)
-            info = self.folder / "fingerprint.json"
-            if description is not None and not info.exists():
-                _atomic_write(info, json.dumps(description, indent=2, sort_keys=True, default=str).encode())
-            self.refresh()
-
-    def refresh(self) -> None:
-        """Pick up shards written since (by another rank or another run)."""
-        if self.folder is None:
-            return
-        for keys_file in sorted(self.folder.glob("*.keys.json")):
-            if keys_file.name in self._loaded:
-                continue
-            array_file = keys_file.with_name(keys_file.name[: -len(".keys.json")] + ".npy")
-            try:
-                keys = json.loads(keys_file.read_text())
-                array = np.load(array_file, mmap_mode="r")
-            except (OSError, ValueError) as exc:
-                log.warning("Feature cache: ignoring unreadable shard %s (%s)", array_file, exc)
-                continue
-            if len(keys) != len(array):
-                log.warning("Feature cache: ignoring shard %s (%d keys, %d rows)", array_file, len(keys), len(array))
-                continue
-            self._add_shard(keys, array)
-            self._loaded.add(keys_file.name)
-
-    def _add_shard(self, keys: Sequence[str], array: np.ndarray) -> None:
-        shard = len(self._shards)
-        self._shards.append(array)
-        for row, key in enumerate(keys):
-            self._index[key] = (shard, row)
-
-    def missing(self, keys: Iterable[str]) -> list[str]:
-        return [k for k in dict.fromkeys(keys) if k not in self._index]
-
-    def add(self, keys: Sequence[str], features: np.ndarray, name: str) -> None:
-        """Store rows for `keys`; on disk as one new shard called `name`."""
-        features = np.ascontiguousarray(features, dtype=np.float32)
-        if self.folder is None:
-            self._add_shard(keys, features)
-            return
-        array_file = self.folder / f"{name}.npy"
-        with tempfile.NamedTemporaryFile(dir=self.folder, suffix=".tmp", delete=False) as fh:
-            np.save(fh, features)
-        os.replace(fh.name, array_file)
-        _atomic_write(self.folder / f"{name}.keys.json", json.dumps(list(keys)).encode())
-        self.refresh()
-
-    def rows(self, keys: Sequence[str]) -> list[tuple[np.ndarray, int]]:
-        return [(self._shards[self._index[k][0]], self._index[k][1]) for k in keys]
-
-
-def _atomic_write(path: Path, data: bytes) -> None:
-    with tempfile.NamedTemporaryFile(dir=path.parent, suffix=".tmp", delete=False) as fh:
-        fh.write(data)
-    os.replace(fh.name, path)
 
 
 class FeatureDataset(Dataset):
@@ -176,14 +114,12 @@ class ViewsDataset(Dataset):
         return torch.stack(images), label
 
 
-@torch.no_grad()
-def compute_features(
+def feature_batches(
     backbone: nn.Module, loader: Iterable, device: torch.device, forward_context: Callable[[], ContextManager], channels_last: bool
-) -> np.ndarray:
-    """Run the backbone (eval mode, no grad) over a loader of images [N,3,H,W] or views [N,K,3,H,W]."""
+) -> Iterator[np.ndarray]:
+    """The backbone's features (eval mode, no grad) of each batch of images [N,3,H,W] or views [N,K,3,H,W], as it comes."""
     was_training = backbone.training
     backbone.eval()
-    chunks = []
     try:
         total = len(getattr(loader, "dataset", ())) or None
         for images, _ in progress(loader, total, "Computing features", size=lambda batch: len(batch[0])):
@@ -192,9 +128,77 @@ def compute_features(
             batch = batch.to(device, non_blocking=True)
             if channels_last:
                 batch = batch.contiguous(memory_format=torch.channels_last)
-            with forward_context():
+            with torch.inference_mode(), forward_context():
                 out = backbone(batch).float()
-            chunks.append((out.unflatten(0, (-1, views)) if views else out).cpu().numpy())
+            yield (out.unflatten(0, (-1, views)) if views else out).cpu().numpy()
     finally:
         backbone.train(was_training)
+
+
+def compute_features(
+    backbone: nn.Module, loader: Iterable, device: torch.device, forward_context: Callable[[], ContextManager], channels_last: bool
+) -> np.ndarray:
+    """All features of a loader in one array (for small sets; the cache streams them into shards instead)."""
+    chunks = list(feature_batches(backbone, loader, device, forward_context, channels_last))
     return np.concatenate(chunks) if chunks else np.zeros((0,), dtype=np.float32)
+
+
+@dataclass
+class Fill:
+    """What one fill pass did: rows computed and stored, its wall time, and each computed key's share of it."""
+
+    computed: int = 0
+    seconds: float = 0.0
+    key_seconds: dict[str, float] = field(default_factory=dict)
+    not_finite: list[str] = field(default_factory=list)
+
+
+def fill_store(
+    store: FeatureStore,
+    keys: Sequence[str],
+    loader: Iterable,
+    backbone: nn.Module,
+    device: torch.device,
+    forward_context: Callable[[], ContextManager],
+    channels_last: bool,
+    shard_images: int,
+    name: str,
+) -> Fill:
+    """Compute the features of `keys` (the loader yields their images in that order) and store them a shard of
+    `shard_images` rows at a time, each named `name` with a unique part in its `{}`; interrupted (Ctrl-C, an
+    error), the finished rows are stored before leaving."""
+    fill, written, done = Fill(), 0, 0
+    pending: list[np.ndarray] = []
+    started = last = time.perf_counter()
+
+    def flush(everything: bool) -> None:
+        """Write shards of exactly `shard_images` rows (and, at the end, what is left)."""
+        nonlocal pending, written
+        rows = np.concatenate(pending) if pending else np.zeros((0,), dtype=np.float32)
+        while len(rows) >= shard_images or (everything and len(rows)):
+            shard, rows = rows[:shard_images], rows[shard_images:]
+            shard_keys = keys[written : written + len(shard)]
+            fill.not_finite += [k for k, ok in zip(shard_keys, finite_rows(shard)) if not ok]
+            store.add(shard_keys, shard, name.format(uuid.uuid4().hex[:12]))
+            written += len(shard)
+        pending = [rows] if len(rows) else []
+
+    try:
+        for features in feature_batches(backbone, loader, device, forward_context, channels_last):
+            now = time.perf_counter()
+            for key in keys[done : done + len(features)]:
+                fill.key_seconds[key] = (now - last) / len(features)
+            last, done = now, done + len(features)
+            pending.append(features)
+            if done - written >= shard_images:
+                flush(everything=False)
+    except BaseException:
+        flush(everything=True)
+        if store.folder is not None and written < len(keys):
+            note = f"the feature cache kept {written} of {len(keys)} images' features in {store.folder}; the next run computes only the other {len(keys) - written}"
+            log.warning("Feature cache: interrupted; %s", note)
+            note_for_interruption(note)
+        raise
+    flush(everything=True)
+    fill.computed, fill.seconds = written - len(fill.not_finite), time.perf_counter() - started
+    return fill

@@ -10,8 +10,6 @@ from __future__ import annotations
 
 import logging
 import math
-import time
-import uuid
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Optional
@@ -21,13 +19,15 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader
 
+from transferlab.core.errors import DataError
 from transferlab.core.hardware import choose_precision, forward_context
-from transferlab.data.feature_cache import FeatureStore, compute_features, describe, fingerprint, image_key, weights_digest
+from transferlab.data.feature_cache import FeatureStore, describe, fill_store, fingerprint, image_key, weights_digest
 from transferlab.data.images import ImageDataset, Sample
 
 log = logging.getLogger(__name__)
 
 CHUNK = 4096  # rows copied from the store into the output file at a time
+SHARD_IMAGES = 1024  # features written every this many images: an interrupted audit keeps what it computed
 
 
 def pooled_features(
@@ -53,25 +53,34 @@ def pooled_features(
     root = Path(cache_dir).expanduser() / "features" if cache_dir else None
     store = FeatureStore(root, fingerprint(**description), description)
     keys = [image_key(path) for path, _ in samples]
-    missing = set(store.missing(keys))
-    if missing:
-        todo_keys = [k for k in dict.fromkeys(keys) if k in missing]
-        first = {k: s for s, k in zip(samples, keys)}
-        todo = [first[k] for k in todo_keys]
-        dataset = ImageDataset(todo, transform, prep.decode_size(None))
-        loader = DataLoader(dataset, batch_size=batch_size, num_workers=min(workers, math.ceil(len(todo) / batch_size)))
-        body: nn.Module = backbone.to(device)
-        channels_last = sum(isinstance(m, nn.Conv2d) for m in body.modules()) > 1
-        if channels_last:
-            body = body.to(memory_format=torch.channels_last)
-        log.info(
-            "Features: computing %d of %d image(s) with %s (%s); the rest come from the cache", len(todo), len(samples), backbone.name, precision
+    with store.filling():  # a concurrent audit or frozen run of the same images computes them once
+        missing = set(store.missing(keys))
+        if missing:
+            todo_keys = [k for k in dict.fromkeys(keys) if k in missing]
+            first = {k: s for s, k in zip(samples, keys)}
+            dataset = ImageDataset([first[k] for k in todo_keys], transform, prep.decode_size(None))
+            workers = min(workers, math.ceil(len(todo_keys) / batch_size))
+            loader = DataLoader(dataset, batch_size=batch_size, num_workers=workers, prefetch_factor=4 if workers else None)
+            body: nn.Module = backbone.to(device)
+            channels_last = sum(isinstance(m, nn.Conv2d) for m in body.modules()) > 1
+            if channels_last:
+                body = body.to(memory_format=torch.channels_last)
+            log.info(
+                "Features: computing %d of %d image(s) with %s (%s); the rest come from the cache",
+                len(todo_keys),
+                len(samples),
+                backbone.name,
+                precision,
+            )
+            fill = fill_store(
+                store, todo_keys, loader, body, device, forward_context(precision, device), channels_last, SHARD_IMAGES, "eval-{}-audit"
+            )
+            log.info("Features: %d image(s) in %.1f s (%.0f img/s)", fill.computed, fill.seconds, fill.computed / max(fill.seconds, 1e-9))
+    unusable = store.missing(keys)
+    if unusable:
+        raise DataError(
+            f"the backbone gives NaN or inf features for {len(unusable)} image(s), e.g. {unusable[0].split('|')[0]}; try precision=32-true"
         )
-        started = time.perf_counter()
-        features = compute_features(body, loader, device, forward_context(precision, device), channels_last)
-        store.add(todo_keys, features, f"eval-{uuid.uuid4().hex[:12]}-audit")
-        seconds = time.perf_counter() - started
-        log.info("Features: %d image(s) in %.1f s (%.0f img/s)", len(todo), seconds, len(todo) / max(seconds, 1e-9))
     rows = store.rows(keys)
     dim = rows[0][0].shape[-1] if rows else 0
     out_file.parent.mkdir(parents=True, exist_ok=True)
@@ -80,8 +89,4 @@ def pooled_features(
         out[start : start + CHUNK] = np.stack([array[row] for array, row in rows[start : start + CHUNK]])
     out.flush()
     del out
-    features = np.load(out_file, mmap_mode="r")
-    bad = sum(int((~np.isfinite(features[i : i + CHUNK])).any(axis=1).sum()) for i in range(0, len(features), CHUNK))
-    if bad:
-        raise RuntimeError(f"{bad} image(s) have non-finite features in {out_file}; remove the feature cache under {root} and run again")
-    return features
+    return np.load(out_file, mmap_mode="r")

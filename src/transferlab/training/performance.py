@@ -56,6 +56,8 @@ def apply_performance(
     ]
     workers = datamodule.workers()
     notes.append(f"data.num_workers {workers}" + (f" (auto: {detect().cores} cores)" if datamodule.num_workers == "auto" else ""))
+    if getattr(datamodule, "decode", "cpu") == "gpu":
+        notes.append("data.decode gpu (JPEGs decoded on the training device)")
     callbacks: list[pl.Callback] = []
     cache = cache or feature_cache(cfg, perf.feature_cache)
     if cache is not None:
@@ -79,7 +81,8 @@ def feature_cache(cfg: DictConfig, settings: Any) -> Optional[FeatureCache]:
         cache_dir=cfg.paths.cache_dir,
         augmented_views=int(settings.augmented_views),
         seed=int(cfg.seed),
-        batch_size=int(settings.batch_size),
+        batch_size=settings.batch_size,
+        shard_images=int(settings.shard_images),
     )
 
 
