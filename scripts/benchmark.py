@@ -835,7 +835,7 @@ def main(argv: Optional[list[str]] = None) -> int:
         if "fill" in sections:
             from fill_bench import fill_section
 
-            details["fill"] = fill_section(args.data, 300 if quick else 8000, work, rounds=1 if quick else 2)
+            details["fill"] = fill_section(args.data, 300 if quick else 8000, work, rounds=1 if quick else 3)
     finally:
         shutil.rmtree(work, ignore_errors=True)
 

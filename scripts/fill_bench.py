@@ -7,7 +7,8 @@ a DataLoader (the fill's prefetch of 4 batches per worker) and a forward pass co
 counts from 0 to the cores, keeping the best; transferlab's side is a `transferlab-train finetune=frozen` run on
 the same folder with a fresh cache dir, whose fill speed is what it writes to `<run>/feature_cache.json`
 (computed images / fill seconds over the splits).
-Rounds alternate the two and keep the best of each, so drifts of a shared machine hit both alike.
+Rounds (3 in the full benchmark) alternate the two and keep the best of each, so drifts of a shared machine hit both
+alike: passes of the same loop on this project's 2-core machines differed by up to 25 % minutes apart.
 """
 
 from __future__ import annotations

@@ -72,7 +72,7 @@ class ImageClassificationDataModule(DeviceDecoding, pl.LightningDataModule):
         class_weights: str,
         sampler: str,
         exclude: Optional[str],
-        decode: Literal["cpu", "gpu"] = "cpu",
+        decode: Literal["cpu", "gpu"],
     ) -> None:
         """Every value comes from the dataset's YAML (conf/data/_base.yaml and the option extending it)."""
         super().__init__()
