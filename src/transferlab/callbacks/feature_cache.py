@@ -43,7 +43,7 @@ STORAGES = ("disk", "memory")
 
 class FeatureCache(pl.Callback):
     def __init__(
-        self, *, storage: str, cache_dir: Optional[str], augmented_views: int, seed: int, batch_size: Union[int, str], shard_images: int = 1024
+        self, *, storage: str, cache_dir: Optional[str], augmented_views: int, seed: int, batch_size: Union[int, str], shard_images: int
     ) -> None:
         """From `performance.feature_cache` (conf/performance/default.yaml) and the run's seed and cache dir."""
         if storage not in STORAGES:

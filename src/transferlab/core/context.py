@@ -50,4 +50,7 @@ def note_for_interruption(text: str) -> None:
 
 
 def interruption_notes() -> list[str]:
-    return list(_INTERRUPTION_NOTES)
+    """The notes so far, forgotten once read (a notebook's next Ctrl-C does not repeat an earlier run's)."""
+    notes = list(_INTERRUPTION_NOTES)
+    _INTERRUPTION_NOTES.clear()
+    return notes
