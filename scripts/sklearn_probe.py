@@ -3,8 +3,8 @@ scored on the same stratified folds as `cv.folds=K` (data.folds, seeded by data.
 
     python scripts/sklearn_probe.py --data-root ../shared/data/oxford-pets-sample --task breeds --backbone tf_efficientnet_lite0
 
-Prints (and with --json writes) the out-of-fold accuracy and balanced accuracy with their bootstrap intervals
-and the mean ± std over folds: the reference a transferlab run of the same task is compared with.
+Prints (and with --json writes) the out-of-fold accuracy and balanced accuracy with their intervals (core.statistics)
+and the mean ± std over folds (Nadeau-Bengio corrected interval): the reference a transferlab run of the same task is compared with.
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ from sklearn.linear_model import LogisticRegressionCV
 from torch.utils.data import DataLoader
 
 from transferlab.cli.train import command
-from transferlab.core.statistics import bootstrap_intervals, mean_std_interval, point_metrics
+from transferlab.core.statistics import fold_test_to_train, mean_std_interval, metric_intervals, point_metrics
 from transferlab.data.feature_cache import compute_features
 from transferlab.data.folds import fold_splits
 from transferlab.models.backbones import create_backbone
@@ -53,10 +53,10 @@ def probe(features: np.ndarray, labels: np.ndarray, pool: list, names: list[str]
         predicted[test] = model.predict(features[test])
         per_fold.append(point_metrics(labels[test], predicted[test], len(names)))
     pooled = point_metrics(labels, predicted, len(names))
-    intervals = bootstrap_intervals(labels, predicted, len(names), seed=seed)
+    intervals = metric_intervals(labels, predicted, len(names))
     found = {f"oof/{k}": v for k, v in pooled.items()} | {f"oof/{k}_ci95": v for k, v in intervals.items()}
     for key in ("acc", "balanced_acc"):
-        mean, std, interval = mean_std_interval([m[key] for m in per_fold])
+        mean, std, interval = mean_std_interval([m[key] for m in per_fold], fold_test_to_train(folds))
         found[f"folds/{key}_mean"], found[f"folds/{key}_std"], found[f"folds/{key}_ci95"] = mean, std, interval
     return found
 

@@ -11,11 +11,11 @@ import pytest
 from conftest import PETS, make_datamodule, make_small_copy, pet_photos
 from transferlab.core.errors import DataError
 from transferlab.core.files import sha256_of
-from transferlab.data.base import stratified_split
 from transferlab.data.download import download_file, safe_extract_zip
 from transferlab.data.integrity import scan_images
 from transferlab.data.oxford_pets import OxfordPetsDataModule, breed_of, species_of
 from transferlab.data.preprocessing import Preprocessing
+from transferlab.data.splits import hash_split, hash_unit, split_key, stratified_split
 
 
 def test_oxford_labels_from_file_names():
@@ -26,27 +26,46 @@ def test_oxford_labels_from_file_names():
 
 @pytest.mark.shared
 @pytest.mark.parametrize("task,classes", [("breeds", 37), ("species", 2)])
-def test_oxford_sample_splits_are_stratified_and_disjoint(tmp_path, task, classes):
+def test_oxford_sample_splits_are_by_hash_disjoint_and_cover_every_class(tmp_path, task, classes):
     dm = make_datamodule("oxford_pets", root=str(PETS), task=task, download=False, cache_dir=str(tmp_path), split_seed=3, test_fraction=0.2)
     dm.preprocessing = Preprocessing()
     dm.setup()
     assert len(dm.class_names) == classes
     paths = {k: {str(p) for p, _ in v} for k, v in dm.splits.items()}
     assert sum(map(len, paths.values())) == 370 and not (paths["train"] & paths["val"] or paths["train"] & paths["test"])
+    for split in ("train", "val", "test"):  # every class of 3+ images has each split (small classes get their nearest image)
+        assert {label for _, label in dm.splits[split]} == set(range(classes)), split
+    assert 50 <= len(dm.splits["test"]) <= 100 and 30 <= len(dm.splits["val"]) <= 80  # 20 % and 15 % of 370, by hash
     if task == "breeds":
-        assert set(Counter(label for _, label in dm.splits["test"]).values()) == {2}  # 10 per breed: 2 test, 2 val, 6 train
         assert dm.class_names[0] == "Abyssinian" and "American Pit Bull Terrier" in dm.class_names
-    else:
-        assert Counter(label for _, label in dm.splits["test"]) == {0: 24, 1: 50}
+    key = {str(p): hash_unit(split_key(p, PETS), 3) for p in paths["test"] | paths["train"]}
+    assert sum(key[p] < 0.2 for p in paths["test"]) >= len(paths["test"]) - classes  # by hash, but for the rescued images
+    assert all(key[p] >= 0.35 for p in paths["train"])  # nothing below the train band is trained on
     again = make_datamodule("oxford_pets", root=str(PETS), task=task, download=False, cache_dir=str(tmp_path), split_seed=3, test_fraction=0.2)
     again.preprocessing = Preprocessing()
     again.setup()
-    assert again.splits == dm.splits  # seeded
+    assert again.splits == dm.splits  # a function of (split_seed, paths)
 
 
 def test_stratified_split_small_classes():
     train, val, test = stratified_split([0] * 3 + [1] * 20, 0.1, 0.1, seed=0)
     assert len(test) == 1 + 2 and len(val) == 1 + 2 and len(train) == 1 + 16
+
+
+def test_hash_split_never_moves_a_file_when_others_come_or_go():
+    root = Path("/data")
+    files = [(root / f"c{c}" / f"{i}.jpg", c) for c, n in enumerate((1, 2, 3, 40, 200)) for i in range(n)]
+    split = hash_split(files, root, 0.15, 0.15, seed=7)
+    where = {str(p): s for s, items in split.items() for p, _ in items}
+    assert {label for _, label in split["train"]} == {0, 1, 2, 3, 4}  # a 1- or 2-image class keeps its images in train
+    assert all({label for _, label in split[s]} >= {2, 3, 4} for s in ("val", "test"))  # 3+ images: one in every split
+    more = files + [(root / "c4" / f"new{i}.jpg", 4) for i in range(30)]
+    fewer = [s for s in more if s[0].name not in {f"{i}.jpg" for i in range(0, 200, 20)} or s[1] != 4]
+    for changed in (more, fewer):
+        after = {str(p): s for s, items in hash_split(changed, root, 0.15, 0.15, seed=7).items() for p, _ in items}
+        assert all(after[p] == where[p] for p in after if p in where)
+    other_seed = {str(p): s for s, items in hash_split(files, root, 0.15, 0.15, seed=8).items() for p, _ in items}
+    assert other_seed != where
 
 
 @pytest.mark.shared

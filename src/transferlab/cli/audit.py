@@ -20,10 +20,13 @@ from transferlab.cli.app import Command
 from transferlab.core.errors import ConfigError, require_packages
 from transferlab.core.files import write_json
 from transferlab.core.hardware import resolve_device, usable_cores
+from transferlab.data.splits import split_key
+from transferlab.data.stored_splits import assignment
 from transferlab.insight.audit import EXCLUDE_KINDS, AuditResult, AuditSettings, exclusions, run_audit, summary, write_exclude, write_tables
 from transferlab.insight.audit_page import write_audit_page
 from transferlab.insight.embeddings import pooled_features
 from transferlab.models.backbones import create_backbone
+from transferlab.models.package import load_split_table
 from transferlab.training.artifacts import print_config_tree
 from transferlab.training.builders import build_datamodule, container
 
@@ -43,6 +46,10 @@ def audit(cfg: DictConfig) -> dict[str, Any]:
     backbone = create_backbone(**container(cfg.backbone))
     datamodule = build_datamodule(container(cfg.data), backbone.preprocessing)
     samples = [(path, label, split) for split, items in datamodule.splits.items() for path, label in items]
+    if cfg.splits:  # the split a run stored: what its model was trained and tested on
+        stored = assignment(load_split_table(str(cfg.splits)))
+        samples = [(path, label, stored.get(split_key(path, datamodule.root), "unlisted")) for path, label, _ in samples]
+        log.info("Splits from %s: %s", cfg.splits, {s: sum(1 for *_, x in samples if x == s) for s in ("train", "val", "test", "unlisted")})
     if len(samples) < 2 * int(cfg.folds):
         raise ConfigError(f"folds: {cfg.folds} folds need at least {2 * int(cfg.folds)} images, the data has {len(samples)}")
     paths = [Path(p) for p, _, _ in samples]

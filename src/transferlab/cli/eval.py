@@ -1,25 +1,38 @@
-"""transferlab-eval: test a checkpoint on the split it was trained with (or on data given here)."""
+"""transferlab-eval: test a checkpoint on the test files it stored (or on data given here).
+
+On the run's own data (no `data.root=`, or the same folder) the test images are exactly the checkpoint's stored test
+files that still exist: files added since training are never tested, missing ones are counted, and a stored test
+file whose bytes changed stops the command (exit 2). On other data (`data.root=<folder>`) every usable image there is
+tested, except any file whose bytes equal one the model was fitted or selected on (so the same dataset in another
+place is tested on its test files and any new ones). Checkpoints from before stored splits get their test split
+rebuilt the way it was made then (seeded, stratified), with a warning.
+"""
 
 from __future__ import annotations
 
 import logging
 from pathlib import Path
+from typing import Optional
 
 import lightning.pytorch as pl
 from omegaconf import DictConfig, OmegaConf
 
 from transferlab.cli.app import Command
 from transferlab.config.paths import config_dir
+from transferlab.core.errors import DataError
+from transferlab.data.base import ImageClassificationDataModule
+from transferlab.data.splits import legacy_splits, split_key
+from transferlab.data.stored_splits import counts, stored_test, without_seen_files
 from transferlab.models.classifier import load_checkpoint
 from transferlab.training.artifacts import print_config_tree, test_and_report
 from transferlab.training.builders import build_datamodule, build_trainer, container, instantiate_group
-from transferlab.training.loggers import resolve_logger_config
+from transferlab.training.loggers import finish_loggers, resolve_logger_config
 
 log = logging.getLogger(__name__)
 
 
 def evaluate(cfg: DictConfig) -> dict:
-    """Rebuild the run's test split (or the data given here) and test the checkpoint on it."""
+    """Test the checkpoint on its stored test files (or on the data given here)."""
     out_dir = Path(cfg.paths.output_dir)
     print_config_tree(cfg, save_to=out_dir / "config.yaml")
     model, hparams = load_checkpoint(cfg.ckpt_path)
@@ -37,11 +50,52 @@ def evaluate(cfg: DictConfig) -> dict:
     trainer = build_trainer(
         trainer_cfg, callbacks=instantiate_group(cfg.get("callbacks"), "callbacks"), loggers=instantiate_group(cfg.logger, "logger")
     )
-    if run.get("refit") and not datamodule.has_official_test and "root" not in overrides:
-        log.warning("This checkpoint was refit on every image of its data (cv.refit): this test split was trained on; give data.root=<new images>")
-    return test_and_report(
+    choose_test_images(model.split_table, datamodule, own_data="root" not in overrides or same_folder(model.split_table, datamodule.root))
+    metrics = test_and_report(
         trainer, model, datamodule, out_dir, None, {"checkpoint": str(cfg.ckpt_path)}, seed=int(run.get("seed", 0)), interpret=cfg.get("interpret")
     )
+    finish_loggers(trainer.loggers)
+    return metrics
+
+
+def same_folder(table: Optional[dict], root: Path) -> bool:
+    return bool(table and table.get("root") and Path(table["root"]) == root.expanduser().resolve())
+
+
+def choose_test_images(table: Optional[dict], datamodule: ImageClassificationDataModule, own_data: bool) -> None:
+    """The datamodule's test split becomes what this checkpoint may honestly be tested on (see the module docstring)."""
+    root, cache = datamodule.root, datamodule.cache_dir
+    if table is None:
+        if own_data and not datamodule.has_official_test:
+            log.warning(
+                "This checkpoint stores no split (it predates stored splits): its test split is rebuilt by the seeded, stratified rule of then"
+            )
+            datamodule.use_splits(legacy_splits(datamodule.pool, datamodule.val_fraction, datamodule.test_fraction, datamodule.split_seed))
+        elif not own_data:
+            log.warning("This checkpoint stores no split: files of %s that it was trained on cannot be recognised and left out", root)
+            datamodule.use_splits({"train": [], "val": [], "test": list(datamodule.usable)})
+        return
+    if own_data:
+        test, missing = stored_test(table, root, datamodule.usable, cache)
+        known = {row[0] for row in table["rows"]}
+        added = sum(1 for path, _ in datamodule.usable if split_key(path, root) not in known)
+        if not test:
+            raise DataError(
+                f"ckpt_path: none of this checkpoint's {counts(table)['test']} stored test file(s) is under {root} (a cv.refit model trains on every "
+                f"image outside an official test list); test it on other images: data.root=<folder>"
+            )
+        log.info(
+            "Testing the checkpoint's %d stored test file(s) that still exist; %d image(s) added since training are not tested", len(test), added
+        )
+        if missing:
+            log.warning("%d stored test file(s) are gone or unusable now and are not tested, e.g. %s", len(missing), ", ".join(missing[:3]))
+        datamodule.use_splits({"train": [], "val": [], "test": test})
+        return
+    kept, dropped = without_seen_files(table, datamodule.usable, root, cache)
+    if dropped:
+        log.warning("%d image(s) under %s have the same bytes as an image this model was fitted or selected on: left out", dropped, root)
+    log.info("Testing all %d usable image(s) under %s that the model was not fitted or selected on", len(kept), root)
+    datamodule.use_splits({"train": [], "val": [], "test": kept})
 
 
 def keys_added_since(stored: dict) -> dict:

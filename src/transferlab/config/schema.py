@@ -257,6 +257,7 @@ class Audit:
     outlier_z: float
     write_exclude: list[str]  # label_issues | duplicates | outliers
     max_rows: int
+    splits: Optional[str]  # a run's splits.csv, run folder, checkpoint or package
     data: Target
     backbone: Backbone
     paths: Paths

@@ -34,7 +34,8 @@ from transferlab.data.sampling import (
     balanced_loss_weights,
     epoch_seed,
 )
-from transferlab.data.splits import drop_excluded, stratified_split
+from transferlab.data.splits import drop_excluded, hash_split, require_training_images
+from transferlab.data.stored_splits import build_table
 
 log = logging.getLogger(__name__)
 
@@ -106,6 +107,7 @@ class ImageClassificationDataModule(DeviceDecoding, pl.LightningDataModule):
         self.skipped: dict[str, str] = {}
         self.splits: dict[str, list[Sample]] = {}
         self.pool: list[Sample] = []  # every usable image outside the official test list (what cv.folds splits)
+        self.usable: list[Sample] = []  # every usable image, official test list included
 
     # -- what a dataset implements -------------------------------------------------------------------
     def discover(self) -> Discovered:
@@ -148,26 +150,18 @@ class ImageClassificationDataModule(DeviceDecoding, pl.LightningDataModule):
                 f"(each is listed with its reason above); expected {self.layout}"
             )
         test_fraction = 0.0 if official_test is not None else self.test_fraction
-        train_i, val_i, test_i = stratified_split([s[1] for s in pool], self.val_fraction, test_fraction, self.split_seed)
-        present = {pool[i][1] for i in train_i}
-        empty = [i for i in range(len(found.class_names)) if i not in present]
-        if empty:
-            name = found.class_names[empty[0]]
-            files = sum(1 for _, label in found.samples if label == empty[0])
-            raise DataError(
-                f"data.root: class {name!r} has no usable training images under {self.root} ({files} file(s) found, "
-                f"{files - sum(1 for _, label in pool if label == empty[0])} refused); expected at least one image per "
-                f"class: add images or remove the class" + (f" (and {len(empty) - 1} more such class(es))" if len(empty) > 1 else "")
-            )
+        splits = hash_split(pool, self.root, self.val_fraction, test_fraction, self.split_seed)
+        require_training_images(found.class_names, found.samples, pool, splits["train"], self.root)
         self.class_names, self.pool = found.class_names, pool
+        self.usable = pool + (official_test or [])
         self.has_official_test = official_test is not None
-        self.use_splits(
-            {
-                "train": [pool[i] for i in train_i],
-                "val": [pool[i] for i in val_i],
-                "test": official_test if official_test is not None else [pool[i] for i in test_i],
-            }
-        )
+        if official_test is not None:
+            splits["test"] = official_test
+        self.use_splits(splits)
+
+    def split_table(self) -> dict[str, Any]:
+        """The current train / val / test files with their sizes and sha256 (data.stored_splits: OUT/splits.csv)."""
+        return build_table(self.root, self.splits, self.cache_dir)
 
     def use_splits(self, splits: dict[str, list[Sample]], announce: bool = True) -> None:
         """Train / val / test lists (the split, a cross-validation fold, a refit); say what they hold."""

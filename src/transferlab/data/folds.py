@@ -13,8 +13,8 @@ from collections.abc import Sequence
 from sklearn.model_selection import StratifiedKFold
 
 from transferlab.core.errors import ConfigError
-from transferlab.data.base import stratified_split
 from transferlab.data.images import Sample
+from transferlab.data.splits import stratified_split
 
 
 def fold_splits(pool: Sequence[Sample], class_names: Sequence[str], folds: int, seed: int, val_fraction: float) -> list[dict[str, list[Sample]]]:

@@ -1,4 +1,14 @@
-"""Which images go where: the stratified train / val / test split, and the files a user asked to leave out.
+"""Which images go where: the stable train / val / test split, and the files a user asked to leave out.
+
+Each image's split is a function of its own path alone: sha256 of `<data.split_seed>:<path relative to data.root>`
+read as a number u in [0, 1); u < test_fraction -> test, u < test_fraction + val_fraction -> val, else train. So
+adding, removing, excluding or losing a file never moves another file between splits, and a retrain after
+`data.exclude` is tested on the same test images as the run before it (minus the excluded ones). The price: a
+class's split sizes follow its hashes, not exact fractions. A class of 3+ images that gets no test (or no
+validation) image by hash alone gives one, the image nearest to that split's hash band (logged); every class
+keeps at least one training image. Official test lists (Oxford-IIIT Pet's) are used as they are.
+`stratified_split` (seeded, per class) remains for the validation part of cross-validation folds and for
+checkpoints that predate stored splits.
 
 `data.exclude` names a text file of paths (one per line, absolute or relative to data.root; lines starting
 with `#` are comments), e.g. the `exclude.txt` that transferlab-audit writes: those images are dropped before the split, so
@@ -7,6 +17,7 @@ a run trains and tests without them, and nothing on disk is touched.
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import math
 from collections.abc import Sequence
@@ -18,6 +29,65 @@ from transferlab.core.errors import DataError
 from transferlab.data.images import Sample
 
 log = logging.getLogger(__name__)
+
+
+SPLITS = ("train", "val", "test")
+
+
+def split_key(path: str | Path, root: Path) -> str:
+    """A file's name in the split: its path relative to data.root, '/'-separated (the absolute path if outside it)."""
+    absolute = Path(path).expanduser().absolute()
+    try:
+        return absolute.relative_to(root.expanduser().absolute()).as_posix()
+    except ValueError:
+        return absolute.as_posix()
+
+
+def hash_unit(key: str, seed: int) -> float:
+    """A number in [0, 1) fixed by (seed, key): the first 8 bytes of sha256 over '<seed>:<key>'."""
+    return int.from_bytes(hashlib.sha256(f"{seed}:{key}".encode()).digest()[:8], "big") / 2**64
+
+
+def hash_split(samples: Sequence[Sample], root: Path, val_fraction: float, test_fraction: float, seed: int) -> dict[str, list[Sample]]:
+    """{train, val, test}: each sample by hash_unit of its split_key (see the module docstring), small classes helped."""
+    bands = {"test": (0.0, test_fraction), "val": (test_fraction, test_fraction + val_fraction), "train": (test_fraction + val_fraction, 1.0)}
+    units = [hash_unit(split_key(path, root), seed) for path, _ in samples]
+    chosen = ["test" if u < test_fraction else "val" if u < test_fraction + val_fraction else "train" for u in units]
+    by_class: dict[int, list[int]] = {}
+    for i, (_, label) in enumerate(samples):
+        by_class.setdefault(label, []).append(i)
+    moved = 0
+    for members in by_class.values():
+        needed = ["train"] + [s for s, f in (("test", test_fraction), ("val", val_fraction)) if f > 0 and len(members) >= 3]
+        for split in needed:
+            counts = {s: sum(1 for i in members if chosen[i] == s) for s in SPLITS}
+            donors = [i for i in members if counts[chosen[i]] > 1 or chosen[i] not in needed]
+            if counts[split] or not donors:
+                continue
+            low, high = bands[split]
+            nearest = min(donors, key=lambda i: (max(low - units[i], units[i] - high, 0.0), units[i]))
+            chosen[nearest] = split
+            moved += 1
+    if moved:
+        log.info("Split: %d image(s) of small classes moved into an empty split (the nearest by hash; every class of 3+ images gets one)", moved)
+    return {split: [s for s, c in zip(samples, chosen) if c == split] for split in SPLITS}
+
+
+def require_training_images(
+    class_names: Sequence[str], files: Sequence[Sample], usable: Sequence[Sample], train: Sequence[Sample], root: Path
+) -> None:
+    """Every class needs a usable training image; otherwise one line naming the class (and how many more)."""
+    present = {label for _, label in train}
+    empty = [i for i in range(len(class_names)) if i not in present]
+    if not empty:
+        return
+    found = sum(1 for _, label in files if label == empty[0])
+    refused = found - sum(1 for _, label in usable if label == empty[0])
+    raise DataError(
+        f"data.root: class {class_names[empty[0]]!r} has no usable training images under {root} ({found} file(s) found, {refused} refused); "
+        f"expected at least one image per class: add images or remove the class"
+        + (f" (and {len(empty) - 1} more such class(es))" if len(empty) > 1 else "")
+    )
 
 
 def stratified_split(labels: Sequence[int], val_fraction: float, test_fraction: float, seed: int) -> tuple[list[int], list[int], list[int]]:
@@ -38,6 +108,12 @@ def stratified_split(labels: Sequence[int], val_fraction: float, test_fraction: 
         val += idx[n_test : n_test + n_val]
         train += idx[n_test + n_val :]
     return sorted(train), sorted(val), sorted(test)
+
+
+def legacy_splits(pool: Sequence[Sample], val_fraction: float, test_fraction: float, seed: int) -> dict[str, list[Sample]]:
+    """The split of checkpoints that predate stored splits: stratified_split over the pool, as it was made then."""
+    train, val, test = stratified_split([label for _, label in pool], val_fraction, test_fraction, seed)
+    return {name: [pool[i] for i in indices] for name, indices in (("train", train), ("val", val), ("test", test))}
 
 
 def read_exclude_list(file: str | Path, root: Path) -> set[str]:

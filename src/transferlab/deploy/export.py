@@ -22,6 +22,7 @@ from torch import nn
 
 from transferlab.core.errors import DataError, ResourceError, require_packages
 from transferlab.core.files import write_json
+from transferlab.data.stored_splits import write_csv
 from transferlab.models import package
 from transferlab.models.classifier import TransferClassifier, load_checkpoint
 from transferlab.models.package_card import model_card
@@ -132,8 +133,19 @@ def export_package(ckpt_path: str, output: Path, fmt: str, opset: int) -> dict[s
     try:
         formats: dict[str, Any] = {"safetensors": {"file": package.WEIGHTS}}
         metrics = package.run_metrics(ckpt_path)
-        config = package.package_config(hparams, model.backbone.preprocessing, float(model.temperature), metrics, formats, _transferlab_version())
+        config = package.package_config(
+            hparams,
+            model.backbone.preprocessing,
+            float(model.temperature),
+            metrics,
+            formats,
+            _transferlab_version(),
+            model.calibration,
+            model.split_table,
+        )
         package.save_weights(model, staging / package.WEIGHTS)
+        if model.split_table is not None:
+            write_csv(staging / package.SPLITS, model.split_table)
         write_json(staging / package.CONFIG, config)
         reloaded, _ = load_checkpoint(staging)
         with torch.inference_mode():
@@ -167,7 +179,7 @@ def export_package(ckpt_path: str, output: Path, fmt: str, opset: int) -> dict[s
 
 def _move_into(staging: Path, output: Path) -> None:
     """Replace the package files in `output`; a format file this export did not write is removed (it would be stale)."""
-    for name in (package.ONNX, package.TORCHSCRIPT):
+    for name in (package.ONNX, package.TORCHSCRIPT, package.SPLITS):
         if not (staging / name).exists():
             (output / name).unlink(missing_ok=True)
     for file in sorted(staging.iterdir(), key=lambda f: f.name == package.CONFIG):  # config.json last: it names the rest

@@ -41,12 +41,13 @@ class Predictor:
             raise DataError(f"tta={tta!r}: use one of {', '.join(MODES)}")
         self.tta = tta
 
-    def raw_logits(self, images: torch.Tensor) -> torch.Tensor:
+    def view_logits(self, images: torch.Tensor) -> torch.Tensor:
+        """Calibrated logits of one batch (one test-time view): the package's output, logits / temperature."""
         raise NotImplementedError
 
     def logits(self, images: torch.Tensor) -> torch.Tensor:
         """Float32 calibrated logits of [N, 3, S, S] normalised images (log of the averaged probabilities with TTA)."""
-        return averaged_logits(self.raw_logits, images, self.tta).float()
+        return averaged_logits(self.view_logits, images, self.tta).float()
 
     def probabilities(self, images: torch.Tensor) -> torch.Tensor:
         return self.logits(images).softmax(dim=-1)
@@ -69,7 +70,8 @@ class TorchPredictor(Predictor):
             self.metadata = package.read_package(ckpt_path)
         else:
             metrics = package.run_metrics(ckpt_path)
-            self.metadata = package.package_config(hparams, self.preprocessing, float(model.temperature), metrics, {}, "")
+            temperature = float(model.temperature)
+            self.metadata = package.package_config(hparams, self.preprocessing, temperature, metrics, {}, "", model.calibration, model.split_table)
         self.metadata.pop("hyper_parameters", None)
         self.settings = {
             "runtime": "torch",
@@ -79,9 +81,9 @@ class TorchPredictor(Predictor):
             "tta": tta,
         }
 
-    def raw_logits(self, images: torch.Tensor) -> torch.Tensor:
+    def view_logits(self, images: torch.Tensor) -> torch.Tensor:
         with torch.inference_mode(), self.autocast():
-            return self.model(images.to(self.device, non_blocking=True)).float().cpu()
+            return self.model.calibrated_logits(images.to(self.device, non_blocking=True)).float().cpu()
 
 
 class OnnxPredictor(Predictor):
@@ -105,7 +107,7 @@ class OnnxPredictor(Predictor):
         self.class_names, self.preprocessing = list(self.metadata["class_names"]), package.preprocessing_of(self.metadata)
         self.settings = {"runtime": "onnx", "device": "cpu", "precision": "32-true", "threads": options.intra_op_num_threads, "tta": tta}
 
-    def raw_logits(self, images: torch.Tensor) -> torch.Tensor:
+    def view_logits(self, images: torch.Tensor) -> torch.Tensor:
         array = images.detach().to("cpu", torch.float32).contiguous().numpy()
         return torch.from_numpy(self.session.run(None, {self.input_name: array})[0])
 

@@ -3,7 +3,10 @@
 Everything needed to rebuild the model travels in its hyper-parameters (plain containers, so checkpoints load
 with `weights_only=True`): backbone spec, class names, preprocessing, and the data config of the run. The
 calibration temperature is a buffer of the state_dict: every logit the model returns is already divided by it,
-so eval, predict and anything that loads the model later give calibrated probabilities.
+and the temperature is applied once, at the boundary where probabilities leave the model: `forward` returns the
+head's raw logits (training, feature maps, attacks), `calibrated_logits` divides them by the temperature (the
+evaluation steps, predict, export), and with test-time views each view is calibrated before the probabilities are
+averaged (models.tta.combine_views), so "before calibration" figures never need the temperature multiplied back.
 """
 
 from __future__ import annotations
@@ -29,7 +32,7 @@ from transferlab.models.backbones import Backbone, create_backbone
 from transferlab.models.evaluation import classification_metrics
 from transferlab.models.optimization import parameter_groups
 from transferlab.models.regularization import batch_mixer
-from transferlab.models.tta import averaged_logits
+from transferlab.models.tta import combine_views, views
 
 
 class TransferClassifier(pl.LightningModule):
@@ -72,6 +75,8 @@ class TransferClassifier(pl.LightningModule):
             self.freeze_backbone()
 
         self.register_buffer("temperature", torch.ones(()))  # 1 = uncalibrated; set by training.calibration
+        self.calibration: dict[str, Any] = {}  # how the temperature was chosen (training.calibration), kept in checkpoints
+        self.split_table: Optional[dict[str, Any]] = None  # the run's stored train / val / test files (data.stored_splits)
         weights = torch.tensor(list(loss_weights), dtype=torch.float32) if loss_weights is not None else None
         self.register_buffer("loss_weights", weights, persistent=False)  # rebuilt from the hyper-parameters
 
@@ -83,8 +88,11 @@ class TransferClassifier(pl.LightningModule):
         self.val_acc_best = MaxMetric()
         self.val_acc_best.persistent(True)  # survives resuming, so val/acc_best covers the whole run
         # Every evaluated image's logits, in dataset order (all ranks): the metrics, intervals and prediction files.
+        # Per image three rows: calibrated (views averaged), uncalibrated (views averaged), the plain image's raw logits.
         self._batches: dict[str, list[tuple[torch.Tensor, torch.Tensor]]] = {"val": [], "test": []}
-        self.outputs: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+        self.outputs: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}  # split -> (calibrated logits, labels)
+        self.uncalibrated: dict[str, torch.Tensor] = {}  # split -> the same without the temperature
+        self.plain_raw: dict[str, torch.Tensor] = {}  # split -> raw logits of the image itself (no views): what T is fitted on
         self.test_confusion_matrix = torch.zeros(num_classes, num_classes, dtype=torch.long)
 
     # -- freezing ----------------------------------------------------------------------------------------
@@ -122,8 +130,26 @@ class TransferClassifier(pl.LightningModule):
             return self.backbone(images)
 
     def forward(self, inputs: torch.Tensor) -> torch.Tensor:
-        """Calibrated logits of images [N, 3, H, W], or of the backbone's pooled features [N, D] (the feature cache)."""
-        return self.head(inputs if inputs.ndim == 2 else self.features(inputs)) / self.temperature
+        """Raw logits of images [N, 3, H, W], or of the backbone's pooled features [N, D] (the feature cache)."""
+        return self.head(inputs if inputs.ndim == 2 else self.features(inputs))
+
+    def calibrated_logits(self, inputs: torch.Tensor) -> torch.Tensor:
+        """Logits divided by the calibration temperature: softmax gives the calibrated probabilities."""
+        return self(inputs) / self.temperature
+
+    def evaluate(self, inputs: torch.Tensor, tta: str) -> torch.Tensor:
+        """[N, 3, K]: calibrated and uncalibrated logits (test-time views averaged as probabilities), and the raw logits
+        of the image itself; cached features have no views."""
+        shown = views(inputs, tta) if inputs.ndim == 4 else [inputs]
+        raw = [self(view).float() for view in shown]
+        return torch.stack([combine_views(raw, float(self.temperature)), combine_views(raw, 1.0), raw[0]], dim=1)
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """The run's stored split and how it was calibrated travel with every checkpoint (plain containers)."""
+        if self.split_table is not None:
+            checkpoint["transferlab_splits"] = self.split_table
+        if self.calibration:
+            checkpoint["transferlab_calibration"] = dict(self.calibration)
 
     def imagenet_logits(self, images: torch.Tensor) -> torch.Tensor:
         """The backbone's own ImageNet classifier (visualisation and attacks use it)."""
@@ -163,14 +189,15 @@ class TransferClassifier(pl.LightningModule):
 
     def validation_step(self, batch: Any, batch_idx: int) -> None:
         inputs, labels = batch
-        logits = self(inputs).float()
+        evaluated = self.evaluate(inputs, "none")
+        logits = evaluated[:, 0]
         loss = F.cross_entropy(logits, labels)
         self.val_loss(loss, weight=len(labels))
         self.val_acc(logits, labels)
         curve = self.trainer.state.fn == "fit"  # the selected checkpoint's validation after fit adds no curve point
         self.log("val/loss", self.val_loss, on_epoch=True, prog_bar=True, logger=curve)
         self.log("val/acc", self.val_acc, on_epoch=True, prog_bar=True, logger=curve)
-        self._batches["val"].append((logits.detach().cpu(), labels.detach().cpu()))
+        self._batches["val"].append((evaluated.detach().cpu(), labels.detach().cpu()))
 
     def on_validation_epoch_start(self) -> None:
         self._batches["val"] = []
@@ -185,11 +212,11 @@ class TransferClassifier(pl.LightningModule):
 
     def test_step(self, batch: Any, batch_idx: int) -> None:
         inputs, labels = batch
-        logits = averaged_logits(self, inputs, self.tta if inputs.ndim == 4 else "none").float()  # cached features: no views
-        loss = F.cross_entropy(logits, labels)
+        evaluated = self.evaluate(inputs, self.tta)
+        loss = F.cross_entropy(evaluated[:, 0], labels)
         self.test_loss(loss, weight=len(labels))
         self.log("test/loss", self.test_loss, on_epoch=True)
-        self._batches["test"].append((logits.detach().cpu(), labels.detach().cpu()))
+        self._batches["test"].append((evaluated.detach().cpu(), labels.detach().cpu()))
 
     def on_test_epoch_start(self) -> None:
         self._batches["test"] = []
@@ -205,9 +232,11 @@ class TransferClassifier(pl.LightningModule):
 
     def _log_metrics(self, split: str, per_class: bool, skip: tuple[str, ...] = (), logger: bool = True) -> dict[str, float]:
         """Gather the split's logits from every rank (in dataset order), keep them in `outputs`, log their metrics."""
-        logits, labels = gather_in_order(self._batches[split], len(self.class_names))
+        evaluated, labels = gather_in_order(self._batches[split], (3, len(self.class_names)))
         self._batches[split] = []
+        logits = evaluated[:, 0]
         self.outputs[split] = (logits, labels)
+        self.uncalibrated[split], self.plain_raw[split] = evaluated[:, 1], evaluated[:, 2]
         found = classification_metrics(logits, labels, self.class_names, per_class=per_class)
         for key, value in found.items():
             if key not in skip:  # identical on every rank: no further reduction
@@ -232,10 +261,10 @@ class TransferClassifier(pl.LightningModule):
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": interval, "monitor": "val/loss"}}
 
 
-def gather_in_order(batches: list[tuple[torch.Tensor, torch.Tensor]], num_classes: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """This rank's (logits, labels), or under DDP every rank's, put back in dataset order: rank r of n evaluated
-    images r, r+n, r+2n, ... (data.sampling.EvaluationShardSampler)."""
-    logits = torch.cat([b[0] for b in batches]) if batches else torch.zeros(0, num_classes)
+def gather_in_order(batches: list[tuple[torch.Tensor, torch.Tensor]], shape: tuple[int, ...]) -> tuple[torch.Tensor, torch.Tensor]:
+    """This rank's (values [N, *shape], labels), or under DDP every rank's, put back in dataset order: rank r of n
+    evaluated images r, r+n, r+2n, ... (data.sampling.EvaluationShardSampler)."""
+    logits = torch.cat([b[0] for b in batches]) if batches else torch.zeros(0, *shape)
     labels = torch.cat([b[1] for b in batches]) if batches else torch.zeros(0, dtype=torch.long)
     if not (torch.distributed.is_available() and torch.distributed.is_initialized()) or torch.distributed.get_world_size() == 1:
         return logits, labels
@@ -243,7 +272,7 @@ def gather_in_order(batches: list[tuple[torch.Tensor, torch.Tensor]], num_classe
     shards: list[Any] = [None] * world
     torch.distributed.all_gather_object(shards, (logits, labels))
     total = sum(len(shard[1]) for shard in shards)
-    all_logits, all_labels = torch.zeros(total, num_classes), torch.zeros(total, dtype=torch.long)
+    all_logits, all_labels = torch.zeros(total, *shape), torch.zeros(total, dtype=torch.long)
     for rank, (shard_logits, shard_labels) in enumerate(shards):
         all_logits[rank::world], all_labels[rank::world] = shard_logits, shard_labels
     return all_logits, all_labels
@@ -258,6 +287,8 @@ def load_checkpoint(path: str | Path) -> tuple[TransferClassifier, dict[str, Any
         hparams["backbone"] = {**hparams["backbone"], "weights": "none"}
         model = TransferClassifier(**hparams)
         package.load_weights(model, path)
+        model.calibration = dict(config.get("calibration") or {})
+        model.split_table = package.read_split_table(path)
         return model.eval(), hparams
     ckpt = read_checkpoint(path)
     try:
@@ -270,6 +301,8 @@ def load_checkpoint(path: str | Path) -> tuple[TransferClassifier, dict[str, Any
     state = dict(ckpt["state_dict"])
     state.setdefault("temperature", torch.ones(()))  # checkpoints from before calibration existed
     model.load_state_dict(state, strict=True)
+    model.split_table = ckpt.get("transferlab_splits")
+    model.calibration = dict(ckpt.get("transferlab_calibration") or {})
     return model.eval(), hparams
 
 

@@ -1,7 +1,7 @@
 """What a classifier's outputs on a split say: accuracy and its class-aware siblings, calibration, and the temperature
 that calibrates them.
 
-Accuracy, balanced accuracy and macro-F1 come from core.statistics (the same definitions as their bootstrap
+Accuracy, balanced accuracy and macro-F1 come from core.statistics (the same definitions as their
 intervals, and scikit-learn's); ECE, top-3 and per-class precision / recall from torchmetrics.
 """
 
@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+from typing import Any, Optional
 
 import torch
 import torch.nn.functional as F
@@ -18,6 +20,54 @@ from transferlab.core.statistics import point_metrics
 
 ECE_BINS = 15
 TEMPERATURE_RANGE = (0.05, 20.0)  # a fit outside it means too few validation images to say anything
+# Below this many wrong held-out images a temperature under 1 (sharper, more confident probabilities) is not taken:
+# with (almost) no errors the NLL keeps falling as T -> 0, so the fit measures the prior, not the data
+# (scripts/calibration_study.py measures the rule on images the model never saw: docs/evaluation.md).
+MIN_ERRORS_TO_SHARPEN = 10
+
+
+@dataclass
+class Calibration:
+    """How a temperature was chosen: what metrics.json (`calibration/*`), checkpoints and config.json record."""
+
+    method: str  # temperature | none
+    rule: str  # fitted | no_sharpening_few_errors | no_held_out_images | none
+    temperature: float
+    held_out_images: int
+    held_out_errors: int
+    fitted_temperature: Optional[float] = None  # what the fit wanted, before the rule
+    fitted_on: str = ""
+
+    @property
+    def calibrated(self) -> bool:
+        """True when a temperature was chosen on held-out images (whatever value the rule kept)."""
+        return self.method == "temperature" and self.held_out_images > 0
+
+    def metrics(self) -> dict[str, Any]:
+        return {
+            "calibration/temperature": self.temperature,
+            "calibration/rule": self.rule,
+            "calibration/held_out_errors": self.held_out_errors,
+            "calibration/held_out_images": self.held_out_images,
+        }
+
+    def record(self) -> dict[str, Any]:
+        return {**asdict(self), "calibrated": self.calibrated}
+
+
+def choose_temperature(raw: torch.Tensor, labels: torch.Tensor, method: str, fitted_on: str = "") -> Calibration:
+    """The calibration of a model from its raw logits on held-out images: temperature scaling (fit_temperature), except
+    that with fewer than MIN_ERRORS_TO_SHARPEN wrong images a temperature below 1 is replaced by 1."""
+    images = len(labels)
+    errors = int((raw.argmax(dim=-1) != labels).sum()) if images else 0
+    if method != "temperature":
+        return Calibration(method, "none", 1.0, images, errors, None, fitted_on)
+    if images == 0:
+        return Calibration(method, "no_held_out_images", 1.0, 0, 0, None, fitted_on)
+    fitted = fit_temperature(raw, labels)
+    if fitted < 1.0 and errors < MIN_ERRORS_TO_SHARPEN:
+        return Calibration(method, "no_sharpening_few_errors", 1.0, images, errors, fitted, fitted_on)
+    return Calibration(method, "fitted", fitted, images, errors, fitted, fitted_on)
 
 
 def classification_metrics(logits: torch.Tensor, labels: torch.Tensor, class_names: Sequence[str], per_class: bool) -> dict[str, float]:

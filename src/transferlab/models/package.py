@@ -5,10 +5,12 @@
     model.onnx          float32 NCHW normalised images -> logits (dynamic batch)       [format=onnx|all]
     model.pt            the same network as TorchScript (torch.jit.load, C++ too)     [format=torchscript|all]
     README.md           the model card (models.package_card)
+    splits.csv          the run's stored split (data.stored_splits): what eval of the package tests on
 
 A consumer's preprocessing is exactly: RGB; resize the shorter side to `resize_size` with `interpolation`;
 centre-crop `input_size`; scale to [0, 1]; normalise with `mean` / `std`. The outputs are the classifier's
-logits already divided by `temperature` (`logits_are_calibrated` says whether that temperature was fitted).
+logits already divided by `temperature` (`logits_are_calibrated`: the temperature was chosen on held-out images,
+whatever value the rule kept; `calibration` says how).
 This module reads and writes the format without importing Lightning, so an onnxruntime consumer needs no
 training stack; `models.classifier.load_checkpoint` turns a package back into the LightningModule.
 """
@@ -24,9 +26,12 @@ from typing import Any, Optional
 from torch import nn
 
 from transferlab.core.errors import DataError
+from transferlab.core.safe_load import read_checkpoint
+from transferlab.data import stored_splits
 from transferlab.data.preprocessing import Preprocessing
 
 CONFIG, WEIGHTS, ONNX, TORCHSCRIPT, CARD = "config.json", "model.safetensors", "model.onnx", "model.pt", "README.md"
+SPLITS = stored_splits.FILE
 FORMAT_VERSION = 1
 # The consumer's contract (issue 17's stable interface): config.json always has these keys.
 INTERFACE_KEYS = ("class_names", "input_size", "resize_size", "interpolation", "mean", "std", "temperature", "logits_are_calibrated")
@@ -76,6 +81,15 @@ def run_metrics(ckpt_path: str | Path) -> dict[str, Any]:
     return {}
 
 
+def is_calibrated(calibration: Mapping[str, Any], metrics: Mapping[str, Any], temperature: float) -> bool:
+    """Whether calibration=temperature chose the temperature on held-out images (the checkpoint's record first)."""
+    if "calibrated" in calibration:
+        return bool(calibration["calibrated"])
+    if "calibration/rule" in metrics:
+        return metrics["calibration/rule"] not in ("none", "no_held_out_images")
+    return not math.isclose(temperature, 1.0)  # a checkpoint from before the record: only a fitted temperature differs from 1
+
+
 def package_config(
     hparams: Mapping[str, Any],
     preprocessing: Preprocessing,
@@ -83,10 +97,12 @@ def package_config(
     metrics: Mapping[str, Any],
     formats: Mapping[str, Any],
     version: str,
+    calibration: Optional[Mapping[str, Any]] = None,
+    split_table: Optional[Mapping[str, Any]] = None,
 ) -> dict[str, Any]:
-    """config.json: the consumer's interface keys first, then provenance (backbone, run, metrics) and the formats."""
+    """config.json: the consumer's interface keys first, then provenance (backbone, run, split, metrics) and the formats."""
     run = dict(hparams.get("run") or {})
-    calibrated = "calibration/temperature" in metrics or not math.isclose(temperature, 1.0)
+    calibrated = is_calibrated(calibration or {}, metrics, temperature)
     return {
         "class_names": list(hparams["class_names"]),
         "input_size": preprocessing.input_size,
@@ -103,12 +119,49 @@ def package_config(
         "finetune_mode": (hparams.get("finetune") or {}).get("mode"),
         "data": {k: (run.get("data") or {}).get(k) for k in ("_target_", "root", "task", "val_fraction", "test_fraction")},
         "seed": run.get("seed"),
+        "calibration": dict(calibration or {}),
+        "splits": {**stored_splits.counts(split_table), "root": split_table.get("root"), "file": SPLITS} if split_table else None,
+        "metrics_images": metrics_images(metrics, split_table),
         "metrics": dict(metrics),
         "formats": dict(formats),
         "transferlab_version": version,
         "format_version": FORMAT_VERSION,
         "hyper_parameters": jsonable(dict(hparams)),  # what models.classifier needs to rebuild the LightningModule
     }
+
+
+def metrics_images(metrics: Mapping[str, Any], split_table: Optional[Mapping[str, Any]]) -> str:
+    """Which images `metrics`' test/* figures come from, so a card never passes out-of-fold figures off as a test."""
+    if not any(k.startswith("test/") for k in metrics):
+        return "none: the run has no test figures"
+    if "cv/folds" in metrics and (split_table is None or not stored_splits.counts(split_table)["test"]):
+        return f"out-of-fold predictions of {metrics.get('cv/folds')}-fold cross-validation over {metrics.get('cv/images')} images (the model was refit on all of them)"
+    tested = stored_splits.counts(split_table)["test"] if split_table else None
+    return f"the run's test split ({tested} stored test images)" if tested is not None else "the run's test split"
+
+
+def read_split_table(folder: str | Path) -> Optional[dict[str, Any]]:
+    """The package's splits.csv as a table (its data root from config.json), or None for packages without one."""
+    file = Path(folder).expanduser() / SPLITS
+    if not file.is_file():
+        return None
+    table = stored_splits.read_csv(file)
+    table["root"] = ((read_package(folder).get("splits") or {}).get("root")) if is_package(folder) else None
+    return table
+
+
+def load_split_table(source: str | Path, key: str = "splits") -> dict[str, Any]:
+    """A run's stored split from its splits.csv, its run folder, a checkpoint or a model package."""
+    path = Path(source).expanduser()
+    if path.is_dir() and (path / SPLITS).is_file():
+        return stored_splits.read_csv(path / SPLITS)
+    if path.is_file() and path.suffix == ".csv":
+        return stored_splits.read_csv(path)
+    if path.is_file():
+        table = read_checkpoint(path, key).get("transferlab_splits")
+        if table:
+            return dict(table)
+    raise DataError(f"{key}: {path} holds no stored split; give a run's splits.csv, its run folder, or a checkpoint written since splits are stored")
 
 
 def jsonable(value: Any) -> Any:

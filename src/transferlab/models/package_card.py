@@ -20,6 +20,18 @@ def _metric_rows(metrics: Mapping[str, Any]) -> list[str]:
     return rows
 
 
+def calibration_text(config: Mapping[str, Any]) -> str:
+    if not config.get("logits_are_calibrated"):
+        return "not calibrated (temperature 1: the network's own confidence)"
+    record = config.get("calibration") or {}
+    how = (
+        f"chosen on {record['held_out_images']} {record.get('fitted_on') or 'held-out images'}, rule `{record.get('rule')}`"
+        if record.get("held_out_images")
+        else "fitted on held-out images"
+    )
+    return f"calibrated: temperature {config['temperature']:.3f} ({how})"
+
+
 def model_card(config: Mapping[str, Any]) -> str:
     """Markdown; every figure comes from config.json (so the card and the machine-readable file cannot disagree)."""
     classes = list(config["class_names"])
@@ -44,7 +56,8 @@ def model_card(config: Mapping[str, Any]) -> str:
     ]
     if rows:
         lines += [
-            "Measured on the run's held-out test split; 95 % bootstrap intervals.",
+            f"Measured on {config.get('metrics_images') or 'the run' + chr(39) + 's held-out test split'}; 95 % intervals (accuracy: exact "
+            "Clopper-Pearson; balanced accuracy and macro-F1: Clopper-Pearson at the jackknife effective sample size).",
             "",
             "| metric | value | 95 % interval |",
             "| --- | --- | --- |",
@@ -58,7 +71,7 @@ def model_card(config: Mapping[str, Any]) -> str:
         "- Classifying photos like the training images into the classes above. Every input gets one of these classes:",
         "  there is no 'none of these' answer, so out-of-domain images get confident wrong labels.",
         "- The figures hold for images drawn like the test split; check on your own data before relying on them.",
-        f"- Probabilities are {'calibrated (temperature ' + format(config['temperature'], '.3f') + ' fitted on validation images)' if config.get('logits_are_calibrated') else 'not calibrated'}.",
+        f"- Probabilities are {calibration_text(config)}.",
         "",
         "## Preprocessing (exactly what the model expects)",
         f"RGB; resize the shorter side to {config['resize_size']} px ({config['interpolation']}); centre-crop {config['input_size']} px;",

@@ -6,6 +6,9 @@ averaged, as timm, MMPretrain and fastai offer it.
   torchvision's five_crop) plus the whole image (6 views): a zoom-in that keeps the resolution the model expects.
 
 The result is returned as log-probabilities, so everything downstream (softmax, argmax, metrics) reads it as logits.
+Calibration composes with the views one way only: each view's raw logits are divided by the temperature, then the
+probabilities are averaged, p = mean over views of softmax(z_v / T) (`combine_views`); the log of that average is
+not a logit that a temperature can be multiplied back into.
 """
 
 from __future__ import annotations
@@ -33,10 +36,14 @@ def views(images: torch.Tensor, mode: str) -> list[torch.Tensor]:
     return [images] + [TF.resize(c, size, interpolation=TF.InterpolationMode.BILINEAR, antialias=True) for c in crops]
 
 
-def averaged_logits(forward: Callable[[torch.Tensor], torch.Tensor], images: torch.Tensor, mode: str) -> torch.Tensor:
-    """log of the mean over views of softmax(forward(view)); `forward` returns (calibrated) logits."""
-    if mode == "none":
-        return forward(images)
-    batches = views(images, mode)
-    probabilities = torch.stack([forward(batch).float().softmax(dim=-1) for batch in batches]).mean(dim=0)
+def combine_views(raw: list[torch.Tensor], temperature: float) -> torch.Tensor:
+    """log of the mean over views of softmax(raw_v / temperature); one view: raw / temperature itself."""
+    if len(raw) == 1:
+        return raw[0] / temperature
+    probabilities = torch.stack([(view / temperature).softmax(dim=-1) for view in raw]).mean(dim=0)
     return probabilities.clamp_min(torch.finfo(probabilities.dtype).tiny).log()
+
+
+def averaged_logits(forward: Callable[[torch.Tensor], torch.Tensor], images: torch.Tensor, mode: str) -> torch.Tensor:
+    """log of the mean over views of softmax(forward(view)); `forward` returns calibrated logits (a package's)."""
+    return combine_views([forward(batch).float() for batch in views(images, mode)], 1.0)

@@ -1,6 +1,10 @@
 """A sweep as data: every job folder's overrides, outcome (job.json) and metrics, ranked by the optimised metric.
 
 Job folders are found by Hydra's `.hydra/overrides.yaml` or our job.json (any `hydra.sweep.subdir` layout).
+A `val/*` metric is ranked only when it means the same thing in every completed job (`selection/protocol` in
+metrics.json: the probe's inner cross-validation, the validation split, a cross-validation mean of either): a
+`finetune=frozen,full` grid measures the probe's out-of-fold accuracy over train + val and the fine-tuned model's
+validation-split accuracy, so the report lists its jobs unranked and says why.
 """
 
 from __future__ import annotations
@@ -31,6 +35,7 @@ class Job:
     metrics: dict[str, Any]
     error: Optional[str] = None
     duration_s: Optional[float] = None
+    protocol: Optional[str] = None  # what its val/* were measured on (selection/protocol)
 
     def value(self, metric: str) -> Optional[float]:
         number = self.metrics.get(metric)
@@ -45,9 +50,12 @@ class Sweep:
     direction: str  # maximize | minimize
     swept: list[str] = field(default_factory=list)  # override keys whose value differs between jobs
     log_scale: Optional[set[str]] = None  # parameters the Optuna space samples on a log scale (None: not an Optuna sweep)
+    unranked: Optional[str] = None  # why the jobs are not ranked (their metric means different things), or None
 
     @property
     def best(self) -> Optional[Job]:
+        if self.unranked:
+            return None
         ranked = [j for j in self.jobs if j.status == "completed" and j.value(self.metric) is not None]
         return ranked[0] if ranked else None
 
@@ -91,7 +99,33 @@ def read_job(job_dir: Path, sweep_dir: Path) -> Job:
         metrics = _curve_metrics(job_dir)
     if status == "running":
         status = "incomplete"  # still running, or its process was killed
-    return Job(job_dir.relative_to(sweep_dir).as_posix(), job_dir, status, overrides, metrics, record.get("error"), record.get("duration_s"))
+    protocol = metrics.get("selection/protocol") or inferred_protocol(_yaml(job_dir / ".hydra" / "config.yaml") or {})
+    name = job_dir.relative_to(sweep_dir).as_posix()
+    return Job(name, job_dir, status, overrides, metrics, record.get("error"), record.get("duration_s"), str(protocol))
+
+
+def inferred_protocol(config: dict[str, Any]) -> str:
+    """selection/protocol of a job from before the key existed, from its saved config (training.fit's rule)."""
+    finetune, cv = config.get("finetune") or {}, config.get("cv") or {}
+    inner = "probe_inner_cv" if finetune.get("head_solver") == "lbfgs" and finetune.get("select_c", "cv") == "cv" else "validation_split"
+    return f"cv{cv['folds']}_mean_of_{inner}" if cv.get("folds") else inner
+
+
+def unranked_reason(jobs: list[Job], metric: str) -> Optional[str]:
+    """Why `metric` cannot rank these jobs, or None: a val/* metric measured under different protocols."""
+    if not metric.startswith("val/"):
+        return None
+    groups: dict[str, list[str]] = {}
+    for job in jobs:
+        if job.status == "completed" and job.value(metric) is not None:
+            groups.setdefault(job.protocol or "unknown", []).append(job.name)
+    if len(groups) < 2:
+        return None
+    shown = "; ".join(f"{protocol} in job(s) {', '.join(names[:6])}" for protocol, names in sorted(groups.items()))
+    return (
+        f"Not ranked: {metric} is measured differently across these jobs ({shown}); e.g. the probe's inner cross-validation "
+        f"over train + val is not a validation-split accuracy. Compare them on test/acc (the same test images), or sweep one protocol at a time."
+    )
 
 
 def _sweep_settings(jobs: list[Job]) -> tuple[str, str, Optional[set[str]]]:
@@ -140,10 +174,11 @@ def collect(sweep_dir: str | Path, metric: Optional[str] = None, direction: Opti
         raise DataError(f"{path} holds no job folders (.hydra/overrides.yaml); is it a multirun's sweep dir?")
     found_metric, found_direction, log_scale = _sweep_settings(jobs)
     metric, direction = metric or found_metric, direction or found_direction
-    jobs.sort(key=lambda j: _sort_key(j, metric, direction))
+    unranked = unranked_reason(jobs, metric)
+    jobs.sort(key=lambda j: _sort_key(j, metric, direction) if not unranked else ({"completed": 0}.get(j.status, 1), natural(j.name)))
     keys = list(dict.fromkeys(k for j in jobs for k in j.overrides))
     swept = [k for k in keys if len({j.overrides.get(k) for j in jobs}) > 1]
-    return Sweep(path, jobs, metric, direction, swept, log_scale)
+    return Sweep(path, jobs, metric, direction, swept, log_scale, unranked)
 
 
 def columns(sweep: Sweep) -> tuple[list[str], list[str]]:
@@ -184,6 +219,8 @@ def headline(sweep: Sweep) -> str:
     counts = ", ".join(f"{sweep.count(s)} {s}" for s in ("completed", "pruned", "failed", "incomplete", "interrupted") if sweep.count(s))
     best = sweep.best
     text = f"{len(sweep.jobs)} jobs: {counts}."
+    if sweep.unranked:
+        text += " " + sweep.unranked
     if best:
         text += f" Best ({sweep.direction} {sweep.metric}): job {best.name}, {sweep.metric} = {best.value(sweep.metric):.4g}"
         text += f" ({', '.join(f'{k}={cell(best.overrides[k])}' for k in sweep.swept if k in best.overrides) or 'defaults'})."

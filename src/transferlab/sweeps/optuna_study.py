@@ -48,9 +48,12 @@ def distribution(override: Override) -> Any:
         return CategoricalDistribution(list(override.sweep_string_iterator()))
     if isinstance(value, RangeSweep):
         start, stop, step = value.start, value.stop, value.step
-        if isinstance(start, int) and isinstance(stop, int) and isinstance(step, int):
-            return IntDistribution(start, stop - step, step=step)
-        return CategoricalDistribution([float(v) for v in override.sweep_iterator()])  # type: ignore[arg-type]
+        if isinstance(start, int) and isinstance(stop, int) and isinstance(step, int) and step > 0 and stop > start:
+            return IntDistribution(start, start + (stop - start - 1) // step * step, step=step)  # exactly list(range(start, stop, step))
+        values = list(override.sweep_iterator())
+        if not values:
+            raise ConfigError(f"hydra.sweeper.params.{override.key_or_group!s}: {override.input_line!s} is empty; range(a,b,step) stops before b")
+        return CategoricalDistribution(values)  # type: ignore[arg-type]
     if isinstance(value, IntervalSweep):
         log_scale, low, high = "log" in value.tags, value.start, value.end
         if isinstance(low, int) and isinstance(high, int) and "float" not in value.tags:

@@ -203,11 +203,12 @@ def write_html(sweep: Sweep, path: Path, verdicts: Optional[dict[str, Verdict]] 
     parts = [
         f"<h1>Sweep report: {html.escape(sweep.path.name)}</h1>",
         f'<p class="headline">{html.escape(headline(sweep))}</p>',
-        f"<p>Folder <code>{html.escape(str(sweep.path.resolve()))}</code>; ranked by <code>{html.escape(sweep.metric)}</code> "
-        f"({sweep.direction}). Also: <code>summary.csv</code>, <code>summary.md</code>.</p>",
+        f"<p>Folder <code>{html.escape(str(sweep.path.resolve()))}</code>; "
+        + (f"ranked by <code>{html.escape(sweep.metric)}</code> ({sweep.direction})" if not sweep.unranked else "jobs listed by name, not ranked")
+        + ". Also: <code>summary.csv</code>, <code>summary.md</code>.</p>",
         "<h2>Jobs</h2>",
         _table(sweep, verdicts or {}),
-        "<p>Intervals: 95 % bootstrap over the test images. <i>vs best</i>: a paired bootstrap of each job's per-image "
+        "<p>Intervals: 95 % over the test images (core.statistics). <i>vs best</i>: a paired bootstrap of each job's per-image "
         "correctness against the best job's on the same images; <i>indistinguishable</i> = no difference at p &lt; 0.05.</p>",
         _seeds(sweep),
         _failures(sweep),

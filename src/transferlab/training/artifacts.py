@@ -22,12 +22,12 @@ from transferlab.core.context import in_sweep
 from transferlab.core.files import to_float_dict, write_json
 from transferlab.core.plotting import log_images, pyplot, save_figure
 from transferlab.core.redaction import redact
-from transferlab.core.statistics import bootstrap_intervals
+from transferlab.core.statistics import metric_intervals, proportion_interval
 from transferlab.data.base import ImageClassificationDataModule
 from transferlab.data.images import Sample
 from transferlab.models.classifier import TransferClassifier, as_classifier
 from transferlab.models.evaluation import calibration_metrics, reliability_bins
-from transferlab.training.loggers import finish_loggers, log_run_files
+from transferlab.training.loggers import log_final_metrics, log_run_files
 from transferlab.training.run_report import interpret_run, write_report
 
 log = logging.getLogger(__name__)
@@ -133,22 +133,19 @@ def test_and_report(
     seed: int,
     interpret: Optional[Mapping[str, Any]] = None,
 ) -> dict[str, Any]:
-    """Test (the given checkpoint, or the model as it is), then write metrics.json (bootstrap intervals seeded with
-    `seed`), test_predictions.csv, the test report, the interpretation (`interpret`: conf/interpret/) and report.html."""
+    """Test (the given checkpoint, or the model as it is), then write metrics.json (with intervals: core.statistics),
+    test_predictions.csv, the test report, the interpretation (`interpret`: conf/interpret/, seeded with `seed`) and
+    report.html. Every key of metrics.json goes to the loggers too; the caller finishes them."""
     trainer.test(model, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=True if ckpt_path else None)
     metrics = {**extra, **to_float_dict({k: v for k, v in trainer.callback_metrics.items() if k.startswith(("test/", "adv/"))})}
     tested = as_classifier(trainer.lightning_module)
     logits, labels = tested.outputs["test"]
-    temperature = float(tested.temperature)
     probs = logits.softmax(dim=-1)
-    before = (logits * temperature).softmax(dim=-1) if temperature != 1.0 else None
+    uncalibrated = tested.uncalibrated["test"]  # the same views, without the temperature (models.tta.combine_views)
+    before = uncalibrated.softmax(dim=-1) if float(tested.temperature) != 1.0 else None
     if before is not None:
-        metrics.update(
-            {f"test/{k}_before_calibration": v for k, v in calibration_metrics(logits * temperature, labels, len(tested.class_names)).items()}
-        )
-    predicted = probs.argmax(dim=-1).tolist()
-    intervals = bootstrap_intervals(labels.tolist(), predicted, len(tested.class_names), seed=seed)
-    metrics.update({f"test/{name}_ci95": interval for name, interval in intervals.items()})
+        metrics.update({f"test/{k}_before_calibration": v for k, v in calibration_metrics(uncalibrated, labels, len(tested.class_names)).items()})
+    metrics.update(test_intervals(probs, labels))
     if trainer.is_global_zero:
         write_json(out_dir / "metrics.json", metrics)
         write_predictions(out_dir / "test_predictions.csv", datamodule.splits["test"], tested.class_names, probs)
@@ -160,9 +157,20 @@ def test_and_report(
             interpret_run(out_dir, tested, datamodule, probs, interpret, seed)
         write_report(out_dir, metrics, f"Run report: {out_dir.name}")
         log.info("Results in %s: %s (report.html)", out_dir, summary_line(metrics))
+    log_final_metrics(trainer.loggers, metrics, step=trainer.global_step)
     log_run_files(trainer.loggers, out_dir)
-    finish_loggers(trainer.loggers)
     return metrics
+
+
+def test_intervals(probs: torch.Tensor, labels: torch.Tensor) -> dict[str, list[float]]:
+    """test/<metric>_ci95 for acc, balanced_acc, macro_f1 and (more than 3 classes) acc_top3: core.statistics."""
+    found = {
+        f"test/{name}_ci95": interval for name, interval in metric_intervals(labels.tolist(), probs.argmax(dim=-1).tolist(), probs.shape[1]).items()
+    }
+    if probs.shape[1] > 3 and len(labels):
+        hits = int((probs.topk(3, dim=-1).indices == labels[:, None]).any(dim=-1).sum())
+        found["test/acc_top3_ci95"] = proportion_interval(hits, len(labels))
+    return found
 
 
 @rank_zero_only

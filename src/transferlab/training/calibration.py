@@ -2,13 +2,16 @@
 
 The temperature is written into best.ckpt (the `temperature` buffer of the state_dict), so the test that
 follows, `transferlab-eval`, `transferlab-predict` and anything that loads the checkpoint later report and use
-calibrated probabilities. metrics.json keeps the validation figures before and after (`val/ece_before_calibration`).
+calibrated probabilities. metrics.json keeps the validation figures before and after (`val/ece_before_calibration`)
+and how the temperature was chosen (`calibration/rule`, `calibration/held_out_errors`: models.evaluation's
+choose_temperature, which does not sharpen on a held-out set with too few errors); the checkpoint keeps the same
+record (`transferlab_calibration`), which export turns into `logits_are_calibrated`.
 """
 
 from __future__ import annotations
 
 import logging
-from typing import Optional
+from typing import Any, Optional
 
 import lightning.pytorch as pl
 import torch
@@ -16,7 +19,7 @@ import torch
 from transferlab.core.safe_load import read_checkpoint
 from transferlab.data.base import ImageClassificationDataModule
 from transferlab.models.classifier import TransferClassifier, as_classifier
-from transferlab.models.evaluation import calibration_metrics, classification_metrics, fit_temperature
+from transferlab.models.evaluation import Calibration, calibration_metrics, choose_temperature, classification_metrics
 
 log = logging.getLogger(__name__)
 METHODS = ("temperature", "none")
@@ -24,52 +27,56 @@ METHODS = ("temperature", "none")
 
 def validate_and_calibrate(
     trainer: pl.Trainer, model: TransferClassifier, datamodule: ImageClassificationDataModule, ckpt_path: Optional[str], method: str
-) -> dict[str, float]:
+) -> dict[str, Any]:
     """val/* of the selected checkpoint (every metric, per class too), calibrated with `method`; returns them."""
     if not datamodule.splits.get("val"):
         log.warning("No validation images: the model is not calibrated (calibration needs held-out images)")
-        return {"calibration/temperature": float(model.temperature)}
+        calibration = choose_temperature(torch.zeros(0, len(model.class_names)), torch.zeros(0, dtype=torch.long), method)
+        set_calibration(trainer, model, ckpt_path, calibration)
+        return calibration.metrics()
     trainer.validate(model, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=True if ckpt_path else None, verbose=False)
     module = as_classifier(trainer.lightning_module)
-    logits, labels = module.outputs["val"]
-    found, temperature = held_out_metrics(logits * float(module.temperature), labels, module.class_names, method, "validation images")
-    temperature = float(trainer.strategy.broadcast(temperature, src=0))
-    set_temperature(trainer, module, ckpt_path, temperature)
-    found["calibration/temperature"] = temperature
-    return found
+    found, calibration = held_out_metrics(module.plain_raw["val"], module.outputs["val"][1], module.class_names, method, "validation images")
+    calibration.temperature = float(trainer.strategy.broadcast(calibration.temperature, src=0))
+    set_calibration(trainer, module, ckpt_path, calibration)
+    return {**found, **calibration.metrics()}
 
 
-def held_out_metrics(raw: torch.Tensor, labels: torch.Tensor, class_names: list[str], method: str, what: str) -> tuple[dict[str, float], float]:
-    """val/* of the head's own logits on held-out images (per class too) and, with method=temperature, the
-    temperature fitted on them, with the calibrated ECE and NLL (the uncalibrated ones kept as *_before_calibration)."""
+def held_out_metrics(raw: torch.Tensor, labels: torch.Tensor, class_names: list[str], method: str, what: str) -> tuple[dict[str, float], Calibration]:
+    """val/* of the head's own logits on held-out images (per class too) and how they are calibrated
+    (choose_temperature), with the calibrated ECE and NLL (the uncalibrated ones kept as *_before_calibration)."""
     found = {f"val/{k}": v for k, v in classification_metrics(raw, labels, class_names, per_class=True).items()}
     found["val/loss"] = found["val/nll"]  # of the selected checkpoint, not of the last epoch (cross-entropy = NLL)
-    temperature = 1.0
-    if method == "temperature":
-        temperature = fit_temperature(raw, labels)
-        after = calibration_metrics(raw / temperature, labels, len(class_names))
+    calibration = choose_temperature(raw, labels, method, what)
+    if calibration.calibrated:
+        after = calibration_metrics(raw / calibration.temperature, labels, len(class_names))
         for key in ("ece", "nll"):
             found[f"val/{key}_before_calibration"], found[f"val/{key}"] = found[f"val/{key}"], after[key]
         log.info(
-            "Calibration: temperature %.3f fitted on %d %s; ECE %.4f -> %.4f, NLL %.4f -> %.4f",
-            temperature,
-            len(labels),
+            "Calibration: temperature %.3f (%s; fit %.3f, %d wrong of %d %s); ECE %.4f -> %.4f, NLL %.4f -> %.4f",
+            calibration.temperature,
+            calibration.rule,
+            calibration.fitted_temperature or 1.0,
+            calibration.held_out_errors,
+            calibration.held_out_images,
             what,
             found["val/ece_before_calibration"],
             found["val/ece"],
             found["val/nll_before_calibration"],
             found["val/nll"],
         )
-    return found, temperature
+    return found, calibration
 
 
-def set_temperature(trainer: pl.Trainer, model: TransferClassifier, ckpt_path: Optional[str], temperature: float) -> None:
+def set_calibration(trainer: pl.Trainer, model: TransferClassifier, ckpt_path: Optional[str], calibration: Calibration) -> None:
     """In the model, and in the checkpoint file (rewritten atomically by the trainer's checkpoint IO, on rank 0)."""
-    model.temperature.fill_(temperature)
+    model.temperature.fill_(calibration.temperature)
+    model.calibration = calibration.record()
     if not ckpt_path:
         return
     if trainer.is_global_zero:
         checkpoint = read_checkpoint(ckpt_path)
-        checkpoint["state_dict"]["temperature"] = torch.tensor(temperature)
+        checkpoint["state_dict"]["temperature"] = torch.tensor(calibration.temperature)
+        checkpoint["transferlab_calibration"] = model.calibration
         trainer.strategy.checkpoint_io.save_checkpoint(checkpoint, ckpt_path)
     trainer.strategy.barrier("calibration")

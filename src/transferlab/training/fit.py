@@ -17,15 +17,20 @@ from transferlab.callbacks.feature_cache import FeatureCache
 from transferlab.callbacks.linear_probe import LinearProbeSolver
 from transferlab.callbacks.optuna_pruning import pruning_callbacks
 from transferlab.callbacks.unfreeze import GradualUnfreeze
-from transferlab.core.files import to_float_dict
+from transferlab.core.context import is_global_zero
+from transferlab.core.errors import ConfigError
+from transferlab.core.files import to_float_dict, write_json
 from transferlab.core.redaction import redact
 from transferlab.data.base import ImageClassificationDataModule
+from transferlab.data.stored_splits import FILE as SPLITS_FILE
+from transferlab.data.stored_splits import write_csv
 from transferlab.models.backbone import Backbone
 from transferlab.models.classifier import TransferClassifier
+from transferlab.models.evaluation import Calibration
 from transferlab.training.artifacts import announce_skipped, test_and_report
 from transferlab.training.builders import build_trainer, container, instantiate_group, log_run_config
-from transferlab.training.calibration import held_out_metrics, set_temperature, validate_and_calibrate
-from transferlab.training.loggers import resolve_logger_config
+from transferlab.training.calibration import held_out_metrics, set_calibration, validate_and_calibrate
+from transferlab.training.loggers import finish_loggers, log_final_metrics, resolve_logger_config
 from transferlab.training.lr_find import find_learning_rate
 from transferlab.training.performance import apply_performance
 
@@ -73,6 +78,15 @@ def tune_learning_rate(cfg: DictConfig, trainer: pl.Trainer, model: TransferClas
     return {"tune/lr": suggestion} if suggestion is not None else {}
 
 
+def selection_protocol(inner_cv: bool, refit: bool, has_val: bool) -> str:
+    """What val/* (and val/acc_best, the default sweep objective) were measured on: sweeps rank only jobs that agree."""
+    if inner_cv:
+        return "probe_inner_cv"  # the probe's inner K-fold held-out figures over training + validation images
+    if refit or not has_val:
+        return "none"
+    return "validation_split"
+
+
 def selected_checkpoint(trainer: pl.Trainer) -> Optional[str]:
     every = trainer.callbacks  # type: ignore[attr-defined]  # ours and any Lightning added
     checkpoint = next((c for c in every if isinstance(c, ModelCheckpoint) and not isinstance(c, LastCheckpoint)), None)
@@ -85,15 +99,16 @@ def fit_and_test(
     datamodule: ImageClassificationDataModule,
     precision_note: str,
     ckpt_path: Optional[str] = None,
-    refit: Optional[tuple[int, float]] = None,
+    refit: Optional[tuple[int, Calibration]] = None,
     prune: bool = True,
     cache: Optional[FeatureCache] = None,
     probe_c: Optional[float] = None,
     interpret: bool = True,
 ) -> tuple[dict[str, Any], TransferClassifier]:
-    """Fit in cfg.paths.output_dir; returns (metrics.json's values, the model). With `refit` = (epochs, temperature)
-    there is no validation: train that many epochs (the schedule as configured), take that temperature, save
-    checkpoints/best.ckpt, and test it if the data has a test split. `interpret`: after the test (not in CV folds)."""
+    """Fit in cfg.paths.output_dir; returns (metrics.json's values, the model). With `refit` = (epochs, calibration)
+    there is no validation: train that many epochs (the schedule as configured), take that calibration, save
+    checkpoints/best.ckpt, and test it if the data has a test split. `interpret`: after the test (not in CV folds).
+    The split it fits and tests on is stored: OUT/splits.csv and inside every checkpoint (data.stored_splits)."""
     out_dir = Path(cfg.paths.output_dir)
     resolve_logger_config(cfg.get("logger"), run_name=out_dir.name, task_name=str(cfg.task_name), tags=list(cfg.get("tags") or []))
     model = build_model(cfg, backbone, datamodule)
@@ -124,6 +139,14 @@ def fit_and_test(
                 len(merged["train"]),
                 len(merged["test"]),
             )
+    if solver is not None and solver.select == "val" and solver.c is None and not datamodule.splits.get("val"):
+        raise ConfigError(
+            "finetune.select_c=val: this run has no validation images to choose C on (data.val_fraction or the split left none); "
+            "use finetune.select_c=cv (inner cross-validation over the training images) or raise data.val_fraction"
+        )
+    model.split_table = datamodule.split_table()
+    if is_global_zero():
+        write_csv(out_dir / SPLITS_FILE, model.split_table)
     saved_here = refit is not None or solver is not None  # no epoch selects a checkpoint: this function saves it
     if saved_here:
         callbacks = [c for c in callbacks if not isinstance(c, (ModelCheckpoint, EarlyStopping))]
@@ -149,24 +172,32 @@ def fit_and_test(
     if saved_here:
         best = str(out_dir / "checkpoints" / "best.ckpt")
         if refit is not None:
-            model.temperature.fill_(refit[1])
-            model.hparams["run"] = {**model.hparams["run"], "refit": True}  # eval warns: no held-out split of its own
+            model.temperature.fill_(refit[1].temperature)
+            model.calibration = refit[1].record()
+            model.hparams["run"] = {**model.hparams["run"], "refit": True}
         trainer.save_checkpoint(best, weights_only=True)
         trainer.save_checkpoint(str(out_dir / "checkpoints" / "last.ckpt"), weights_only=True)
     if inner_cv:  # the held-out figures and the temperature come from the probe's inner folds
         assert solver is not None and solver.fit is not None and solver.fit.held_out is not None
         raw, labels = solver.fit.held_out
-        found, temperature = held_out_metrics(raw, labels, datamodule.class_names, str(cfg.calibration), "held-out training images (inner folds)")
-        set_temperature(trainer, model, best, temperature)
-        extra.update(found, **{"val/acc_best": found["val/acc"], "calibration/temperature": temperature})
+        found, calibration = held_out_metrics(raw, labels, datamodule.class_names, str(cfg.calibration), "held-out training images (inner folds)")
+        set_calibration(trainer, model, best, calibration)
+        extra.update(found, **calibration.metrics(), **{"val/acc_best": found["val/acc"]})
     elif refit is not None:
-        extra["calibration/temperature"] = refit[1]
+        extra.update(refit[1].metrics())
     else:
         extra.update(validate_and_calibrate(trainer, model, datamodule, best, str(cfg.calibration)))
+    extra["selection/protocol"] = selection_protocol(inner_cv, refit is not None, bool(datamodule.splits.get("val")))
     extra.update(best_checkpoint=best, epochs=trainer.current_epoch)
     if solver is not None:
         extra["probe/C"] = solver.c
-    if not datamodule.splits.get("test"):
-        return extra, model
-    settings = cfg.get("interpret") if interpret else None
-    return test_and_report(trainer, model, datamodule, out_dir, best, extra, seed=int(cfg.seed), interpret=settings), model
+    if datamodule.splits.get("test"):
+        settings = cfg.get("interpret") if interpret else None
+        extra = test_and_report(trainer, model, datamodule, out_dir, best, extra, seed=int(cfg.seed), interpret=settings)
+    else:  # nothing to test on: metrics.json keeps the validation figures
+        if is_global_zero():
+            write_json(out_dir / "metrics.json", extra)
+        log_final_metrics(trainer.loggers, extra, step=trainer.global_step)
+    if refit is None:  # a refit's loggers also receive the cross-validation summary (training.cross_validation)
+        finish_loggers(trainer.loggers)
+    return extra, model

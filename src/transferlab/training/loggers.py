@@ -15,7 +15,7 @@ from lightning.pytorch.loggers import Logger
 from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig, ListConfig, OmegaConf, open_dict
 
-from transferlab.core.context import sweep_identity
+from transferlab.core.context import is_global_zero, sweep_identity
 from transferlab.core.errors import require_packages
 from transferlab.core.redaction import redact
 
@@ -175,6 +175,28 @@ def log_run_files(loggers: list[Logger], out_dir: Path) -> None:
                 file = out_dir / name
                 if file.is_file():
                     client.log_artifact(run_id, str(file), artifact_path=str(Path(name).parent) if "/" in name else None)
+
+
+def log_final_metrics(loggers: list[Logger], metrics: dict[str, Any], step: int) -> None:
+    """Every key of metrics.json to every logger, whatever computed it (the probe's inner-fold val/*, calibration,
+    intervals): numbers as metrics at `step`, an interval [low, high] as `<key>_low` / `<key>_high`, text (a
+    checkpoint path, `calibration/rule`) as a parameter named `metrics.json/<key>`. Rank 0 only."""
+    if not loggers or not is_global_zero():
+        return
+    numbers: dict[str, float] = {}
+    texts: dict[str, Any] = {}
+    for key, value in metrics.items():
+        if isinstance(value, (bool, int, float)):
+            numbers[key] = float(value)
+        elif isinstance(value, (list, tuple)) and len(value) == 2 and all(isinstance(v, (int, float)) for v in value):
+            numbers[f"{key}_low"], numbers[f"{key}_high"] = float(value[0]), float(value[1])
+        elif value is not None:
+            texts[f"metrics.json/{key}"] = value if isinstance(value, (str, int, float, bool)) else str(value)
+    for lg in loggers:
+        lg.log_metrics(numbers, step=step)
+        if texts:
+            lg.log_hyperparams(redact(texts))
+        lg.save()
 
 
 def finish_loggers(loggers: list[Logger]) -> None:

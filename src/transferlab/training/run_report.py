@@ -96,7 +96,7 @@ def _metric_rows(metrics: Mapping[str, Any]) -> list[list[str]]:
 def write_report(out_dir: Path, metrics: Mapping[str, Any], title: str) -> Path:
     """<run>/report.html: headline metrics with intervals, the pictures, per-class accuracy, the most confused pairs."""
     body = [
-        "<h2>Metrics</h2><p>Intervals: 95 % bootstrap over the test images.</p>",
+        "<h2>Metrics</h2><p>Intervals: 95 % over the test images (accuracy: exact Clopper-Pearson; balanced accuracy, macro-F1: Clopper-Pearson at the jackknife effective sample size).</p>",
         table(["metric", "value", "95 % interval"], _metric_rows(metrics)),
     ]
     figures = [figure(out_dir / name, caption) for name, caption in PICTURES if (out_dir / name).is_file()]
