@@ -37,15 +37,13 @@ def folder_datamodule(root: Path, **values):
 def straddling_seed(root: Path, pairs: list[tuple[Path, Path]]) -> int:
     """A data.split_seed under which every planted (original, copy) pair falls in two different splits, found with
     the datamodule's own discovery and split (so the audit's cross_split can be checked against the truth)."""
-    from transferlab.data.splits import stratified_split
+    from transferlab.data.splits import hash_split, split_key
 
     found = folder_datamodule(root).discover()
     pool = [(p, y) for p, y in found.samples if p.name != "broken_download.jpg"]  # the integrity scan drops it
-    position = {str(p): i for i, (p, _) in enumerate(pool)}
     for seed in range(1, 100_000):
-        train, val, test = stratified_split([y for _, y in pool], 0.15, 0.15, seed)
-        split = {i: name for name, idx in (("train", train), ("val", val), ("test", test)) for i in idx}
-        if all(split[position[str(a)]] != split[position[str(b)]] for a, b in pairs):
+        split = {str(p): name for name, items in hash_split(pool, lambda path: split_key(path, root), 0.15, 0.15, seed).items() for p, _ in items}
+        if all(split[str(a)] != split[str(b)] for a, b in pairs):
             return seed
     raise AssertionError("no seed puts every planted pair across splits")
 

@@ -15,6 +15,7 @@ import yaml
 from sklearn.metrics import balanced_accuracy_score, f1_score
 
 from conftest import PETS, SPECIES_RUN, read_metrics, run
+from transferlab.core.errors import DataError
 from transferlab.core.statistics import mean_std_interval, paired_bootstrap, point_metrics, unpaired_bootstrap
 from transferlab.data.sampling import EpochBalancedSampler, balanced_loss_weights
 from transferlab.models.evaluation import calibration_metrics, fit_temperature
@@ -100,10 +101,16 @@ def test_cross_validation_predicts_every_image_once_and_its_refit_can_be_tested(
     assert metrics["test/acc"] == pytest.approx(sum(r["label"] == r["predicted"] for r in rows) / len(rows))
     assert len(metrics["test/acc_ci95"]) == 2 and metrics["cv/folds"] == 3
 
+    assert summary["intervals"]["folds"].startswith("Nadeau-Bengio")  # the folds' training sets overlap
+
     checkpoint = torch.load(out / "checkpoints" / "best.ckpt", weights_only=True, map_location="cpu")
     assert float(checkpoint["state_dict"]["temperature"]) == pytest.approx(metrics["calibration/temperature"])
-    run("eval", f"ckpt_path={out / 'checkpoints' / 'best.ckpt'}", f"hydra.run.dir={tmp_path / 'eval'}")
-    assert read_metrics(tmp_path / "eval")["test/acc"] >= 0.95
+    assert metrics["calibration/rule"] in ("fitted", "no_sharpening_few_errors") and metrics["selection/protocol"] == "cv3_mean_of_validation_split"
+    with open(out / "splits.csv", newline="") as fh:  # the refit trained on every image: nothing left to test it on here
+        assert {r["split"] for r in csv.DictReader(fh)} == {"train"}
+    assert all((out / f"fold_{k}" / "splits.csv").is_file() for k in range(3))
+    with pytest.raises(DataError, match="none of this checkpoint's 0 stored test file"):
+        run("eval", f"ckpt_path={out / 'checkpoints' / 'best.ckpt'}", f"hydra.run.dir={tmp_path / 'eval'}")
 
 
 @pytest.mark.shared
@@ -203,6 +210,17 @@ def test_a_checkpoint_from_before_calibration_and_class_weights_still_evaluates(
     run("eval", f"ckpt_path={old}", f"hydra.run.dir={tmp_path / 'eval'}")
     metrics = read_metrics(tmp_path / "eval")
     assert metrics["test/acc"] == read_metrics(species_run)["test/acc"] and "test/ece_before_calibration" not in metrics
+    del checkpoint["transferlab_splits"]  # from before stored splits: the test split is rebuilt by the rule of then
+    torch.save(checkpoint, old)
+    run("eval", f"ckpt_path={old}", f"hydra.run.dir={tmp_path / 'legacy'}")
+    from transferlab.data.splits import legacy_splits
+
+    pool = sorted((p, "dog" if p.name[0].islower() else "cat") for p in PETS.glob("*.jpg"))
+    pool = [(p, ["cat", "dog"].index(y)) for p, y in pool]
+    with open(tmp_path / "legacy" / "test_predictions.csv", newline="") as fh:
+        tested = {row["path"] for row in csv.DictReader(fh)}
+    assert tested == {str(p) for p, _ in legacy_splits(pool, 0.15, 0.2, 1)["test"]}
+    assert "predates stored splits" in (tmp_path / "legacy" / "eval.log").read_text()
 
 
 @pytest.mark.shared

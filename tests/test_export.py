@@ -40,6 +40,10 @@ def consumer_inputs(config: dict, files: list[Path]) -> torch.Tensor:
     return torch.stack(batch)
 
 
+def stored_test_rows(run_dir: Path) -> list[str]:
+    return [line for line in (run_dir / "splits.csv").read_text().splitlines() if ",test," in line]
+
+
 def test_every_format_equals_the_checkpoint_on_real_photos(species_run, species_package):
     import onnxruntime
 
@@ -47,10 +51,13 @@ def test_every_format_equals_the_checkpoint_on_real_photos(species_run, species_
     for key in ("class_names", "input_size", "resize_size", "interpolation", "mean", "std", "temperature", "logits_are_calibrated"):
         assert key in config, key
     assert config["class_names"] == ["cat", "dog"] and config["resize_size"] == 256 and config["input_size"] == 224
-    assert config["logits_are_calibrated"] is True and config["temperature"] != 1.0
+    assert config["logits_are_calibrated"] is True and config["calibration"]["held_out_images"] > 0  # chosen on the val split
+    assert config["temperature"] != 1.0 or config["calibration"]["rule"] == "no_sharpening_few_errors"
+    assert config["splits"]["test"] == len(stored_test_rows(species_run)) and "stored test images" in config["metrics_images"]
     assert config["metrics"]["test/acc_ci95"][0] <= config["metrics"]["test/acc"]  # the run's figures, with intervals
     assert config["formats"]["onnx"]["opset"] == 18 and all(f["max_abs_diff"] <= 1e-4 for f in config["formats"].values())
-    assert sorted(p.name for p in species_package.iterdir()) == ["README.md", "config.json", "model.onnx", "model.pt", "model.safetensors"]
+    names = ["README.md", "config.json", "model.onnx", "model.pt", "model.safetensors", "splits.csv"]
+    assert sorted(p.name for p in species_package.iterdir()) == names
     card = (species_package / "README.md").read_text()
     assert "test/acc" in card and "onnxruntime" in card and "95 %" in card
 
@@ -113,7 +120,7 @@ def test_format_choice_replaces_the_earlier_package(species_run, tmp_path):
     (out / "model.onnx").write_bytes(b"stale")  # from an earlier export with format=onnx
     config = run("export", f"ckpt_path={ckpt}", f"output={out}", "format=torchscript", f"hydra.run.dir={tmp_path / 'run'}")
     assert set(config["formats"]) == {"safetensors", "torchscript"}
-    assert sorted(p.name for p in out.iterdir()) == ["README.md", "config.json", "model.pt", "model.safetensors"]
+    assert sorted(p.name for p in out.iterdir()) == ["README.md", "config.json", "model.pt", "model.safetensors", "splits.csv"]
     with pytest.raises(DataError, match="has no model.onnx; export with format=onnx"):
         package.onnx_file(package.read_package(out), out)
 

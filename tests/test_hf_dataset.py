@@ -6,6 +6,7 @@ from __future__ import annotations
 import csv
 import json
 import os
+from pathlib import Path
 
 import pytest
 
@@ -51,7 +52,11 @@ def test_a_saved_dataset_trains_like_the_same_image_folder(same_images, tmp_path
     skipped = list(csv.DictReader(open(tmp_path / "hf" / "skipped_images.csv")))
     assert len(skipped) == 2 and all(row["path"].endswith(".jpg") for row in skipped)  # one per class, with the reason
     stored = json.loads(next((tmp_path / "store").glob("*/samples.json")).read_text())
-    assert sum(len(v) for v in stored.values()) == 372 and all(os.path.isfile(p) for v in stored.values() for p, _ in v)  # nothing deleted
+    assert sum(len(v) for v in stored.values()) == 372 and all(os.path.isfile(p) for v in stored.values() for p, *_ in v)  # nothing deleted
+    key_of = {path: key for rows in stored.values() for path, _, key in rows}  # the dataset's name of each written file
+    tested = {run_name: {r["path"] for r in csv.DictReader(open(tmp_path / run_name / "test_predictions.csv"))} for run_name in ("folder", "hf")}
+    folder_names = {"/".join(Path(p).parts[-2:]) for p in tested["folder"]}
+    assert folder_names == {key_of[p] for p in tested["hf"]}  # the same photos tested: folder or dataset, the same split
 
 
 def test_the_own_test_split_is_the_test_set_and_bad_columns_say_what_to_set(same_images, tmp_path):

@@ -81,12 +81,15 @@ def test_the_default_frozen_probe_is_one_lbfgs_fit_on_train_and_val(tiny_folder,
     metrics = read_metrics(tmp_path)
     assert metrics["epochs"] == 0 and metrics["probe/C"] > 0  # solved on fit start: no training epoch and metrics["test/acc"] >= 0.5
     assert 0 <= metrics["val/acc"] <= 1 and metrics["calibration/temperature"] > 0  # inner folds, or the val split
+    with open(tmp_path / "splits.csv", newline="") as fh:
+        splits = [row["split"] for row in csv.DictReader(fh)]
     with open(tmp_path / "test_predictions.csv", newline="") as fh:
-        assert len(list(csv.DictReader(fh))) == 4  # the test split stays held out: 2 of 8 per class
+        assert len(list(csv.DictReader(fh))) == splits.count("test") >= 2  # the test split stays held out
+    assert ("val" in splits) == (select == "val")  # select_c=cv trains on the validation images too
     checkpoint = torch.load(tmp_path / "checkpoints" / "best.ckpt", weights_only=True, map_location="cpu")
     assert checkpoint["state_dict"]["head.1.weight"].abs().sum() > 0
     log = (tmp_path / "train.log").read_text()
-    assert ("cross-validation over the 12 training images" in log) == (select == "cv")  # train + val, no val split
+    assert (f"cross-validation over the {16 - splits.count('test')} training images" in log) == (select == "cv")  # train + val
 
 
 @pytest.mark.shared

@@ -53,7 +53,7 @@ def test_the_run_its_history_and_artefacts_read_back(mlflow_server, tracked_run,
     assert found.data.params["optimizer/lr"] and found.data.params["finetune/mode"] == "frozen"
     assert found.data.tags["transferlab.tags"] == "mlflow,e2e" and found.data.tags["transferlab.task"] == "train"
     history = client.get_metric_history(found.info.run_id, "val/acc")
-    assert len(history) == 3 and all(0 <= m.value <= 1 for m in history)  # one point per epoch
+    assert len(history) == 3 + 1 and all(0 <= m.value <= 1 for m in history)  # one point per epoch, and metrics.json's at the end
     local = json.loads((tracked_run / "metrics.json").read_text())
     assert found.data.metrics["test/acc"] == pytest.approx(local["test/acc"])
     names = {a.path for a in client.list_artifacts(found.info.run_id)} | {a.path for a in client.list_artifacts(found.info.run_id, "checkpoints")}
@@ -62,6 +62,33 @@ def test_the_run_its_history_and_artefacts_read_back(mlflow_server, tracked_run,
     assert json.loads(copy.read_text()) == local
     best = Path(client.download_artifacts(found.info.run_id, "checkpoints/best.ckpt", str(tmp_path)))
     assert best.read_bytes() == (tracked_run / "checkpoints" / "best.ckpt").read_bytes()  # the calibrated one
+
+
+def test_every_key_of_metrics_json_reaches_mlflow_for_the_default_probe(mlflow_server, tiny_folder, tmp_path):
+    """The L-BFGS probe's val/* come from its inner folds after fit, calibration's record after that: all reach the server."""
+    from mlflow.tracking import MlflowClient
+
+    out = tmp_path / "probe"
+    run(
+        "train",
+        "data=image_folder",
+        f"data.root={tiny_folder}",
+        *FAST,
+        "logger=mlflow",
+        f"logger.mlflow.tracking_uri={mlflow_server}",
+        f"hydra.run.dir={out}",
+    )
+    client = MlflowClient(mlflow_server)
+    (found,) = [r for r in client.search_runs([client.get_experiment_by_name("train").experiment_id]) if r.info.run_name == out.name]
+    local = json.loads((out / "metrics.json").read_text())
+    assert local["selection/protocol"] == "probe_inner_cv" and "val/acc" in local
+    for key, value in local.items():
+        if isinstance(value, bool) or isinstance(value, (int, float)):
+            assert found.data.metrics[key] == pytest.approx(float(value)), key
+        elif isinstance(value, list):
+            assert [found.data.metrics[f"{key}_low"], found.data.metrics[f"{key}_high"]] == pytest.approx(value), key
+        elif value is not None:
+            assert found.data.params[f"metrics.json/{key}"] == str(value), key
 
 
 def test_a_sweep_is_one_experiment_with_a_run_per_job(mlflow_server, tiny_folder, tmp_path):

@@ -189,6 +189,7 @@ def test_optuna_range_is_exactly_pythons(line):
 # -- a folder that changes after training ---------------------------------------------------------------------
 FOLDER = ["data=image_folder", "data.test_fraction=0.25", *FAST]
 
+
 @pytest.fixture(scope="module")
 def changing_folder(tmp_path_factory) -> dict:
     """36 cats and 36 dogs (64 px), a run on them, then 30 cats added and 10 dogs deleted (3 of them stored test files)."""
@@ -301,7 +302,15 @@ def test_eval_on_other_data_leaves_out_copies_of_training_files(changing_folder)
 @pytest.mark.shared
 def test_select_c_val_without_validation_images_exits_2(tiny_folder, tmp_path):
     with pytest.raises(Exception) as caught:
-        run("train", "data=image_folder", f"data.root={tiny_folder}", "finetune.select_c=val", "data.val_fraction=0", f"hydra.run.dir={tmp_path}", *FAST)
+        run(
+            "train",
+            "data=image_folder",
+            f"data.root={tiny_folder}",
+            "finetune.select_c=val",
+            "data.val_fraction=0",
+            f"hydra.run.dir={tmp_path}",
+            *FAST,
+        )
     assert exit_code(caught.value) == 2 and "finetune.select_c=val" in str(caught.value) and "select_c=cv" in str(caught.value)
 
 
@@ -316,7 +325,13 @@ def test_calibration_none_is_not_called_calibrated_and_the_default_is(changing_f
     assert metrics["calibration/rule"] == "none" and metrics["calibration/temperature"] == 1.0
     for run_dir, expected in ((plain, False), (changing_folder["first"], True)):
         package = tmp_path / f"package_{run_dir.name}"
-        run("export", f"ckpt_path={run_dir / 'checkpoints' / 'best.ckpt'}", "format=torchscript", f"output={package}", f"hydra.run.dir={tmp_path / 'x'}")
+        run(
+            "export",
+            f"ckpt_path={run_dir / 'checkpoints' / 'best.ckpt'}",
+            "format=torchscript",
+            f"output={package}",
+            f"hydra.run.dir={tmp_path / 'x'}",
+        )
         config = json.loads((package / "config.json").read_text())
         assert config["logits_are_calibrated"] is expected, config["calibration"]
         assert (package / "splits.csv").read_text() == (run_dir / "splits.csv").read_text()

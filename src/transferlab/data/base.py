@@ -34,7 +34,7 @@ from transferlab.data.sampling import (
     balanced_loss_weights,
     epoch_seed,
 )
-from transferlab.data.splits import drop_excluded, hash_split, require_training_images
+from transferlab.data.splits import drop_excluded, hash_split, require_training_images, split_key
 from transferlab.data.stored_splits import build_table
 
 log = logging.getLogger(__name__)
@@ -150,7 +150,7 @@ class ImageClassificationDataModule(DeviceDecoding, pl.LightningDataModule):
                 f"(each is listed with its reason above); expected {self.layout}"
             )
         test_fraction = 0.0 if official_test is not None else self.test_fraction
-        splits = hash_split(pool, self.root, self.val_fraction, test_fraction, self.split_seed)
+        splits = hash_split(pool, self.split_key, self.val_fraction, test_fraction, self.split_seed)
         require_training_images(found.class_names, found.samples, pool, splits["train"], self.root)
         self.class_names, self.pool = found.class_names, pool
         self.usable = pool + (official_test or [])
@@ -158,6 +158,10 @@ class ImageClassificationDataModule(DeviceDecoding, pl.LightningDataModule):
         if official_test is not None:
             splits["test"] = official_test
         self.use_splits(splits)
+
+    def split_key(self, path: Path) -> str:
+        """What an image's split is hashed from: its path relative to data.root (a dataset may name its images otherwise)."""
+        return split_key(path, self.root)
 
     def split_table(self) -> dict[str, Any]:
         """The current train / val / test files with their sizes and sha256 (data.stored_splits: OUT/splits.csv)."""

@@ -5,7 +5,9 @@ by the dataset's fingerprint; from there everything works as for any other datas
 undecodable images (nothing is deleted), the feature cache, the audit, predictions with file paths. Rows whose
 image is a file on disk already (the `imagefolder` builder, local paths) are used where they are. The dataset's
 own `test` split is the official test list when it has one; `train` (and `validation`) form the pool that the
-stratified split and cross-validation use.
+stable split and cross-validation use. An image's split is hashed from `<class>/<its original file name>` (the
+row index when it has none), as an image folder's `<class>/<file>`: the same photos get the same split whether they
+come as a folder or as a dataset, and a new version of the dataset (a new fingerprint) moves none of the old ones.
 """
 
 from __future__ import annotations
@@ -34,6 +36,7 @@ class HfDatasetDataModule(ImageClassificationDataModule):
         """`path`, `name`, the columns and the rest: conf/data/hf_dataset.yaml (`root` = where its images are written)."""
         super().__init__(**kwargs)
         self.path, self.name, self.image_column, self.label_column = str(path), name, image_column, label_column
+        self.keys: dict[str, str] = {}  # image file -> what its split is hashed from
 
     def is_present(self) -> bool:
         return True  # datasets fetches (or fails) in discover(); root is only the image store
@@ -78,12 +81,14 @@ class HfDatasetDataModule(ImageClassificationDataModule):
         with FileLock(str(store) + ".lock"):
             done = store / "samples.json"
             if done.is_file():
-                samples = {k: [(Path(p), int(y)) for p, y in v] for k, v in json.loads(done.read_text()).items()}
+                stored = json.loads(done.read_text())
+                samples = {k: [(Path(p), int(y)) for p, y, *_ in v] for k, v in stored.items()}
+                self.keys = {str(p): rest[0] for v in stored.values() for p, _, *rest in v if rest}  # stores before keys: none
             else:
                 for split in known:
                     rows = found[split].cast_column(self.image_column, datasets.Image(decode=False))
                     samples[split] = self._write(rows, store / split, class_names)
-                write_json(done, {k: [[str(p), y] for p, y in v] for k, v in samples.items()})
+                write_json(done, {k: [[str(p), y, self.keys[str(p)]] for p, y in v] for k, v in samples.items()})
         test = [s for split in TEST_SPLITS if split in samples for s in samples[split]] or None
         pool = [s for split in known if split not in TEST_SPLITS for s in samples[split]]
         if not pool and test:  # only a test split: it becomes the pool of the stratified split
@@ -102,10 +107,16 @@ class HfDatasetDataModule(ImageClassificationDataModule):
                 continue
             label = int(label) if getattr(rows.features[self.label_column], "names", None) else index[str(label)]
             source = Path(image["path"]) if image.get("path") else None
+            key = f"{class_names[label]}/{source.name if source else f'{i:07d}'}"
             if image.get("bytes") is None and source is not None and source.is_file():
                 found.append((source, label))
+                self.keys[str(source)] = key
                 continue
             file = folder / f"{i:07d}{source.suffix if source and source.suffix else '.img'}"
             file.write_bytes(image.get("bytes") or b"")  # an empty image stays an (empty) file: the scan reports it
             found.append((file, label))
+            self.keys[str(file)] = key
         return found
+
+    def split_key(self, path: Path) -> str:
+        return self.keys.get(str(path)) or super().split_key(path)

@@ -20,7 +20,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -48,10 +48,13 @@ def hash_unit(key: str, seed: int) -> float:
     return int.from_bytes(hashlib.sha256(f"{seed}:{key}".encode()).digest()[:8], "big") / 2**64
 
 
-def hash_split(samples: Sequence[Sample], root: Path, val_fraction: float, test_fraction: float, seed: int) -> dict[str, list[Sample]]:
-    """{train, val, test}: each sample by hash_unit of its split_key (see the module docstring), small classes helped."""
+def hash_split(
+    samples: Sequence[Sample], key_of: Callable[[Path], str], val_fraction: float, test_fraction: float, seed: int
+) -> dict[str, list[Sample]]:
+    """{train, val, test}: each sample by hash_unit of its key (`key_of(path)`: the path relative to data.root, or what
+    a dataset names its images by), small classes helped (see the module docstring)."""
     bands = {"test": (0.0, test_fraction), "val": (test_fraction, test_fraction + val_fraction), "train": (test_fraction + val_fraction, 1.0)}
-    units = [hash_unit(split_key(path, root), seed) for path, _ in samples]
+    units = [hash_unit(key_of(Path(path)), seed) for path, _ in samples]
     chosen = ["test" if u < test_fraction else "val" if u < test_fraction + val_fraction else "train" for u in units]
     by_class: dict[int, list[int]] = {}
     for i, (_, label) in enumerate(samples):

@@ -29,7 +29,7 @@ from transferlab.core.safe_load import read_checkpoint
 from transferlab.data.preprocessing import Preprocessing
 from transferlab.models import package
 from transferlab.models.backbones import Backbone, create_backbone
-from transferlab.models.evaluation import classification_metrics
+from transferlab.models.evaluation import classification_metrics, gather_in_order
 from transferlab.models.optimization import parameter_groups
 from transferlab.models.regularization import batch_mixer
 from transferlab.models.tta import combine_views, views
@@ -259,23 +259,6 @@ class TransferClassifier(pl.LightningModule):
         else:
             scheduler = instantiate(sched_cfg)(optimizer=optimizer)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": interval, "monitor": "val/loss"}}
-
-
-def gather_in_order(batches: list[tuple[torch.Tensor, torch.Tensor]], shape: tuple[int, ...]) -> tuple[torch.Tensor, torch.Tensor]:
-    """This rank's (values [N, *shape], labels), or under DDP every rank's, put back in dataset order: rank r of n
-    evaluated images r, r+n, r+2n, ... (data.sampling.EvaluationShardSampler)."""
-    logits = torch.cat([b[0] for b in batches]) if batches else torch.zeros(0, *shape)
-    labels = torch.cat([b[1] for b in batches]) if batches else torch.zeros(0, dtype=torch.long)
-    if not (torch.distributed.is_available() and torch.distributed.is_initialized()) or torch.distributed.get_world_size() == 1:
-        return logits, labels
-    world = torch.distributed.get_world_size()
-    shards: list[Any] = [None] * world
-    torch.distributed.all_gather_object(shards, (logits, labels))
-    total = sum(len(shard[1]) for shard in shards)
-    all_logits, all_labels = torch.zeros(total, *shape), torch.zeros(total, dtype=torch.long)
-    for rank, (shard_logits, shard_labels) in enumerate(shards):
-        all_logits[rank::world], all_labels[rank::world] = shard_logits, shard_labels
-    return all_logits, all_labels
 
 
 def load_checkpoint(path: str | Path) -> tuple[TransferClassifier, dict[str, Any]]:

@@ -136,3 +136,20 @@ def reliability_bins(probs: torch.Tensor, labels: torch.Tensor, bins: int = ECE_
         count = int(inside.sum())
         found.append((float(confidence[inside].mean()) if count else float((low + high) / 2), float(correct[inside].mean()) if count else 0.0, count))
     return found
+
+
+def gather_in_order(batches: list[tuple[torch.Tensor, torch.Tensor]], shape: tuple[int, ...]) -> tuple[torch.Tensor, torch.Tensor]:
+    """This rank's (values [N, *shape], labels), or under DDP every rank's, put back in dataset order: rank r of n
+    evaluated images r, r+n, r+2n, ... (data.sampling.EvaluationShardSampler)."""
+    logits = torch.cat([b[0] for b in batches]) if batches else torch.zeros(0, *shape)
+    labels = torch.cat([b[1] for b in batches]) if batches else torch.zeros(0, dtype=torch.long)
+    if not (torch.distributed.is_available() and torch.distributed.is_initialized()) or torch.distributed.get_world_size() == 1:
+        return logits, labels
+    world = torch.distributed.get_world_size()
+    shards: list[Any] = [None] * world
+    torch.distributed.all_gather_object(shards, (logits, labels))
+    total = sum(len(shard[1]) for shard in shards)
+    all_logits, all_labels = torch.zeros(total, *shape), torch.zeros(total, dtype=torch.long)
+    for rank, (shard_logits, shard_labels) in enumerate(shards):
+        all_logits[rank::world], all_labels[rank::world] = shard_logits, shard_labels
+    return all_logits, all_labels

@@ -98,6 +98,16 @@ class ResumableCSVLogger(Logger):
     def finalize(self, status: str) -> None:
         self.save()
 
+    @rank_zero_only
+    def log_final(self, values: dict[str, Any]) -> None:
+        """The run's final figures (every key of metrics.json) as <log_dir>/final_metrics.csv, one `key,value` row each:
+        metrics.csv keeps one row per logging step, so its epoch curves stay what they were."""
+        Path(self.log_dir).mkdir(parents=True, exist_ok=True)
+        with open(Path(self.log_dir) / "final_metrics.csv", "w", newline="") as fh:
+            writer = csv.writer(fh)
+            writer.writerow(["key", "value"])
+            writer.writerows(sorted(values.items()))
+
 
 def wandb_has_credentials() -> bool:
     """An API key in the environment or in ~/.netrc (where `wandb login` puts it)."""
@@ -193,6 +203,9 @@ def log_final_metrics(loggers: list[Logger], metrics: dict[str, Any], step: int)
         elif value is not None:
             texts[f"metrics.json/{key}"] = value if isinstance(value, (str, int, float, bool)) else str(value)
     for lg in loggers:
+        if isinstance(lg, ResumableCSVLogger):
+            lg.log_final({**numbers, **redact(texts)})
+            continue
         lg.log_metrics(numbers, step=step)
         if texts:
             lg.log_hyperparams(redact(texts))
