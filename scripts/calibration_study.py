@@ -6,8 +6,9 @@ For each task (species, breeds) and outer split seed, 5 outer folds (data.folds,
 default L-BFGS probe is fitted on the other 4 folds with C chosen by inner 5-fold CV, exactly as a run does, and
 its temperature is chosen from the inner folds' held-out logits; the outer fold's images, which neither the probe
 nor the temperature saw, then measure the calibrated probabilities (ECE, 15 bins, and NLL, pooled over all images).
-Rules compared: `min_errors=0` (the earlier rule: the fitted temperature whatever the errors), the default
-(models.evaluation.MIN_ERRORS_TO_SHARPEN) and its neighbours, and no temperature at all (T = 1).
+Rules compared: the earlier rule (the fitted temperature whatever the errors), no sharpening below 3, 10 or 30
+held-out errors, the default (models.evaluation.choose_temperature: sharpening capped where the mean held-out
+confidence reaches Laplace's (right + 1) / (images + 2)) and no temperature at all (T = 1).
 """
 
 from __future__ import annotations
@@ -24,23 +25,29 @@ import torch
 
 from sklearn_probe import features_of  # scripts/ is on sys.path when this runs as a script
 from transferlab.data.folds import fold_splits
-from transferlab.models import evaluation
-from transferlab.models.evaluation import calibration_metrics, fit_temperature
+from transferlab.models.evaluation import calibration_metrics, choose_temperature, fit_temperature
 from transferlab.models.linear_probe import select_by_cv
 
-RULES = {"T=1 (none)": None, "min_errors=0 (earlier)": 0, "min_errors=3": 3, "min_errors=10 (default)": 10, "min_errors=30": 30}
+RULES = {"T=1 (none)": None, "earlier (the fit)": 0, "min_errors=3": 3, "min_errors=10": 10, "min_errors=30": 30, "laplace cap": "laplace"}
 
 
-def temperature(raw: torch.Tensor, labels: torch.Tensor, min_errors: int | None) -> float:
-    if min_errors is None:
+def temperature(raw: torch.Tensor, labels: torch.Tensor, rule: int | str | None) -> float:
+    if rule is None:
         return 1.0
+    if rule == "laplace":
+        return choose_temperature(raw, labels, "temperature").temperature
     fitted = fit_temperature(raw, labels)
     errors = int((raw.argmax(-1) != labels).sum())
-    return 1.0 if fitted < 1.0 and errors < min_errors else fitted
+    return 1.0 if fitted < 1.0 and errors < int(rule) else fitted
+
+
+FEATURES: dict[tuple, tuple] = {}
 
 
 def study(data_root: str, task: str, seed: int, backbone: str) -> dict:
-    features, labels, pool, names = features_of(backbone, data_root, task, seed)
+    if (task, seed) not in FEATURES:
+        FEATURES[(task, seed)] = features_of(backbone, data_root, task, seed)
+    features, labels, pool, names = FEATURES[(task, seed)]
     x, y = torch.from_numpy(features).float(), torch.from_numpy(labels).long()
     row = {str(path): i for i, (path, _) in enumerate(pool)}
     logits = torch.zeros(len(y), len(names))
@@ -73,7 +80,7 @@ def main(argv: list[str]) -> int:
     args = parser.parse_args(argv)
     started = time.perf_counter()
     results = [study(args.data_root, task, seed, args.backbone) for task in args.tasks for seed in args.seeds]
-    print(f"default rule: min_errors={evaluation.MIN_ERRORS_TO_SHARPEN}; {time.perf_counter() - started:.0f} s")
+    print(f"{len(results)} studies in {time.perf_counter() - started:.0f} s; the default rule: models.evaluation.choose_temperature")
     for result in results:
         print(
             f"{result['task']:8} seed {result['seed']:>2}: {result['oof_errors']} out-of-fold errors of {result['images']}; held-out errors per fold "

@@ -52,7 +52,7 @@ def test_every_format_equals_the_checkpoint_on_real_photos(species_run, species_
         assert key in config, key
     assert config["class_names"] == ["cat", "dog"] and config["resize_size"] == 256 and config["input_size"] == 224
     assert config["logits_are_calibrated"] is True and config["calibration"]["held_out_images"] > 0  # chosen on the val split
-    assert config["temperature"] != 1.0 or config["calibration"]["rule"] == "no_sharpening_few_errors"
+    assert config["temperature"] != 1.0 or config["calibration"]["rule"] == "capped_at_laplace_accuracy"
     assert config["splits"]["test"] == len(stored_test_rows(species_run)) and "stored test images" in config["metrics_images"]
     assert config["metrics"]["test/acc_ci95"][0] <= config["metrics"]["test/acc"]  # the run's figures, with intervals
     assert config["formats"]["onnx"]["opset"] == 18 and all(f["max_abs_diff"] <= 1e-4 for f in config["formats"].values())

@@ -254,7 +254,8 @@ def test_ddp_with_cache_matches_one_process(species_run, tmp_path):
         f"hydra.run.dir={out}",
     )
     stats = json.loads((out / "feature_cache.json").read_text())
-    assert stats["train"]["computed"] == 240 and stats["test"]["computed"] == 74
+    splits = [line.split(",")[1] for line in (out / "splits.csv").read_text().splitlines()[1:]]
+    assert stats["train"]["computed"] == splits.count("train") and stats["test"]["computed"] == splits.count("test") > 0
     store = Path(stats["train"]["store"])
     assert {p.name.rsplit("-", 1)[1] for p in store.glob("*.npy")} == {"r0.npy", "r1.npy"}  # both ranks computed
     ddp, single = read_metrics(out), read_metrics(species_run)

@@ -23,7 +23,7 @@ from transferlab.core.statistics import (
     mean_std_interval,
     metric_intervals,
 )
-from transferlab.models.evaluation import MIN_ERRORS_TO_SHARPEN, choose_temperature
+from transferlab.models.evaluation import choose_temperature, mean_confidence
 
 
 # -- intervals ------------------------------------------------------------------------------------------------
@@ -120,21 +120,25 @@ def test_fold_intervals_account_for_overlapping_training_sets():
 
 
 # -- calibration at the edges ---------------------------------------------------------------------------------
-def test_no_held_out_errors_never_sharpen_and_the_record_says_why():
+def test_a_perfect_held_out_set_cannot_buy_more_confidence_than_laplace_allows():
     generator = torch.Generator().manual_seed(0)
-    logits = torch.randn(80, 3, generator=generator)
-    labels = logits.argmax(dim=-1)  # every held-out image right
+    logits = torch.randn(80, 3, generator=generator) * 30  # a confident network
+    labels = logits.argmax(dim=-1)  # and every held-out image right
     kept = choose_temperature(logits, labels, "temperature")
-    assert kept.fitted_temperature is not None and kept.fitted_temperature < 0.7  # the NLL alone wants certainty
-    assert kept.temperature == 1.0 and kept.rule == "no_sharpening_few_errors" and kept.held_out_errors == 0
-    assert kept.calibrated and kept.metrics()["calibration/held_out_errors"] == 0
+    assert kept.fitted_temperature is not None and kept.fitted_temperature < 0.6  # the NLL alone wants ever more certainty
+    assert kept.rule == "capped_at_laplace_accuracy" and kept.held_out_errors == 0 and kept.calibrated
+    assert kept.fitted_temperature < kept.temperature <= 1.0  # sharpened only up to the cap
+    assert mean_confidence(logits, kept.temperature) == pytest.approx(81 / 82, abs=1e-6)  # (right + 1) / (images + 2)
+    assert kept.metrics()["calibration/held_out_errors"] == 0 and kept.metrics()["calibration/rule"] == "capped_at_laplace_accuracy"
+    already = choose_temperature(logits * 10, labels, "temperature")  # more confident than the cap at T = 1: kept at 1
+    assert already.temperature == 1.0 and already.rule == "capped_at_laplace_accuracy"
 
     noisy = labels.clone()
-    noisy[: MIN_ERRORS_TO_SHARPEN + 10] = (noisy[: MIN_ERRORS_TO_SHARPEN + 10] + 1) % 3  # enough evidence
-    fitted = choose_temperature(logits * 0.3, noisy, "temperature")
-    assert fitted.rule == "fitted" and fitted.temperature < 1.0
-    confident = choose_temperature(logits * 20, _few_errors(labels, 3), "temperature")
-    assert confident.rule == "fitted" and confident.temperature > 1.0  # softening needs no minimum
+    noisy[:20] = (noisy[:20] + 1) % 3  # 20 errors: an underconfident network may sharpen to its fit
+    fitted = choose_temperature(logits / 100, noisy, "temperature")
+    assert fitted.rule == "fitted" and fitted.temperature < 1.0 and fitted.temperature == fitted.fitted_temperature
+    confident = choose_temperature(logits, _few_errors(labels, 3), "temperature")
+    assert confident.rule == "fitted" and confident.temperature > 1.0  # softening is never limited
     none = choose_temperature(logits, labels, "none")
     assert none.temperature == 1.0 and none.rule == "none" and not none.calibrated
     empty = choose_temperature(logits[:0], labels[:0], "temperature")
@@ -236,6 +240,14 @@ def test_the_split_is_stored_in_the_run_and_its_checkpoint(changing_folder):
     with open(first / "test_predictions.csv", newline="") as fh:
         tested = {Path(r["path"]).relative_to(changing_folder["root"]).as_posix() for r in csv.DictReader(fh)}
     assert tested == {r["path"] for r in rows if r["split"] == "test"}
+    from transferlab.data.stored_splits import assignment
+    from transferlab.models.package import load_split_table
+
+    # what transferlab-audit splits=... reads: the run folder, its splits.csv or its checkpoint, the same assignment
+    sources = (first, first / "splits.csv", first / "checkpoints" / "last.ckpt")
+    assert all(assignment(load_split_table(source)) == {r["path"]: r["split"] for r in rows} for source in sources)
+    with pytest.raises(DataError, match="holds no stored split"):
+        load_split_table(first / "config.yaml")
 
 
 @pytest.mark.shared
@@ -336,6 +348,5 @@ def test_calibration_none_is_not_called_calibrated_and_the_default_is(changing_f
         assert config["logits_are_calibrated"] is expected, config["calibration"]
         assert (package / "splits.csv").read_text() == (run_dir / "splits.csv").read_text()
     default = read_metrics(changing_folder["first"])
-    assert default["calibration/rule"] in ("fitted", "no_sharpening_few_errors") and default["selection/protocol"] == "probe_inner_cv"
-    if default["calibration/held_out_errors"] < MIN_ERRORS_TO_SHARPEN:
-        assert default["calibration/temperature"] >= 1.0
+    assert default["calibration/rule"] in ("fitted", "capped_at_laplace_accuracy") and default["selection/protocol"] == "probe_inner_cv"
+    assert default["calibration/held_out_images"] == sum(s != "test" for s in changing_folder["stored"].values())  # the inner folds

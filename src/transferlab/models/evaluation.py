@@ -20,10 +20,6 @@ from transferlab.core.statistics import point_metrics
 
 ECE_BINS = 15
 TEMPERATURE_RANGE = (0.05, 20.0)  # a fit outside it means too few validation images to say anything
-# Below this many wrong held-out images a temperature under 1 (sharper, more confident probabilities) is not taken:
-# with (almost) no errors the NLL keeps falling as T -> 0, so the fit measures the prior, not the data
-# (scripts/calibration_study.py measures the rule on images the model never saw: docs/evaluation.md).
-MIN_ERRORS_TO_SHARPEN = 10
 
 
 @dataclass
@@ -31,7 +27,7 @@ class Calibration:
     """How a temperature was chosen: what metrics.json (`calibration/*`), checkpoints and config.json record."""
 
     method: str  # temperature | none
-    rule: str  # fitted | no_sharpening_few_errors | no_held_out_images | none
+    rule: str  # fitted | capped_at_laplace_accuracy | no_held_out_images | none
     temperature: float
     held_out_images: int
     held_out_errors: int
@@ -53,21 +49,6 @@ class Calibration:
 
     def record(self) -> dict[str, Any]:
         return {**asdict(self), "calibrated": self.calibrated}
-
-
-def choose_temperature(raw: torch.Tensor, labels: torch.Tensor, method: str, fitted_on: str = "") -> Calibration:
-    """The calibration of a model from its raw logits on held-out images: temperature scaling (fit_temperature), except
-    that with fewer than MIN_ERRORS_TO_SHARPEN wrong images a temperature below 1 is replaced by 1."""
-    images = len(labels)
-    errors = int((raw.argmax(dim=-1) != labels).sum()) if images else 0
-    if method != "temperature":
-        return Calibration(method, "none", 1.0, images, errors, None, fitted_on)
-    if images == 0:
-        return Calibration(method, "no_held_out_images", 1.0, 0, 0, None, fitted_on)
-    fitted = fit_temperature(raw, labels)
-    if fitted < 1.0 and errors < MIN_ERRORS_TO_SHARPEN:
-        return Calibration(method, "no_sharpening_few_errors", 1.0, images, errors, fitted, fitted_on)
-    return Calibration(method, "fitted", fitted, images, errors, fitted, fitted_on)
 
 
 def classification_metrics(logits: torch.Tensor, labels: torch.Tensor, class_names: Sequence[str], per_class: bool) -> dict[str, float]:
@@ -123,6 +104,34 @@ def fit_temperature(logits: torch.Tensor, labels: torch.Tensor, prior_std: float
     with torch.enable_grad():
         optimizer.step(closure)
     return float(log_t.detach().clamp(low, high).exp())
+
+
+def mean_confidence(raw: torch.Tensor, temperature: float) -> float:
+    return float((raw.double() / temperature).softmax(dim=-1).max(dim=-1).values.mean())
+
+
+def choose_temperature(raw: torch.Tensor, labels: torch.Tensor, method: str, fitted_on: str = "") -> Calibration:
+    """The calibration of a model from its raw logits on held-out images: temperature scaling (fit_temperature), with
+    one limit on sharpening. A temperature below 1 may not make the mean held-out confidence exceed Laplace's
+    estimate of the accuracy, (right + 1) / (images + 2): with no errors the NLL keeps falling as T -> 0, so a fit
+    on a perfect held-out set would claim a certainty the data cannot show. Softening (T > 1) is never limited."""
+    images = len(labels)
+    errors = int((raw.argmax(dim=-1) != labels).sum()) if images else 0
+    if method != "temperature":
+        return Calibration(method, "none", 1.0, images, errors, None, fitted_on)
+    if images == 0:
+        return Calibration(method, "no_held_out_images", 1.0, 0, 0, None, fitted_on)
+    fitted = fit_temperature(raw, labels)
+    cap = (images - errors + 1) / (images + 2)
+    if fitted >= 1.0 or mean_confidence(raw, fitted) <= cap:
+        return Calibration(method, "fitted", fitted, images, errors, fitted, fitted_on)
+    low, high = math.log(fitted), 0.0  # mean confidence falls as T rises: bisect log T for the cap
+    if mean_confidence(raw, 1.0) > cap:
+        low = 0.0
+    for _ in range(60 if low < 0 else 0):
+        middle = (low + high) / 2
+        low, high = (middle, high) if mean_confidence(raw, math.exp(middle)) > cap else (low, middle)
+    return Calibration(method, "capped_at_laplace_accuracy", math.exp(high), images, errors, fitted, fitted_on)
 
 
 def reliability_bins(probs: torch.Tensor, labels: torch.Tensor, bins: int = ECE_BINS) -> list[tuple[float, float, int]]:

@@ -158,7 +158,10 @@ def load_split_table(source: str | Path, key: str = "splits") -> dict[str, Any]:
     if path.is_file() and path.suffix == ".csv":
         return stored_splits.read_csv(path)
     if path.is_file():
-        table = read_checkpoint(path, key).get("transferlab_splits")
+        try:
+            table = read_checkpoint(path, key).get("transferlab_splits")
+        except DataError:  # not a checkpoint at all
+            table = None
         if table:
             return dict(table)
     raise DataError(f"{key}: {path} holds no stored split; give a run's splits.csv, its run folder, or a checkpoint written since splits are stored")

@@ -124,7 +124,8 @@ def unranked_reason(jobs: list[Job], metric: str) -> Optional[str]:
     shown = "; ".join(f"{protocol} in job(s) {', '.join(names[:6])}" for protocol, names in sorted(groups.items()))
     return (
         f"Not ranked: {metric} is measured differently across these jobs ({shown}); e.g. the probe's inner cross-validation "
-        f"over train + val is not a validation-split accuracy. Compare them on test/acc (the same test images), or sweep one protocol at a time."
+        f"over train + val is not a validation-split accuracy. Compare them on the same test images (transferlab-report <sweep> --metric test/acc), "
+        "or sweep one protocol at a time (finetune.select_c=val puts the probe on the validation split)."
     )
 
 

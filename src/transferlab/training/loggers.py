@@ -201,14 +201,15 @@ def log_final_metrics(loggers: list[Logger], metrics: dict[str, Any], step: int)
         elif isinstance(value, (list, tuple)) and len(value) == 2 and all(isinstance(v, (int, float)) for v in value):
             numbers[f"{key}_low"], numbers[f"{key}_high"] = float(value[0]), float(value[1])
         elif value is not None:
-            texts[f"metrics.json/{key}"] = value if isinstance(value, (str, int, float, bool)) else str(value)
+            texts[key] = value if isinstance(value, (str, int, float, bool)) else str(value)
+    texts = redact(texts)
     for lg in loggers:
         if isinstance(lg, ResumableCSVLogger):
-            lg.log_final({**numbers, **redact(texts)})
+            lg.log_final({**numbers, **texts})
             continue
         lg.log_metrics(numbers, step=step)
         if texts:
-            lg.log_hyperparams(redact(texts))
+            lg.log_hyperparams({f"metrics.json/{key}": value for key, value in texts.items()})
         lg.save()
 
 
