@@ -17,6 +17,7 @@ from __future__ import annotations
 import copy
 import logging
 import math
+import re
 import statistics
 from pathlib import Path
 from typing import Any
@@ -146,6 +147,8 @@ def cross_validate(cfg: DictConfig, backbone: Backbone, datamodule: ImageClassif
     return result
 
 
+RATES = re.compile(r"/(acc|acc_best|acc_top3|balanced_acc|macro_f1|ece)(_before_calibration)?$|/(precision|recall|acc_class)/")
+LOSSES = re.compile(r"/(nll|loss)(_before_calibration)?$")
 FOLD_INTERVAL = "Nadeau-Bengio corrected resampled t over the folds (variance (1/K + 1/(K-1)) s^2: their training sets overlap)"
 
 
@@ -155,6 +158,8 @@ def summarise(fold_metrics: list[dict[str, float]], folds: int) -> dict[str, Any
     found: dict[str, Any] = {"folds": fold_metrics, "mean": {}, "std": {}, "ci95": {}}
     for key in keys:
         mean, std, interval = mean_std_interval([m[key] for m in fold_metrics], fold_test_to_train(folds))
+        if RATES.search(key) or LOSSES.search(key):  # a rate stays in [0, 1], a loss above 0, whatever the t-interval says
+            interval = [max(0.0, interval[0]), min(1.0, interval[1]) if RATES.search(key) else interval[1]]
         found["mean"][key], found["std"][key], found["ci95"][key] = mean, std, interval
     return found
 
