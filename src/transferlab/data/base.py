@@ -1,4 +1,4 @@
-"""What every image-classification dataset shares: integrity scan, stratified split, loaders.
+"""What every image-classification dataset shares: integrity scan, the stable hash split, loaders.
 
 A new dataset subclasses ImageClassificationDataModule and implements `discover()` (and `download()` if
 it can fetch itself), and gets a conf/data/<name>.yaml that extends conf/data/_base.yaml; see image_folder.py
