@@ -65,13 +65,13 @@ def test_every_format_equals_the_checkpoint_on_real_photos(species_run, species_
     inputs = consumer_inputs(config, files)
     model, _ = load_checkpoint(species_run / "checkpoints" / "best.ckpt")
     with torch.inference_mode():
-        expected = model(inputs)
+        expected = model.calibrated_logits(inputs)  # the package's output: logits / temperature
     session = onnxruntime.InferenceSession(str(species_package / "model.onnx"), providers=["CPUExecutionProvider"])
     onnx_out = session.run(None, {"images": inputs.numpy()})[0]
     script_out = torch.jit.load(str(species_package / "model.pt"))(inputs)
     from_package, _ = load_checkpoint(species_package)
     with torch.inference_mode():
-        package_out = from_package(inputs)
+        package_out = from_package.calibrated_logits(inputs)
     for got in (torch.from_numpy(onnx_out), script_out.detach(), package_out):
         assert float((got - expected).abs().max()) <= 1e-4
     labels = [config["class_names"][i] for i in np.argmax(onnx_out, axis=1)]
