@@ -255,6 +255,16 @@ def read_metrics(run_dir: Path) -> dict:
     return json.loads((run_dir / "metrics.json").read_text())
 
 
+def read_splits(run_dir: Path) -> dict[str, str]:
+    """{path relative to data.root: split} of a run's (or package's) splits.csv, whose columns it checks."""
+    import csv
+
+    with open(run_dir / "splits.csv", newline="") as fh:
+        reader = csv.DictReader(fh)
+        assert reader.fieldnames == ["path", "split", "size", "sha256"]
+        return {row["path"]: row["split"] for row in reader}
+
+
 def copy_tree(src: Path, dst: Path) -> Path:
     shutil.copytree(src, dst)
     return dst

@@ -14,7 +14,7 @@ import torch
 import yaml
 from sklearn.metrics import balanced_accuracy_score, f1_score
 
-from conftest import PETS, SPECIES_RUN, read_metrics, run
+from conftest import PETS, SPECIES_RUN, read_metrics, read_splits, run
 from transferlab.core.errors import DataError
 from transferlab.core.statistics import mean_std_interval, paired_bootstrap, point_metrics, unpaired_bootstrap
 from transferlab.data.sampling import EpochBalancedSampler, balanced_loss_weights
@@ -106,8 +106,7 @@ def test_cross_validation_predicts_every_image_once_and_its_refit_can_be_tested(
     checkpoint = torch.load(out / "checkpoints" / "best.ckpt", weights_only=True, map_location="cpu")
     assert float(checkpoint["state_dict"]["temperature"]) == pytest.approx(metrics["calibration/temperature"])
     assert metrics["calibration/rule"] in ("fitted", "capped_at_laplace_accuracy") and metrics["selection/protocol"] == "cv3_mean_of_validation_split"
-    with open(out / "splits.csv", newline="") as fh:  # the refit trained on every image: nothing left to test it on here
-        assert {r["split"] for r in csv.DictReader(fh)} == {"train"}
+    assert set(read_splits(out).values()) == {"train"}  # the refit trained on every image: nothing left to test it on here
     assert all((out / f"fold_{k}" / "splits.csv").is_file() for k in range(3))
     with pytest.raises(DataError, match="none of this checkpoint's 0 stored test file"):
         run("eval", f"ckpt_path={out / 'checkpoints' / 'best.ckpt'}", f"hydra.run.dir={tmp_path / 'eval'}")

@@ -17,7 +17,7 @@ import pytest
 import torch
 from torchvision.transforms.v2 import functional as TF
 
-from conftest import PETS, cli_env, pet_photos, run, run_cli
+from conftest import PETS, cli_env, pet_photos, read_splits, run, run_cli
 from transferlab.core.errors import DataError
 from transferlab.data.images import decode_rgb
 from transferlab.deploy import export as exporter
@@ -40,10 +40,6 @@ def consumer_inputs(config: dict, files: list[Path]) -> torch.Tensor:
     return torch.stack(batch)
 
 
-def stored_test_rows(run_dir: Path) -> list[str]:
-    return [line for line in (run_dir / "splits.csv").read_text().splitlines() if ",test," in line]
-
-
 def test_every_format_equals_the_checkpoint_on_real_photos(species_run, species_package):
     import onnxruntime
 
@@ -53,7 +49,7 @@ def test_every_format_equals_the_checkpoint_on_real_photos(species_run, species_
     assert config["class_names"] == ["cat", "dog"] and config["resize_size"] == 256 and config["input_size"] == 224
     assert config["logits_are_calibrated"] is True and config["calibration"]["held_out_images"] > 0  # chosen on the val split
     assert config["temperature"] != 1.0 or config["calibration"]["rule"] == "capped_at_laplace_accuracy"
-    assert config["splits"]["test"] == len(stored_test_rows(species_run)) and "stored test images" in config["metrics_images"]
+    assert config["splits"]["test"] == list(read_splits(species_run).values()).count("test") and "stored test images" in config["metrics_images"]
     assert config["metrics"]["test/acc_ci95"][0] <= config["metrics"]["test/acc"]  # the run's figures, with intervals
     assert config["formats"]["onnx"]["opset"] == 18 and all(f["max_abs_diff"] <= 1e-4 for f in config["formats"].values())
     names = ["README.md", "config.json", "model.onnx", "model.pt", "model.safetensors", "splits.csv"]

@@ -65,7 +65,7 @@ def test_the_chosen_c_is_refitted_on_every_training_image():
 def test_the_default_frozen_probe_is_one_lbfgs_fit_on_train_and_val(tiny_folder, tmp_path, select):
     import csv
 
-    from conftest import FAST, read_metrics, run
+    from conftest import FAST, read_metrics, read_splits, run
 
     run(
         "train",
@@ -81,8 +81,7 @@ def test_the_default_frozen_probe_is_one_lbfgs_fit_on_train_and_val(tiny_folder,
     metrics = read_metrics(tmp_path)
     assert metrics["epochs"] == 0 and metrics["probe/C"] > 0  # solved on fit start: no training epoch and metrics["test/acc"] >= 0.5
     assert 0 <= metrics["val/acc"] <= 1 and metrics["calibration/temperature"] > 0  # inner folds, or the val split
-    with open(tmp_path / "splits.csv", newline="") as fh:
-        splits = [row["split"] for row in csv.DictReader(fh)]
+    splits = list(read_splits(tmp_path).values())
     with open(tmp_path / "test_predictions.csv", newline="") as fh:
         assert len(list(csv.DictReader(fh))) == splits.count("test") >= 2  # the test split stays held out
     assert ("val" in splits) == (select == "val")  # select_c=cv trains on the validation images too

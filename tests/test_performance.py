@@ -21,6 +21,7 @@ from conftest import (
     make_datamodule,
     pet_photos,
     read_metrics,
+    read_splits,
     run,
     run_cli,
     run_mains,
@@ -254,7 +255,7 @@ def test_ddp_with_cache_matches_one_process(species_run, tmp_path):
         f"hydra.run.dir={out}",
     )
     stats = json.loads((out / "feature_cache.json").read_text())
-    splits = [line.split(",")[1] for line in (out / "splits.csv").read_text().splitlines()[1:]]
+    splits = list(read_splits(out).values())
     assert stats["train"]["computed"] == splits.count("train") and stats["test"]["computed"] == splits.count("test") > 0
     store = Path(stats["train"]["store"])
     assert {p.name.rsplit("-", 1)[1] for p in store.glob("*.npy")} == {"r0.npy", "r1.npy"}  # both ranks computed

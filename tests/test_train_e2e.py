@@ -17,7 +17,20 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import FAST, PETS, PETS_ARGS, corrupt_copy_tree, make_small_copy, pet_photos, read_metrics, read_wandb_log, run, run_cli, run_mains
+from conftest import (
+    FAST,
+    PETS,
+    PETS_ARGS,
+    corrupt_copy_tree,
+    make_small_copy,
+    pet_photos,
+    read_metrics,
+    read_splits,
+    read_wandb_log,
+    run,
+    run_cli,
+    run_mains,
+)
 from transferlab.models.backbones import create_backbone
 
 pytestmark = pytest.mark.shared
@@ -31,8 +44,7 @@ def breeds_run(tmp_path_factory) -> Path:
 
 
 def stored_tests(run_dir: Path) -> int:
-    with open(run_dir / "splits.csv", newline="") as fh:
-        return sum(row["split"] == "test" for row in csv.DictReader(fh))
+    return list(read_splits(run_dir).values()).count("test")
 
 
 def test_species_accuracy(species_run):

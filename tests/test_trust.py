@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import FAST, make_small_copy, pet_photos, read_metrics, run
+from conftest import FAST, make_small_copy, pet_photos, read_metrics, read_splits, run
 from transferlab.core.errors import DataError, exit_code
 from transferlab.core.statistics import (
     class_metrics,
@@ -230,13 +230,6 @@ def changing_folder(tmp_path_factory) -> dict:
     for name in deleted:
         (root / name).unlink()
     return {"root": root, "first": first, "stored": stored, "deleted": deleted, "added": [f"cat/{p.name}" for p in cats[36:]], "base": base}
-
-
-def read_splits(run_dir: Path) -> dict[str, str]:
-    with open(run_dir / "splits.csv", newline="") as fh:
-        reader = csv.DictReader(fh)
-        assert reader.fieldnames == ["path", "split", "size", "sha256"]
-        return {row["path"]: row["split"] for row in reader}
 
 
 @pytest.mark.shared

@@ -37,11 +37,7 @@ def _cache_file(cache_dir: Path, root: Path) -> Path:
 
 def _checked(path: Path) -> tuple[str | None, str | None]:
     """(reason it cannot be used or None, sha256 of its bytes or None when unreadable)."""
-    try:
-        digest: str | None = sha256_of(path)
-    except OSError:
-        digest = None
-    return check_image(path), digest
+    return check_image(path), _safe_sha(path)
 
 
 def _read_cache(cache_path: Path | None) -> dict[str, list]:
