@@ -1,10 +1,12 @@
 """A transferlab command: a Hydra app over conf/<name>.yaml whose config is validated before any work is done.
 
-`Command(name, task)` gives each command the same life: mistyped group options and Hydra's own config errors
-become one line (exit 2); the composed config is checked against the command's schema (config.validation);
-credentials are masked in what the job writes; in a multirun each job records its outcome and the sweep goes
-on. `Command.run_in_process` runs the same validated task from Python (the tests, notebooks), with Hydra's
-compose API instead of its command line.
+Every way in runs the same job, `Command.run(cfg)`: the command line (`Command.main`, inside Hydra's job),
+`transferlab.api` and the tests (`Command.run_in_process`, which composes the config with Hydra's compose API and
+writes the job's log and `.hydra/` files as Hydra does). The job installs Lightning's DDP relaunch when the trainer
+starts rank processes, masks credentials in the job's log handlers and files, records the job's outcome in a
+multirun (a failed job never stops the sweep), validates the config against the command's schema, runs the task
+and leaves the process as it found it (environment, process group). Errors are raised; only the command line turns
+them into one line and an exit code (2 = input, 1 = machine), and Hydra's own config errors too.
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 import hydra
-from omegaconf import DictConfig, open_dict
+from omegaconf import DictConfig, OmegaConf, open_dict
 
 from transferlab.cli.exits import fail, user_errors_exit
 from transferlab.cli.hydra_errors import report_config_errors_in_one_line
@@ -25,8 +27,10 @@ from transferlab.config.validation import validate
 from transferlab.core import redaction
 from transferlab.core.context import in_sweep
 from transferlab.core.errors import IncompatibleLibrary, close_matches
-from transferlab.sweeps import ddp, summary
+from transferlab.sweeps import ddp
 from transferlab.sweeps.jobs import run_sweep_job
+
+JOB_LOG_FORMAT = "[%(asctime)s][%(name)s][%(levelname)s] - %(message)s"  # conf/hydra/job_logging's file format
 
 
 def group_options(group_dir: Path) -> list[str]:
@@ -68,6 +72,18 @@ def protect_secrets() -> None:
         redaction.scrub_files(Path(hydra_cfg.runtime.output_dir) / hydra_cfg.output_subdir)
 
 
+def route_library_logs_to_the_job_log() -> None:
+    """Lightning's messages in the job's log whichever way the job was started: imported before any root handler
+    exists (the command line, before Hydra sets up logging) Lightning gives its loggers a console handler of their
+    own and stops propagation, so its lines would reach the console but never `<run>/<task_name>.log`."""
+    for name in ("lightning.pytorch", "lightning.fabric"):
+        library = logging.getLogger(name)
+        if not library.propagate:
+            for handler in [h for h in library.handlers if type(h) is logging.StreamHandler]:
+                library.removeHandler(handler)
+            library.propagate = True
+
+
 class Command:
     """One command: `name` is its config (conf/<name>.yaml) and its schema (config.schema.COMMANDS)."""
 
@@ -79,63 +95,75 @@ class Command:
             module = spec.name if spec else f"transferlab.cli.{name}"
         self.module = module  # what DDP ranks > 0 run (`python -m <module>`)
 
-    def run(self, cfg: DictConfig) -> Any:
-        """Validate, then do the work; errors are raised (ConfigError, DataError, ...)."""
+    def run(self, cfg: DictConfig, *, host_outlives_run: bool = False) -> Any:
+        """The job, the same for every way in (see the module docstring); errors are raised (ConfigError, ...).
+
+        `host_outlives_run`: the process goes on after this run (a notebook, the tests): a failed DDP rank then ends
+        the run with an error instead of Lightning's SIGKILL of the main process (as inside a sweep)."""
+        if "trainer" in cfg and ddp.starts_rank_processes(cfg.trainer):
+            ddp.install(self.module, spare_host=host_outlives_run or in_sweep())
+        route_library_logs_to_the_job_log()
+        protect_secrets()
+        with ddp.isolated_process_state():
+            return run_sweep_job(self._validated, cfg) if in_sweep() else self._validated(cfg)
+
+    def _validated(self, cfg: DictConfig) -> Any:
         validate(cfg, self.name)
         return self.task(cfg)
 
-    def _app(self, cfg: DictConfig) -> Any:
-        if "trainer" in cfg and ddp.starts_rank_processes(cfg.trainer):
-            ddp.install(self.module)  # here, not in main(): submitit runs jobs in fresh processes
-        protect_secrets()
-        checked = user_errors_exit(self.run)
-        return run_sweep_job(checked, cfg) if in_sweep() else checked(cfg)
-
     def main(self) -> Any:
-        """The console script / `python -m` entry point."""
+        """The console script / `python -m` entry point: the job inside Hydra, its errors as one line and an exit code."""
         check_group_choices(sys.argv[1:])
         try:
             report_config_errors_in_one_line()
         except IncompatibleLibrary as exc:
             fail(exc)
-        guarded = user_errors_exit(self._app)
+        guarded = user_errors_exit(self.run)
 
         def app(cfg: DictConfig) -> Any:
             return guarded(cfg)
 
         app.__module__ = self.module  # Hydra names the job (hydra.job.name) after the task function's module
         hydra_main = hydra.main(version_base="1.3", config_path=config_dir(), config_name=self.name)(app)
-        result = hydra_main()
-        if summary.failed_jobs_of_last_sweep:
-            sys.exit(1)
-        return result
+        return hydra_main()  # a multirun with failed jobs exits 1 from its summary (sweeps.summary.SweepSummary)
 
     def compose(self, overrides: Sequence[str], output_dir: str | Path) -> DictConfig:
-        """The config Hydra would give a single run with these overrides, writing to output_dir."""
+        """The config Hydra would give a single run with these overrides, writing to output_dir; Hydra's own part
+        (`hydra.*`) is set as the current HydraConfig, as inside a Hydra job."""
         from hydra import compose, initialize_config_dir
         from hydra.core.hydra_config import HydraConfig
 
-        with initialize_config_dir(config_dir=config_dir(), version_base="1.3"):
+        with initialize_config_dir(config_dir=config_dir(), version_base="1.3", job_name=self.module.rsplit(".", 1)[-1]):
             cfg = compose(self.name, overrides=[*overrides, f"hydra.run.dir={output_dir}"], return_hydra_config=True)
         with open_dict(cfg):
             cfg.hydra.runtime.output_dir = str(Path(output_dir).resolve())
-        HydraConfig.instance().set_config(cfg)  # `${hydra:runtime.output_dir}`, in_sweep() and the job name resolve
+        HydraConfig.instance().set_config(cfg)  # `${hydra:runtime.output_dir}`, in_sweep(), the job name, DDP's rank command
         with open_dict(cfg):
             del cfg["hydra"]
         return cfg
 
     def run_in_process(self, overrides: Sequence[str], output_dir: str | Path) -> Any:
-        """compose + run in this Python process; the job's log also goes to <output_dir>/<name>.log, as with Hydra."""
-        cfg = self.compose(overrides, output_dir)
-        Path(output_dir).mkdir(parents=True, exist_ok=True)
-        handler = logging.FileHandler(Path(output_dir) / f"{cfg.task_name}.log")
-        handler.setFormatter(logging.Formatter("[%(asctime)s][%(name)s][%(levelname)s] - %(message)s"))
+        """compose + `run` in this Python process, with what Hydra's job adds around it: `<output_dir>/.hydra/`
+        (config.yaml, hydra.yaml, overrides.yaml) and the job's log in `<output_dir>/<task_name>.log`."""
+        from hydra.core.hydra_config import HydraConfig
+
+        out = Path(output_dir)
+        cfg = self.compose(overrides, out)
+        hydra_cfg = HydraConfig.get()
+        saved = out / str(hydra_cfg.output_subdir) if hydra_cfg.output_subdir else None
+        if saved is not None:  # what Hydra's run_job saves before the task (hydra.core.utils)
+            saved.mkdir(parents=True, exist_ok=True)
+            OmegaConf.save(cfg, saved / "config.yaml", resolve=False)
+            OmegaConf.save(OmegaConf.create({"hydra": hydra_cfg}), saved / "hydra.yaml", resolve=False)
+            OmegaConf.save(OmegaConf.create(list(hydra_cfg.overrides.task)), saved / "overrides.yaml", resolve=False)
+        handler = logging.FileHandler(out / f"{cfg.get('task_name', self.name)}.log")  # conf/hydra/default.yaml
+        handler.setFormatter(logging.Formatter(JOB_LOG_FORMAT))
         root = logging.getLogger()
         root.addHandler(handler)
         level = root.level
         root.setLevel(min(level, logging.INFO) if level else logging.INFO)
         try:
-            return self.run(cfg)
+            return self.run(cfg, host_outlives_run=True)
         finally:
             root.removeHandler(handler)
             root.setLevel(level)

@@ -13,15 +13,16 @@ facebookresearch/hydra #2070 (re-launching a multirun per rank); #16285 (SIGKILL
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
+import subprocess
 import sys
+import threading
+import time
 from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
 from transferlab.core.compat import LIGHTNING_DDP_LAUNCH
-from transferlab.core.context import in_sweep
-
-_task_module = "transferlab.cli.train"
 
 
 def starts_rank_processes(trainer_cfg: Mapping[str, Any]) -> bool:
@@ -38,8 +39,9 @@ def quoted(value: str) -> str:
     return "'" + value.replace("\\", "\\\\").replace("'", "\\'") + "'"
 
 
-def rank_command(local_rank: int) -> tuple[Sequence[str], str]:
-    """The command of DDP rank `local_rank` of the running Hydra job: same task, same overrides, same folder."""
+def rank_command(task_module: str, local_rank: int) -> tuple[Sequence[str], str]:
+    """The command of DDP rank `local_rank` of the running Hydra job: `python -m <task_module>`, the same overrides,
+    the same folder."""
     from hydra.core.hydra_config import HydraConfig
     from hydra.utils import get_original_cwd
 
@@ -48,7 +50,7 @@ def rank_command(local_rank: int) -> tuple[Sequence[str], str]:
     command = [
         sys.executable,
         "-m",
-        _task_module,
+        task_module,
         *hydra_cfg.overrides.task,
         *sweeper_overrides,
         f"hydra.run.dir={quoted(hydra_cfg.runtime.output_dir)}",
@@ -59,41 +61,43 @@ def rank_command(local_rank: int) -> tuple[Sequence[str], str]:
     return command, get_original_cwd()
 
 
-def _observer_for_sweeps(original):  # noqa: ANN001, ANN202
-    """Lightning's child-process watchdog, except that inside a sweep job it does not kill the sweep's process.
+def watch_ranks(child_processes: list[subprocess.Popen], period: float = 5.0) -> None:
+    """Lightning's child-process watchdog, except that the host process is spared: when a rank exits with an error,
+    the other ranks are terminated and the main rank's run ends with the process group's error (gloo at once; NCCL at
+    its timeout), so a sweep goes on with its next job and a notebook or test process survives."""
 
-    A failed rank then ends its job with an error (gloo at once; NCCL at its timeout) and the sweep goes on.
-    """
-
-    def launch(child_processes: list) -> None:
-        if not in_sweep():
-            return original(child_processes)
-        module: Any = sys.modules[LIGHTNING_DDP_LAUNCH[0].module]
-
-        class SweepSafeObserver(module._ChildProcessObserver):
-            def _terminate_all(self) -> None:
-                for proc in self._child_processes:
+    def watch() -> None:
+        while True:
+            codes = [proc.poll() for proc in child_processes]
+            if any(code not in (None, 0) for code in codes):
+                for proc in child_processes:
                     if proc.poll() is None:
-                        proc.send_signal(self._termination_signal)
+                        proc.terminate()
+                return
+            if all(code == 0 for code in codes):
+                return
+            time.sleep(period)
 
-        SweepSafeObserver(main_pid=os.getpid(), child_processes=child_processes).start()
-
-    return launch
+    threading.Thread(target=watch, name="transferlab-rank-watchdog", daemon=True).start()
 
 
-def install(task_module: str) -> None:
-    """Route Lightning's DDP re-launch through `rank_command` for the task run by this process.
+def install(task_module: str, spare_host: bool) -> None:
+    """Route Lightning's DDP re-launch through `rank_command` for `task_module` (what `python -m` runs on the other
+    ranks). `spare_host`: the process outlives the run (a sweep, a notebook, the tests), so a failed rank must not
+    SIGKILL it (`watch_ranks`); a command-line single run keeps Lightning's own watchdog.
 
     Raises IncompatibleLibrary (one line, exit 1) when the installed Lightning changed what is patched here.
     """
-    global _task_module
-    _task_module = task_module
     modules: list[Any] = [internal.resolve() for internal in LIGHTNING_DDP_LAUNCH]  # all checked before any is patched
     for module in modules:
-        module._hydra_subprocess_cmd = rank_command
-        if not getattr(module._launch_process_observer, "_transferlab", False):
-            module._launch_process_observer = _observer_for_sweeps(module._launch_process_observer)
-            module._launch_process_observer._transferlab = True
+        module._hydra_subprocess_cmd = functools.partial(rank_command, task_module)
+        lightning_watchdog = getattr(module._launch_process_observer, "lightning_watchdog", module._launch_process_observer)
+        if spare_host:
+            watchdog: Any = functools.partial(watch_ranks)
+            watchdog.lightning_watchdog = lightning_watchdog  # what a later install without spare_host restores
+            module._launch_process_observer = watchdog
+        else:
+            module._launch_process_observer = lightning_watchdog
 
 
 @contextlib.contextmanager

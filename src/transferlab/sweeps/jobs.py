@@ -26,7 +26,6 @@ from omegaconf.errors import OmegaConfBaseException
 
 from transferlab.core.context import is_global_zero, trial_number
 from transferlab.core.errors import TransferlabError, one_line
-from transferlab.sweeps.ddp import isolated_process_state
 from transferlab.sweeps.records import ERROR_FILE, write_job_record
 
 log = logging.getLogger(__name__)
@@ -55,7 +54,8 @@ def _finish_wandb(exit_code: int) -> None:
 
 
 def run_sweep_job(task: Callable[[DictConfig], Any], cfg: DictConfig) -> Any:
-    """Run one job of a multirun, record its outcome; return the task's value (None when it failed)."""
+    """Run one job of a multirun, record its outcome; return the task's value (None when it failed).
+    (cli.app's Command.run restores the process state around it: the next job starts clean.)"""
     hydra_cfg = HydraConfig.get()
     out_dir = Path(hydra_cfg.runtime.output_dir)
     record: dict[str, Any] = {
@@ -71,21 +71,20 @@ def run_sweep_job(task: Callable[[DictConfig], Any], cfg: DictConfig) -> Any:
     if write:
         write_job_record(out_dir, record)
     start, value, error_text = time.monotonic(), None, None
-    with isolated_process_state():
-        try:
-            value = task(cfg)
-        except KeyboardInterrupt:
-            raise
-        except BaseException as exc:  # noqa: BLE001 - a job's failure is recorded, the sweep goes on
-            record["status"], record["error"] = _failure(exc)
-            record["error_type"] = type(exc).__name__
-            error_text = traceback.format_exc() if record["status"] == "failed" else None
-            _finish_wandb(0 if record["status"] == "pruned" else 1)
-        else:
-            record["status"] = "completed"
-            if isinstance(value, float) and not math.isfinite(value):
-                record["status"], record["error"] = "failed", f"{cfg.get('optimized_metric')} is {value}"
-                value = None
+    try:
+        value = task(cfg)
+    except KeyboardInterrupt:
+        raise
+    except BaseException as exc:  # noqa: BLE001 - a job's failure is recorded, the sweep goes on
+        record["status"], record["error"] = _failure(exc)
+        record["error_type"] = type(exc).__name__
+        error_text = traceback.format_exc() if record["status"] == "failed" else None
+        _finish_wandb(0 if record["status"] == "pruned" else 1)
+    else:
+        record["status"] = "completed"
+        if isinstance(value, float) and not math.isfinite(value):
+            record["status"], record["error"] = "failed", f"{cfg.get('optimized_metric')} is {value}"
+            value = None
     record.update(finished=_now(), duration_s=round(time.monotonic() - start, 1), value=value)
     if write:
         write_job_record(out_dir, record)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import csv
 import json
 import logging
+import sys
 from pathlib import Path
 from typing import Any, Optional
 
@@ -23,7 +24,6 @@ from transferlab.sweeps.records import ERROR_FILE, JOB_FILE, read_job_record
 
 SUMMARY_CSV, SUMMARY_MD, REPORT_HTML = "summary.csv", "summary.md", "report.html"
 log = logging.getLogger(__name__)
-failed_jobs_of_last_sweep: Optional[int] = None  # set when a multirun ends; read by cli.app for the exit code
 
 
 def write_csv(sweep: Sweep, verdicts: dict[str, Verdict]) -> Path:
@@ -137,13 +137,16 @@ class SweepSummary(Callback):
         self.html = html
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
-        global failed_jobs_of_last_sweep
+        """Write and print the summary; then exit 1 when any job failed (the last thing Hydra does in a multirun,
+        and the command's exit code: the failed jobs are recorded in their folders and listed above)."""
         sweep_dir = Path(config.hydra.sweep.dir)
         if not sweep_dir.is_dir():
             return
         records = [read_job_record(path.parent) for path in sweep_dir.glob("**/" + JOB_FILE)]
-        failed_jobs_of_last_sweep = sum(1 for r in records if r.get("status") == "failed")  # the exit code, report or not
+        failed = sum(1 for r in records if r.get("status") == "failed")  # the exit code, report or not
         try:
             print_summary(write_report(sweep_dir, html=self.html))
         except Exception as exc:  # noqa: BLE001 - the jobs' own results are already on disk
             log.error("could not write the sweep report of %s: %s", sweep_dir, one_line(exc))
+        if failed:
+            sys.exit(1)
