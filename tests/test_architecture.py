@@ -127,6 +127,91 @@ def test_the_shared_structure_tool_agrees():
     assert proc.returncode == 0 and "cycles 0" in proc.stdout, proc.stdout + proc.stderr
 
 
+# -- state and private APIs ----------------------------------------------------------------------------------------
+SOURCE_FILES = sorted([*PACKAGE.rglob("*.py"), *(REPO / "src" / "hydra_plugins").rglob("*.py")])
+MUTATORS = {"append", "extend", "insert", "add", "update", "clear", "pop", "popitem", "remove", "setdefault", "discard"}
+# Module-level containers that may change after import, and why (each is written only by import-time registration).
+REGISTRIES = {"transferlab.models.sources.registry.SOURCES": "backbone sources, filled by @register when their modules load"}
+# Underscore attributes that are public API by convention (namedtuple's methods).
+PUBLIC_BY_CONVENTION = {"_replace", "_asdict", "_fields", "_make"}
+
+
+def module_containers(tree: ast.Module) -> set[str]:
+    """Names a module binds at its top level to a list, dict or set (displays, comprehensions, constructor calls)."""
+    found = set()
+    for node in tree.body:
+        if isinstance(node, (ast.Assign, ast.AnnAssign)) and node.value is not None:
+            value = node.value
+            mutable = isinstance(value, (ast.List, ast.Dict, ast.Set, ast.ListComp, ast.DictComp, ast.SetComp)) or (
+                isinstance(value, ast.Call) and isinstance(value.func, ast.Name) and value.func.id in {"list", "dict", "set", "defaultdict", "deque"}
+            )
+            targets = node.targets if isinstance(node, ast.Assign) else [node.target]
+            found |= {t.id for t in targets if isinstance(t, ast.Name) and mutable and t.id != "__all__"}
+    return found
+
+
+def test_no_module_keeps_state_that_changes_after_import():
+    """Information passes between layers as arguments and return values, never through module globals: no `global`
+    statement, no lower-case module-level container, and no module-level container changed after import (imported
+    names included), except the declared registries."""
+    containers = {}
+    for file in SOURCE_FILES:
+        tree = ast.parse(file.read_text())
+        name = ".".join(file.relative_to(REPO / "src").with_suffix("").parts)
+        containers[file] = {(name, c) for c in module_containers(tree)}
+    every = {c for found in containers.values() for _, c in found}
+    wrong = []
+    for file in SOURCE_FILES:
+        tree = ast.parse(file.read_text())
+        where = file.relative_to(REPO)
+        wrong += [f"{where}:{n.lineno}: global" for n in ast.walk(tree) if isinstance(n, ast.Global)]
+        wrong += [f"{where}: {c} (module-level state is UPPER_CASE and never changed)" for _, c in containers[file] if not c.isupper()]
+        for node in ast.walk(tree):
+            target = None
+            if isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) and node.func.attr in MUTATORS:
+                target = node.func.value
+            elif isinstance(node, (ast.Assign, ast.AugAssign, ast.Delete)):
+                for t in node.targets if isinstance(node, (ast.Assign, ast.Delete)) else [node.target]:
+                    target = t.value if isinstance(t, ast.Subscript) else target
+            if isinstance(target, ast.Name) and target.id in every and target.id.isupper():
+                owners = [f"{m}.{c}" for found in containers.values() for m, c in found if c == target.id]
+                if not set(owners) & set(REGISTRIES) and not any(isinstance(a, ast.arg) and a.arg == target.id for a in ast.walk(tree)):
+                    wrong.append(f"{where}:{node.lineno}: changes {target.id} after import")
+    assert not wrong, wrong
+
+
+def declared_private_names() -> set[str]:
+    names = set()
+    for internal in compat.ALL:
+        for dotted in (*internal.parameters, *internal.attributes, *internal.instance_attributes):
+            names |= {part for part in dotted.split(".") if part.startswith("_")}
+    return names
+
+
+def test_every_private_attribute_of_a_library_that_is_used_is_declared():
+    """`obj._name` on anything but self/cls, and `from lib._private import ...`: each must be declared (and so
+    version-checked) in transferlab.core.compat, or the code must use a public API instead."""
+    declared, modules_declared = declared_private_names(), {i.module for i in compat.ALL}
+    undeclared = []
+    for file in SOURCE_FILES:
+        for node in ast.walk(ast.parse(file.read_text())):
+            where = f"{file.relative_to(REPO)}:{getattr(node, 'lineno', 0)}"
+            if isinstance(node, ast.Attribute) and node.attr.startswith("_") and not node.attr.startswith("__"):
+                if not (isinstance(node.value, ast.Name) and node.value.id in ("self", "cls")):
+                    if node.attr not in declared | PUBLIC_BY_CONVENTION:
+                        undeclared.append(f"{where}: {ast.unparse(node)}")
+            elif isinstance(node, (ast.Import, ast.ImportFrom)):
+                names = [node.module or ""] if isinstance(node, ast.ImportFrom) else [a.name for a in node.names]
+                for module in names:
+                    if any(part.startswith("_") and not part.startswith("__") for part in module.split(".")) and module not in modules_declared:
+                        undeclared.append(f"{where}: import {module}")
+            elif isinstance(node, ast.Constant) and isinstance(node.value, str) and node.value.startswith(("hydra._", "lightning.")):
+                if "._" in node.value and node.value not in modules_declared:
+                    undeclared.append(f"{where}: {node.value!r}")
+    assert not undeclared, undeclared
+    assert {"_hydra_subprocess_cmd", "_launch_process_observer", "_get_root", "_fingerprint"} <= declared  # the scan sees them
+
+
 # -- patched internals (transferlab.core.compat; docs/architecture.md lists them with their upstream issues) -------
 @pytest.mark.parametrize("internal", compat.ALL, ids=[i.module for i in compat.ALL])
 def test_patched_internals_have_the_shape_they_were_checked_against(internal):
@@ -144,7 +229,7 @@ def test_a_reshaped_internal_is_one_line_naming_the_library_and_its_version(monk
     before = pytorch_launcher._hydra_subprocess_cmd
     monkeypatch.delattr(launcher, "_hydra_subprocess_cmd")
     with pytest.raises(IncompatibleLibrary) as info:
-        ddp.install("transferlab.cli.train")
+        ddp.install("transferlab.cli.train", spare_host=False)
     line = str(info.value)
     assert "\n" not in line and line.startswith(f"lightning {compat.LIGHTNING_DDP_LAUNCH[0].installed_version()}: ")
     assert "_hydra_subprocess_cmd is gone" in line and "checked with lightning 2.4.0 - 2.6.6" in line and "pip install" in line

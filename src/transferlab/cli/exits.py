@@ -17,7 +17,7 @@ from typing import Any, NoReturn, TypeVar
 
 from omegaconf.errors import OmegaConfBaseException
 
-from transferlab.core.context import in_sweep, interruption_notes
+from transferlab.core.context import in_sweep
 from transferlab.core.errors import TransferlabError, exit_code, explain_runtime_failure, one_line
 from transferlab.core.redaction import redact
 
@@ -33,7 +33,18 @@ def fail(exc: BaseException) -> NoReturn:
 INTERRUPTED = 130  # 128 + SIGINT, what a shell expects of a program stopped with Ctrl-C
 
 
-def interrupted() -> NoReturn:
+def interruption_notes(stopped: BaseException) -> list[str]:
+    """What the interrupted code left for the user (`exc.add_note(...)`, e.g. the features the cache kept), on the
+    KeyboardInterrupt itself or on the exceptions it led to (Lightning turns it into SystemExit)."""
+    notes: list[str] = []
+    seen: BaseException | None = stopped
+    while seen is not None and len(notes) < 20:
+        notes += [n for n in getattr(seen, "__notes__", ()) if n not in notes]
+        seen = seen.__context__ or seen.__cause__
+    return notes
+
+
+def interrupted(stopped: BaseException) -> NoReturn:
     """Ctrl-C: one line saying what was kept and how to go on, exit 130 (no traceback)."""
     kept, resume = "nothing was written yet", ""
     try:
@@ -46,7 +57,7 @@ def interrupted() -> NoReturn:
             resume = f"; resume with: transferlab-train <the same arguments> hydra.run.dir={out} ckpt_path=auto"
     except (ImportError, ValueError):  # no Hydra job (a library call)
         pass
-    kept = "; ".join([*interruption_notes(), kept])
+    kept = "; ".join([*interruption_notes(stopped), kept])
     print(f"interrupted (Ctrl-C): {kept}{resume}", file=sys.stderr, flush=True)
     sys.exit(INTERRUPTED)
 
@@ -59,13 +70,13 @@ def user_errors_exit(func: F) -> F:
     def wrapper(*args: Any, **kwargs: Any) -> Any:
         try:
             return func(*args, **kwargs)
-        except KeyboardInterrupt:
+        except KeyboardInterrupt as stopped:
             if in_sweep():
                 raise
-            interrupted()
+            interrupted(stopped)
         except SystemExit as leaving:
             if isinstance(leaving.__context__, KeyboardInterrupt) and leaving.code != INTERRUPTED and not in_sweep():
-                interrupted()
+                interrupted(leaving)
             raise
         except Exception as raised:  # noqa: BLE001 - sorted below; anything unknown is re-raised unchanged
             exc = raised if isinstance(raised, (TransferlabError, OmegaConfBaseException)) else explain_runtime_failure(raised)

@@ -26,6 +26,7 @@ class Internal:
     checked: str  # the releases it was checked against
     purpose: str  # what transferlab does with it, for the error line
     attributes: tuple[str, ...] = field(default=())  # further attributes that must exist (classes, methods)
+    instance_attributes: tuple[str, ...] = field(default=())  # set on instances, so not checkable here; declared for the tests
 
     def installed_version(self) -> str:
         try:
@@ -93,14 +94,9 @@ LIGHTNING_DDP_LAUNCH = (
     Internal(
         "lightning",
         "lightning.fabric.strategies.launchers.subprocess_script",
-        {
-            "_hydra_subprocess_cmd": ("local_rank",),
-            "_launch_process_observer": ("child_processes",),
-            "_ChildProcessObserver.__init__": ("main_pid", "child_processes"),
-        },
+        {"_hydra_subprocess_cmd": ("local_rank",), "_launch_process_observer": ("child_processes",)},
         "2.4.0 - 2.6.6",
         _LAUNCHER_PURPOSE,
-        attributes=("_ChildProcessObserver._terminate_all",),
     ),
     Internal(
         "lightning",
@@ -111,4 +107,24 @@ LIGHTNING_DDP_LAUNCH = (
     ),
 )
 
-ALL = (*HYDRA_ERROR_REPORTING, *LIGHTNING_DDP_LAUNCH)
+# Read, not patched: private attributes whose public equivalent does not exist.
+READ_ONLY = (
+    Internal(
+        "omegaconf",
+        "omegaconf.base",
+        {"Node._get_root": ()},
+        "2.3.0",
+        "find close matches for a mistyped key anywhere in the config (cli.hydra_errors)",
+    ),
+    Internal(
+        "datasets",
+        "datasets.fingerprint",
+        {"generate_fingerprint": ("dataset",)},
+        "2.16.0 - 4.x",
+        "name the on-disk copy of a Hugging Face dataset by the content fingerprint it carries as `Dataset._fingerprint` "
+        "(set from generate_fingerprint; data.hf_dataset)",
+        instance_attributes=("Dataset._fingerprint",),
+    ),
+)
+
+ALL = (*HYDRA_ERROR_REPORTING, *LIGHTNING_DDP_LAUNCH, *READ_ONLY)

@@ -39,18 +39,3 @@ def sweep_identity() -> Optional[tuple[str, str]]:
     sweep_dir = Path(hydra_cfg.sweep.dir)
     group = f"{sweep_dir.parent.name}/{sweep_dir.name}" if sweep_dir.parent.name not in ("", ".") else sweep_dir.name
     return group, f"{hydra_cfg.job.num}: {hydra_cfg.job.override_dirname or 'defaults'}"[:120]
-
-
-_INTERRUPTION_NOTES: list[str] = []
-
-
-def note_for_interruption(text: str) -> None:
-    """Something a Ctrl-C left behind that the user should hear of (cli.exits.interrupted prints it)."""
-    _INTERRUPTION_NOTES.append(text)
-
-
-def interruption_notes() -> list[str]:
-    """The notes so far, forgotten once read (a notebook's next Ctrl-C does not repeat an earlier run's)."""
-    notes = list(_INTERRUPTION_NOTES)
-    _INTERRUPTION_NOTES.clear()
-    return notes

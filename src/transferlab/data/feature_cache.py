@@ -28,7 +28,6 @@ import torch
 from torch import nn
 from torch.utils.data import Dataset
 
-from transferlab.core.context import note_for_interruption
 from transferlab.core.progress import progress
 from transferlab.data.feature_store import FeatureStore, finite_rows
 
@@ -192,12 +191,12 @@ def fill_store(
             pending.append(features)
             if done - written >= shard_images:
                 flush(everything=False)
-    except BaseException:
+    except BaseException as stopped:
         flush(everything=True)
         if store.folder is not None and written < len(keys):
             note = f"the feature cache kept {written} of {len(keys)} images' features in {store.folder}; the next run computes only the other {len(keys) - written}"
             log.warning("Feature cache: interrupted; %s", note)
-            note_for_interruption(note)
+            stopped.add_note(note)  # cli.exits prints it with the interruption's one line
         raise
     flush(everything=True)
     fill.computed, fill.seconds = written - len(fill.not_finite), time.perf_counter() - started
