@@ -33,7 +33,7 @@ def train(cfg: DictConfig) -> Optional[float]:
     if cfg.cv.folds:
         metrics = cross_validate(cfg, backbone, datamodule, precision_note)
     else:
-        metrics, _ = fit_and_test(cfg, backbone, datamodule, precision_note, ckpt_path=ckpt_path)
+        metrics = fit_and_test(cfg, backbone, datamodule, precision_note, ckpt_path=ckpt_path).metrics
     return metrics.get(cfg.optimized_metric) if cfg.optimized_metric else None
 
 

@@ -116,3 +116,9 @@ def explain_runtime_failure(exc: BaseException | None) -> TransferlabError | Non
 def exit_code(exc: BaseException) -> int:
     """2 for a problem of the input (config, data, files), 1 for one of the machine or its installed libraries."""
     return getattr(exc, "exit_code", 2)
+
+
+def add_note(exc: BaseException, text: str) -> None:
+    """PEP 678's `exc.add_note(text)`, also on Python 3.10 (where `__notes__` is kept but not printed by Python):
+    what an interrupted step leaves for the user travels on the exception (cli.exits prints it)."""
+    setattr(exc, "__notes__", [*getattr(exc, "__notes__", ()), text])  # noqa: B010 - one spelling on every version

@@ -28,6 +28,7 @@ import torch
 from torch import nn
 from torch.utils.data import Dataset
 
+from transferlab.core.errors import add_note
 from transferlab.core.progress import progress
 from transferlab.data.feature_store import FeatureStore, finite_rows
 
@@ -196,7 +197,7 @@ def fill_store(
         if store.folder is not None and written < len(keys):
             note = f"the feature cache kept {written} of {len(keys)} images' features in {store.folder}; the next run computes only the other {len(keys) - written}"
             log.warning("Feature cache: interrupted; %s", note)
-            stopped.add_note(note)  # cli.exits prints it with the interruption's one line
+            add_note(stopped, note)  # cli.exits prints it with the interruption's one line
         raise
     flush(everything=True)
     fill.computed, fill.seconds = written - len(fill.not_finite), time.perf_counter() - started

@@ -68,7 +68,6 @@ class TransferClassifier(pl.LightningModule):
         self.label_smoothing = float(finetune.get("label_smoothing") or 0.0)  # training loss only
         self.mixer = batch_mixer(finetune.get("mixup"), finetune.get("cutmix"), num_classes)  # training images only
         self.backbone_frozen = False
-        self.head_solved = False  # finetune.head_solver=lbfgs: the head is fitted, no optimiser step is taken
         self.channels_last = False
         self.tta = "none"  # test-time augmentation of the test step (models.tta); a runtime choice, not a hyper-parameter
         if self.mode in ("frozen", "gradual"):
@@ -157,8 +156,6 @@ class TransferClassifier(pl.LightningModule):
 
     # -- steps -------------------------------------------------------------------------------------------
     def training_step(self, batch: Any, batch_idx: int) -> Optional[torch.Tensor]:
-        if self.head_solved:
-            return None  # Lightning skips the backward pass and the optimiser step
         inputs, labels = batch
         targets = labels
         if self.mixer is not None and inputs.ndim == 4:  # mixup / cutmix: images only (not cached features)

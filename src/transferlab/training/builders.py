@@ -1,4 +1,4 @@
-"""Building the pieces of a run from its config: datamodule, Trainer, callbacks and loggers (train and eval)."""
+"""Building the pieces of a run from its config: datamodule, model, Trainer, callbacks and loggers (train and eval)."""
 
 from __future__ import annotations
 
@@ -11,11 +11,17 @@ from hydra.utils import instantiate
 from lightning.pytorch.loggers import Logger
 from omegaconf import DictConfig, OmegaConf
 
+from transferlab.callbacks.ema import WeightEMA
+from transferlab.callbacks.feature_cache import FeatureCache
+from transferlab.callbacks.optuna_pruning import pruning_callbacks
+from transferlab.callbacks.unfreeze import GradualUnfreeze
 from transferlab.core.errors import ConfigError, TransferlabError, one_line
 from transferlab.core.redaction import redact
 from transferlab.data.base import ImageClassificationDataModule
+from transferlab.models.classifier import TransferClassifier
 from transferlab.training.checkpointing import AtomicCheckpointIO
 from transferlab.training.loggers import flat_hparams
+from transferlab.training.performance import apply_performance
 
 
 def container(node: Any) -> Any:
@@ -75,3 +81,38 @@ def log_run_config(loggers: list[Logger], cfg: DictConfig) -> None:
     values = redact(container(cfg))
     for lg in loggers:
         lg.log_hyperparams(flat_hparams(values) if type(lg).__name__ != "WandbLogger" else values)
+
+
+def new_model(cfg: DictConfig, backbone: Any, datamodule: ImageClassificationDataModule) -> TransferClassifier:
+    """The classifier of a run; its hyper-parameters go into every checkpoint, credentials masked."""
+    return TransferClassifier(
+        backbone=redact(container(cfg.backbone)),
+        class_names=datamodule.class_names,
+        finetune=redact(container(cfg.finetune)),
+        optimizer=redact(container(cfg.optimizer)),
+        scheduler=redact(container(cfg.scheduler)),
+        run=redact({"data": container(cfg.data), "seed": cfg.seed, "precision": str(cfg.trainer.get("precision"))}),
+        loss_weights=datamodule.loss_weights(),
+        prebuilt_backbone=backbone,
+    )
+
+
+def fit_callbacks(
+    cfg: DictConfig, model: TransferClassifier, datamodule: Any, precision_note: str, cache: Any, prune: bool, epochs_train_head: bool
+) -> list[pl.Callback]:
+    """The config's callbacks, the speed settings' (the feature cache), Optuna's pruning in a trial, weight EMA
+    and gradual unfreezing when the head trains by epochs. Test-time augmentation needs the test images' pixels,
+    so the feature cache leaves the test split to them."""
+    callbacks = instantiate_group(cfg.callbacks, "callbacks") + apply_performance(cfg, model, datamodule, precision_note, cache)
+    if prune:
+        callbacks += pruning_callbacks()  # a trial of an Optuna sweep
+    model.tta = str(cfg.get("tta") or "none")
+    if model.tta != "none":
+        for callback in callbacks:
+            if isinstance(callback, FeatureCache):
+                callback.skip_splits.add("test")
+    if cfg.finetune.get("ema_decay") and epochs_train_head:
+        callbacks.append(WeightEMA(float(cfg.finetune.ema_decay)))
+    if cfg.finetune.mode == "gradual":
+        callbacks.append(GradualUnfreeze(cfg.finetune.unfreeze_at_epoch, cfg.finetune.backbone_lr_factor))
+    return callbacks

@@ -29,7 +29,6 @@ from omegaconf import DictConfig, open_dict
 from transferlab.core.context import is_global_zero
 from transferlab.core.errors import ConfigError
 from transferlab.core.files import write_json
-from transferlab.core.safe_load import read_checkpoint
 from transferlab.core.statistics import INTERVAL_METHODS, fold_test_to_train, mean_std_interval, metric_intervals
 from transferlab.data.base import ImageClassificationDataModule
 from transferlab.data.folds import fold_splits
@@ -39,7 +38,7 @@ from transferlab.models.backbone import Backbone
 from transferlab.models.evaluation import choose_temperature, classification_metrics
 from transferlab.training.artifacts import print_config_tree, summary_line, write_predictions
 from transferlab.training.builders import instantiate_group
-from transferlab.training.fit import fit_and_test
+from transferlab.training.fit import Refit, fit_and_test
 from transferlab.training.loggers import finish_loggers, log_final_metrics, log_run_files, resolve_logger_config
 from transferlab.training.performance import feature_cache
 from transferlab.training.run_report import write_report
@@ -54,11 +53,6 @@ def in_folder(cfg: DictConfig, folder: Path) -> DictConfig:
     with open_dict(moved):
         moved.paths.output_dir = str(folder)
     return moved
-
-
-def _selected_epochs(metrics: dict[str, Any], fallback: int) -> int:
-    path = metrics.get("best_checkpoint")
-    return int(read_checkpoint(path).get("epoch", fallback - 1)) + 1 if path else fallback
 
 
 def cross_validate(cfg: DictConfig, backbone: Backbone, datamodule: ImageClassificationDataModule, precision_note: str) -> dict[str, Any]:
@@ -82,13 +76,14 @@ def cross_validate(cfg: DictConfig, backbone: Backbone, datamodule: ImageClassif
         datamodule.use_splits(fold)
         pl.seed_everything(cfg.seed, workers=True)  # every fold starts from the same random state
         fold_backbone = copy.deepcopy(pristine) if pristine is not None else backbone
-        metrics, model = fit_and_test(fold_cfg, fold_backbone, datamodule, precision_note, prune=False, cache=cache, interpret=False)
+        fitted = fit_and_test(fold_cfg, fold_backbone, datamodule, precision_note, cache=cache, fold=True)
+        metrics, model = fitted.metrics, fitted.model
         logits, _ = model.outputs["test"]
         where = [row[str(path)] for path, _ in fold["test"]]
         oof_logits[where], raw_logits[where] = logits, model.plain_raw["test"]
         fold_metrics.append({key: value for key, value in metrics.items() if isinstance(value, (int, float)) and not isinstance(value, bool)})
         fold_results.append(metrics)
-        epochs.append(_selected_epochs(metrics, int(cfg.trainer.max_epochs)))
+        epochs.append(fitted.selected_epochs)
 
     labels = torch.tensor([label for _, label in pool])
     oof: dict[str, Any] = dict(classification_metrics(oof_logits, labels, names, per_class=True))
@@ -121,10 +116,8 @@ def cross_validate(cfg: DictConfig, backbone: Backbone, datamodule: ImageClassif
         refit_backbone = copy.deepcopy(pristine) if pristine is not None else backbone
         chosen = [m["probe/C"] for m in fold_metrics if "probe/C" in m]  # the L-BFGS probe's L2 strength per fold
         probe_c = float(statistics.median(chosen)) if chosen else None
-        refit, refit_model = fit_and_test(
-            cfg, refit_backbone, datamodule, precision_note, refit=(refit_epochs, calibration), prune=False, cache=cache, probe_c=probe_c
-        )
-        loggers = refit_model.trainer.loggers
+        refitted = fit_and_test(cfg, refit_backbone, datamodule, precision_note, refit=Refit(refit_epochs, calibration, probe_c), cache=cache)
+        refit, loggers = refitted.metrics, refitted.model.trainer.loggers
         summary["refit"] = {key: value for key, value in refit.items() if not key.startswith("val/")}
         if official_test:  # the refit model's test on the official list replaces the out-of-fold figures
             result.update({key: value for key, value in refit.items() if key.startswith("test/")})

@@ -1,88 +1,260 @@
-"""One fit of a run (a plain run, one cross-validation fold, or the refit after it): build the model and the Trainer,
-fit, validate and calibrate the selected checkpoint, test it, write the run folder."""
+"""One fit of a run (a plain run, one cross-validation fold, or the refit after it) as a short sequence of named
+steps, each taking and returning plain values (lightning-hydra-template's train.py is the model):
+
+    plan the split -> build the model and the Trainer -> train by epochs | solve the probe | refit
+    -> calibrate on held-out images -> test and report
+
+The kind of fit is decided once, from the config (finetune.head_solver) and the caller (a refit passes `Refit`).
+The split it fits and tests on is stored: OUT/splits.csv and inside every checkpoint (data.stored_splits).
+"""
 
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
 
 import lightning.pytorch as pl
+import torch
 from lightning.pytorch.callbacks import EarlyStopping, ModelCheckpoint
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from transferlab.callbacks.checkpoints import LastCheckpoint
-from transferlab.callbacks.ema import WeightEMA
 from transferlab.callbacks.feature_cache import FeatureCache
-from transferlab.callbacks.linear_probe import LinearProbeSolver
-from transferlab.callbacks.optuna_pruning import pruning_callbacks
-from transferlab.callbacks.unfreeze import GradualUnfreeze
 from transferlab.core.context import is_global_zero
 from transferlab.core.errors import ConfigError
 from transferlab.core.files import to_float_dict, write_json
-from transferlab.core.redaction import redact
 from transferlab.data.base import ImageClassificationDataModule
 from transferlab.data.stored_splits import FILE as SPLITS_FILE
 from transferlab.data.stored_splits import write_csv
 from transferlab.models.backbone import Backbone
 from transferlab.models.classifier import TransferClassifier
 from transferlab.models.evaluation import Calibration
+from transferlab.models.linear_probe import ProbeFit
 from transferlab.training.artifacts import announce_skipped, test_and_report
-from transferlab.training.builders import build_trainer, container, instantiate_group, log_run_config
+from transferlab.training.builders import build_trainer, fit_callbacks, instantiate_group, log_run_config, new_model
 from transferlab.training.calibration import held_out_metrics, set_calibration, validate_and_calibrate
 from transferlab.training.loggers import finish_loggers, log_final_metrics, resolve_logger_config
 from transferlab.training.lr_find import find_learning_rate
-from transferlab.training.performance import apply_performance
+from transferlab.training.probe import ProbeSettings, probe_settings, solve_probe
 
 log = logging.getLogger(__name__)
 
 
-def build_model(cfg: DictConfig, backbone: Backbone, datamodule: ImageClassificationDataModule) -> TransferClassifier:
-    """Hyper-parameters go into every checkpoint: credentials masked."""
-    return TransferClassifier(
-        backbone=redact(container(cfg.backbone)),
-        class_names=datamodule.class_names,
-        finetune=redact(container(cfg.finetune)),
-        optimizer=redact(container(cfg.optimizer)),
-        scheduler=redact(container(cfg.scheduler)),
-        run=redact({"data": container(cfg.data), "seed": cfg.seed, "precision": str(cfg.trainer.get("precision"))}),
-        loss_weights=datamodule.loss_weights(),
-        prebuilt_backbone=backbone,
-    )
+@dataclass(frozen=True)
+class Refit:
+    """The fit after a cross-validation: no validation; `epochs` (the folds' median), their out-of-fold calibration
+    and, for the probe with select_c=val, the folds' median C."""
+
+    epochs: int
+    calibration: Calibration
+    probe_c: Optional[float] = None
 
 
-def solver_free(cfg: DictConfig) -> bool:
-    return cfg.finetune.get("head_solver") != "lbfgs"
+@dataclass
+class Fitted:
+    """What a fit step leaves: the checkpoint to calibrate and test, epochs run and selected, held-out figures."""
+
+    checkpoint: Optional[str]
+    epochs: int
+    selected_epochs: int
+    metrics: dict[str, Any] = field(default_factory=dict)
+    probe: Optional[ProbeFit] = None
 
 
-def probe_solver(cfg: DictConfig, c: Optional[float]) -> Optional[LinearProbeSolver]:
-    """finetune.head_solver=lbfgs (frozen only): the convex probe, with its C chosen as finetune.select_c says."""
-    finetune = cfg.finetune
-    if solver_free(cfg):
-        return None
-    select = str(finetune.get("select_c", "cv"))
-    fixed = c if select == "val" else None  # a refit after select_c=val folds takes their median C; cv chooses its own
-    return LinearProbeSolver(
-        standardize=bool(finetune.standardize), select=select, folds=int(finetune.get("c_folds", 5)), seed=int(cfg.data.split_seed), c=fixed
-    )
+@dataclass
+class FitResult:
+    """metrics.json's values, the fitted model (its test outputs included) and the epochs up to its checkpoint."""
+
+    metrics: dict[str, Any]
+    model: TransferClassifier
+    selected_epochs: int
+
+
+def fit_and_test(
+    cfg: DictConfig,
+    backbone: Backbone,
+    datamodule: ImageClassificationDataModule,
+    precision_note: str,
+    *,
+    ckpt_path: Optional[str] = None,
+    refit: Optional[Refit] = None,
+    cache: Optional[FeatureCache] = None,
+    fold: bool = False,
+) -> FitResult:
+    """Fit in cfg.paths.output_dir, calibrate, test if the data has a test split, write the run folder. `fold`: one
+    fold of a cross-validation (no Optuna pruning, no interpretation); `cache`: a feature cache the folds share."""
+    out_dir = Path(cfg.paths.output_dir)
+    probe = probe_settings(cfg, refit.probe_c if refit else None)
+    plan_split(datamodule, probe, refit)
+    if probe is not None and cfg.get("tune") and cfg.tune.lr_find:
+        log.warning("tune.lr_find: skipped (the L-BFGS probe has no learning rate)")
+    model = new_model(cfg, backbone, datamodule)
+    model.split_table = datamodule.split_table()
+    if is_global_zero():
+        write_csv(out_dir / SPLITS_FILE, model.split_table)
+    trainer = build_fit_trainer(cfg, model, datamodule, precision_note, probe, refit, cache, prune=not fold and refit is None)
+    if probe is not None:
+        fitted = solve_the_probe(trainer, model, datamodule, probe, out_dir, str(cfg.calibration), refit)
+    elif refit is not None:
+        fitted = refit_by_epochs(trainer, model, datamodule, refit, out_dir)
+    else:
+        fitted = train_by_epochs(cfg, trainer, model, datamodule, ckpt_path)
+        fitted.metrics.update(validate_and_calibrate(trainer, model, datamodule, fitted.checkpoint, str(cfg.calibration)))
+    metrics = {**fitted.metrics, "selection/protocol": selection_protocol(probe, refit, bool(datamodule.splits.get("val")))}
+    metrics.update(best_checkpoint=fitted.checkpoint, epochs=fitted.epochs)
+    if fitted.probe is not None:
+        metrics["probe/C"] = fitted.probe.c
+    metrics = test_and_write(cfg, trainer, model, datamodule, fitted.checkpoint, metrics, interpret=not fold)
+    if refit is None:  # a refit's loggers also receive the cross-validation summary (training.cross_validation)
+        finish_loggers(trainer.loggers)
+    return FitResult(metrics, model, fitted.selected_epochs)
+
+
+def plan_split(datamodule: ImageClassificationDataModule, probe: Optional[ProbeSettings], refit: Optional[Refit]) -> None:
+    """The probe choosing C by inner folds trains on the validation images too; choosing it on validation images
+    needs some."""
+    datamodule.setup("fit")
+    splits = datamodule.splits
+    if probe is not None and probe.select == "cv" and splits.get("val"):
+        merged = {"train": splits["train"] + splits["val"], "val": [], "test": splits.get("test", [])}
+        datamodule.use_splits(merged, announce=False)
+        log.info(
+            "Linear probe: C by inner folds, so the %d validation images train too (train %d, test %d)",
+            len(splits["val"]),
+            len(merged["train"]),
+            len(merged["test"]),
+        )
+    if probe is not None and probe.select == "val" and refit is None and not datamodule.splits.get("val"):
+        raise ConfigError(
+            "finetune.select_c=val: this run has no validation images to choose C on (data.val_fraction or the split left none); "
+            "use finetune.select_c=cv (inner cross-validation over the training images) or raise data.val_fraction"
+        )
+
+
+def build_fit_trainer(
+    cfg: DictConfig,
+    model: TransferClassifier,
+    datamodule: ImageClassificationDataModule,
+    precision_note: str,
+    probe: Optional[ProbeSettings],
+    refit: Optional[Refit],
+    cache: Optional[FeatureCache],
+    prune: bool,
+) -> pl.Trainer:
+    """The Trainer for this kind of fit. The probe's and the refit's checkpoint is chosen by no epoch (this module
+    saves it); the probe's Trainer runs no batch: its fit only fills the feature cache (over every DDP rank)."""
+    resolve_logger_config(cfg.get("logger"), run_name=Path(cfg.paths.output_dir).name, task_name=str(cfg.task_name), tags=list(cfg.get("tags") or []))
+    callbacks = fit_callbacks(cfg, model, datamodule, precision_note, cache, prune, epochs_train_head=probe is None)
+    trainer_cfg: Any = OmegaConf.merge(cfg.trainer, {})
+    if probe is not None or refit is not None:
+        callbacks = [c for c in callbacks if not isinstance(c, (ModelCheckpoint, EarlyStopping))]
+        with open_dict(trainer_cfg):
+            trainer_cfg.num_sanity_val_steps = 0
+            trainer_cfg.limit_val_batches = (
+                0 if (refit is not None or (probe is not None and probe.select == "cv")) else trainer_cfg.get("limit_val_batches")
+            )
+            trainer_cfg.max_epochs = 1 if probe is not None else (refit.epochs if refit is not None else trainer_cfg.max_epochs)
+            if probe is not None:
+                trainer_cfg.limit_train_batches = 0
+    loggers = instantiate_group(cfg.logger, "logger")
+    trainer = build_trainer(trainer_cfg, callbacks, loggers)
+    log_run_config(loggers, cfg)
+    announce_skipped(datamodule, Path(cfg.paths.output_dir))
+    return trainer
+
+
+def train_by_epochs(cfg: DictConfig, trainer: pl.Trainer, model: TransferClassifier, datamodule: Any, ckpt_path: Optional[str]) -> Fitted:
+    """Epochs of the optimiser (tune.lr_find first when asked); the checkpoint ModelCheckpoint selected."""
+    tuned = tune_learning_rate(cfg, trainer, model, datamodule, skip=bool(ckpt_path))
+    trainer.fit(model, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=True if ckpt_path else None)
+    best = selected_checkpoint(trainer)
+    selected = checkpoint_epochs(best, trainer.current_epoch) if best else trainer.current_epoch
+    val = to_float_dict({k: v for k, v in trainer.callback_metrics.items() if k.startswith("val/")})
+    return Fitted(best, trainer.current_epoch, selected, {**val, **tuned})
+
+
+def refit_by_epochs(trainer: pl.Trainer, model: TransferClassifier, datamodule: Any, refit: Refit, out_dir: Path) -> Fitted:
+    """The folds' median epochs on every non-test image, with their out-of-fold calibration; saved as best.ckpt."""
+    trainer.fit(model, datamodule=datamodule)
+    apply_refit_calibration(model, refit)
+    best = save_fitted(trainer, out_dir)
+    return Fitted(best, trainer.current_epoch, refit.epochs, refit.calibration.metrics())
+
+
+def solve_the_probe(
+    trainer: pl.Trainer,
+    model: TransferClassifier,
+    datamodule: Any,
+    probe: ProbeSettings,
+    out_dir: Path,
+    method: str,
+    refit: Optional[Refit],
+) -> Fitted:
+    """Fill the feature cache (the Trainer's fit runs no batch), solve the head, save it, and calibrate it on the
+    inner folds' held-out logits (select_c=cv), the validation images (select_c=val) or the refit's out-of-fold ones."""
+    trainer.fit(model, datamodule=datamodule)
+    fit = solve_probe(model, datamodule.feature_sets, probe)
+    if refit is not None:
+        apply_refit_calibration(model, refit)
+    best = save_fitted(trainer, out_dir)
+    if refit is not None:
+        return Fitted(best, 0, refit.epochs, refit.calibration.metrics(), fit)
+    if probe.select == "val":
+        return Fitted(best, 0, 1, validate_and_calibrate(trainer, model, datamodule, best, method), fit)
+    assert fit.held_out is not None  # select_by_cv keeps the held-out logits at the chosen C
+    raw, labels = fit.held_out
+    found, calibration = held_out_metrics(raw, labels, datamodule.class_names, method, "held-out training images (inner folds)")
+    set_calibration(trainer, model, best, calibration)
+    return Fitted(best, 0, 1, {**found, **calibration.metrics(), "val/acc_best": found["val/acc"]}, fit)
+
+
+def test_and_write(
+    cfg: DictConfig, trainer: pl.Trainer, model: TransferClassifier, datamodule: Any, best: Optional[str], metrics: dict[str, Any], interpret: bool
+) -> dict[str, Any]:
+    """Test the checkpoint and write metrics.json and the reports; without a test split, metrics.json keeps the
+    held-out figures."""
+    out_dir = Path(cfg.paths.output_dir)
+    if datamodule.splits.get("test"):
+        settings = cfg.get("interpret") if interpret else None
+        return test_and_report(trainer, model, datamodule, out_dir, best, metrics, seed=int(cfg.seed), interpret=settings)
+    if is_global_zero():
+        write_json(out_dir / "metrics.json", metrics)
+    log_final_metrics(trainer.loggers, metrics, step=trainer.global_step)
+    return metrics
+
+
+def apply_refit_calibration(model: TransferClassifier, refit: Refit) -> None:
+    model.temperature.fill_(refit.calibration.temperature)
+    model.calibration = refit.calibration.record()
+    model.hparams["run"] = {**model.hparams["run"], "refit": True}
+
+
+def save_fitted(trainer: pl.Trainer, out_dir: Path) -> str:
+    """checkpoints/best.ckpt (and last.ckpt) of a fit no epoch selects."""
+    best = str(out_dir / "checkpoints" / "best.ckpt")
+    trainer.save_checkpoint(best, weights_only=True)
+    trainer.save_checkpoint(str(out_dir / "checkpoints" / "last.ckpt"), weights_only=True)
+    return best
 
 
 def tune_learning_rate(cfg: DictConfig, trainer: pl.Trainer, model: TransferClassifier, datamodule: Any, skip: bool) -> dict[str, float]:
-    """tune.lr_find=true: the finder's suggestion becomes the run's lr (not for the L-BFGS probe, nor on resume)."""
+    """tune.lr_find=true: the finder's suggestion becomes the run's lr (not on resume: a resumed run keeps its own)."""
     if not cfg.get("tune") or not cfg.tune.lr_find:
         return {}
     if skip:
-        log.warning("tune.lr_find: skipped (the L-BFGS probe has no learning rate; a resumed run keeps its own)")
+        log.warning("tune.lr_find: skipped (a resumed run keeps its own learning rate)")
         return {}
     suggestion = find_learning_rate(trainer, model, datamodule, Path(cfg.paths.output_dir))
     return {"tune/lr": suggestion} if suggestion is not None else {}
 
 
-def selection_protocol(inner_cv: bool, refit: bool, has_val: bool) -> str:
+def selection_protocol(probe: Optional[ProbeSettings], refit: Optional[Refit], has_val: bool) -> str:
     """What val/* (and val/acc_best, the default sweep objective) were measured on: sweeps rank only jobs that agree."""
-    if inner_cv:
+    if probe is not None and probe.select == "cv" and refit is None:
         return "probe_inner_cv"  # the probe's inner K-fold held-out figures over training + validation images
-    if refit or not has_val:
+    if refit is not None or not has_val:
         return "none"
     return "validation_split"
 
@@ -93,111 +265,7 @@ def selected_checkpoint(trainer: pl.Trainer) -> Optional[str]:
     return checkpoint.best_model_path if checkpoint and checkpoint.best_model_path else None
 
 
-def fit_and_test(
-    cfg: DictConfig,
-    backbone: Backbone,
-    datamodule: ImageClassificationDataModule,
-    precision_note: str,
-    ckpt_path: Optional[str] = None,
-    refit: Optional[tuple[int, Calibration]] = None,
-    prune: bool = True,
-    cache: Optional[FeatureCache] = None,
-    probe_c: Optional[float] = None,
-    interpret: bool = True,
-) -> tuple[dict[str, Any], TransferClassifier]:
-    """Fit in cfg.paths.output_dir; returns (metrics.json's values, the model). With `refit` = (epochs, calibration)
-    there is no validation: train that many epochs (the schedule as configured), take that calibration, save
-    checkpoints/best.ckpt, and test it if the data has a test split. `interpret`: after the test (not in CV folds).
-    The split it fits and tests on is stored: OUT/splits.csv and inside every checkpoint (data.stored_splits)."""
-    out_dir = Path(cfg.paths.output_dir)
-    resolve_logger_config(cfg.get("logger"), run_name=out_dir.name, task_name=str(cfg.task_name), tags=list(cfg.get("tags") or []))
-    model = build_model(cfg, backbone, datamodule)
-    callbacks = instantiate_group(cfg.callbacks, "callbacks") + apply_performance(cfg, model, datamodule, precision_note, cache)
-    if prune:
-        callbacks += pruning_callbacks()  # a trial of an Optuna sweep
-    model.tta = str(cfg.get("tta") or "none")
-    if model.tta != "none":  # test-time views need the test images, not their cached features
-        for callback in callbacks:
-            if isinstance(callback, FeatureCache):
-                callback.skip_splits.add("test")
-    if cfg.finetune.get("ema_decay") and solver_free(cfg):
-        callbacks.append(WeightEMA(float(cfg.finetune.ema_decay)))
-    if cfg.finetune.mode == "gradual":
-        callbacks.append(GradualUnfreeze(cfg.finetune.unfreeze_at_epoch, cfg.finetune.backbone_lr_factor))
-    trainer_cfg: Any = OmegaConf.merge(cfg.trainer, {})
-    solver = probe_solver(cfg, probe_c)
-    inner_cv = solver is not None and solver.select == "cv"
-    if inner_cv:  # the probe's C comes from folds of the training images: the validation images train too
-        datamodule.setup("fit")
-        splits = datamodule.splits
-        if splits.get("val"):
-            merged = {"train": splits["train"] + splits["val"], "val": [], "test": splits.get("test", [])}
-            datamodule.use_splits(merged, announce=False)
-            log.info(
-                "Linear probe: C by inner folds, so the %d validation images train too (train %d, test %d)",
-                len(splits["val"]),
-                len(merged["train"]),
-                len(merged["test"]),
-            )
-    if solver is not None and solver.select == "val" and solver.c is None and not datamodule.splits.get("val"):
-        raise ConfigError(
-            "finetune.select_c=val: this run has no validation images to choose C on (data.val_fraction or the split left none); "
-            "use finetune.select_c=cv (inner cross-validation over the training images) or raise data.val_fraction"
-        )
-    model.split_table = datamodule.split_table()
-    if is_global_zero():
-        write_csv(out_dir / SPLITS_FILE, model.split_table)
-    saved_here = refit is not None or solver is not None  # no epoch selects a checkpoint: this function saves it
-    if saved_here:
-        callbacks = [c for c in callbacks if not isinstance(c, (ModelCheckpoint, EarlyStopping))]
-        with open_dict(trainer_cfg):
-            trainer_cfg.num_sanity_val_steps = 0
-            if refit is not None or inner_cv:  # nothing to validate on (select_c=val validates after fit)
-                trainer_cfg.limit_val_batches = 0
-            if refit is not None and solver is None:
-                trainer_cfg.max_epochs = refit[0]
-    if solver is not None:  # the head is solved on fit start; no training loop runs (none under DDP either)
-        callbacks.append(solver)
-        with open_dict(trainer_cfg):
-            trainer_cfg.max_epochs, trainer_cfg.limit_train_batches = 1, 0
-    loggers = instantiate_group(cfg.logger, "logger")
-    trainer = build_trainer(trainer_cfg, callbacks, loggers)
-    log_run_config(loggers, cfg)
-    announce_skipped(datamodule, out_dir)
-
-    tuned = tune_learning_rate(cfg, trainer, model, datamodule, solver is not None or bool(ckpt_path))
-    trainer.fit(model, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=True if ckpt_path else None)
-    best = selected_checkpoint(trainer)
-    extra: dict[str, Any] = {**to_float_dict({k: v for k, v in trainer.callback_metrics.items() if k.startswith("val/")}), **tuned}
-    if saved_here:
-        best = str(out_dir / "checkpoints" / "best.ckpt")
-        if refit is not None:
-            model.temperature.fill_(refit[1].temperature)
-            model.calibration = refit[1].record()
-            model.hparams["run"] = {**model.hparams["run"], "refit": True}
-        trainer.save_checkpoint(best, weights_only=True)
-        trainer.save_checkpoint(str(out_dir / "checkpoints" / "last.ckpt"), weights_only=True)
-    if inner_cv:  # the held-out figures and the temperature come from the probe's inner folds
-        assert solver is not None and solver.fit is not None and solver.fit.held_out is not None
-        raw, labels = solver.fit.held_out
-        found, calibration = held_out_metrics(raw, labels, datamodule.class_names, str(cfg.calibration), "held-out training images (inner folds)")
-        set_calibration(trainer, model, best, calibration)
-        extra.update(found, **calibration.metrics(), **{"val/acc_best": found["val/acc"]})
-    elif refit is not None:
-        extra.update(refit[1].metrics())
-    else:
-        extra.update(validate_and_calibrate(trainer, model, datamodule, best, str(cfg.calibration)))
-    extra["selection/protocol"] = selection_protocol(inner_cv, refit is not None, bool(datamodule.splits.get("val")))
-    extra.update(best_checkpoint=best, epochs=trainer.current_epoch)
-    if solver is not None:
-        extra["probe/C"] = solver.c
-    if datamodule.splits.get("test"):
-        settings = cfg.get("interpret") if interpret else None
-        extra = test_and_report(trainer, model, datamodule, out_dir, best, extra, seed=int(cfg.seed), interpret=settings)
-    else:  # nothing to test on: metrics.json keeps the validation figures
-        if is_global_zero():
-            write_json(out_dir / "metrics.json", extra)
-        log_final_metrics(trainer.loggers, extra, step=trainer.global_step)
-    if refit is None:  # a refit's loggers also receive the cross-validation summary (training.cross_validation)
-        finish_loggers(trainer.loggers)
-    return extra, model
+def checkpoint_epochs(path: str, fallback: int) -> int:
+    """Epochs trained up to a checkpoint: its `epoch` (0-based) + 1, read memory-mapped (the tensors stay on disk)."""
+    saved = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    return int(saved.get("epoch", fallback - 1)) + 1
