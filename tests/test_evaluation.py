@@ -244,11 +244,12 @@ def test_folds_share_one_feature_cache_even_in_memory(tiny_folder, tmp_path):
 
 @pytest.mark.shared
 def test_cross_validation_with_ddp_predicts_every_image_once(tiny_folder, tmp_path):
-    """Two gloo processes through every fold and the refit: one set of fold folders, every image once out-of-fold."""
-    from conftest import FAST, run_cli
+    """Two gloo processes through every fold and the refit: one set of fold folders, every image once out-of-fold.
+    In process: this process is rank 0 and rank 1 is the command line's relaunch (cli.app's Command.run)."""
+    from conftest import FAST, run
 
     out = tmp_path / "ddp"
-    run_cli(
+    run(
         "train",
         "data=image_folder",
         f"data.root={tiny_folder}",

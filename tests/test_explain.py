@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import FAST, PETS, SEED_IMAGES, chromium_render, needs_browser, pet_photos, require_shared, run, run_cli
+from conftest import FAST, PETS, SEED_IMAGES, chromium_render, needs_browser, pet_photos, require_shared, run
 from transferlab.core.errors import ConfigError
 
 pytestmark = pytest.mark.shared
@@ -31,7 +31,7 @@ def test_explain_cli_writes_maps_over_the_input_crop(species_run, tmp_path):
         (photos / src.name).symlink_to(src)
     (photos / "notes.txt").write_text("not an image")
     out = tmp_path / "out"
-    run_cli("explain", f"ckpt_path={species_run / 'checkpoints' / 'best.ckpt'}", f"input={photos}", f"hydra.run.dir={out}")
+    run("explain", f"ckpt_path={species_run / 'checkpoints' / 'best.ckpt'}", f"input={photos}", f"hydra.run.dir={out}")
     rows = read_rows(out / "explain.csv")
     assert list(rows[0]) == ["path", "target", "prob"] and len(rows) == 4
     for row in rows:
