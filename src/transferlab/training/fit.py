@@ -199,15 +199,16 @@ def solve_the_probe(
     if refit is not None:
         apply_refit_calibration(model, refit)
     best = save_fitted(trainer, out_dir)
+    epochs = trainer.current_epoch  # 0: the loop ran no batch (metrics.json's `epochs`, as before the probe was a step)
     if refit is not None:
-        return Fitted(best, 0, refit.epochs, refit.calibration.metrics(), fit)
+        return Fitted(best, epochs, refit.epochs, refit.calibration.metrics(), fit)
     if probe.select == "val":
-        return Fitted(best, 0, 1, validate_and_calibrate(trainer, model, datamodule, best, method), fit)
+        return Fitted(best, epochs, epochs + 1, validate_and_calibrate(trainer, model, datamodule, best, method), fit)
     assert fit.held_out is not None  # select_by_cv keeps the held-out logits at the chosen C
     raw, labels = fit.held_out
     found, calibration = held_out_metrics(raw, labels, datamodule.class_names, method, "held-out training images (inner folds)")
     set_calibration(trainer, model, best, calibration)
-    return Fitted(best, 0, 1, {**found, **calibration.metrics(), "val/acc_best": found["val/acc"]}, fit)
+    return Fitted(best, epochs, epochs + 1, {**found, **calibration.metrics(), "val/acc_best": found["val/acc"]}, fit)
 
 
 def test_and_write(
