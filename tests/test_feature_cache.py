@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 
 from conftest import FAST, PETS, SPECIES_RUN, cli_env, run
-from transferlab.data.feature_store import FeatureStore, file_sha256
+from transferlab.data.features import FeatureStore, file_sha256
 
 ROWS = np.random.default_rng(0).standard_normal((12, 8)).astype(np.float32)
 KEYS = [f"img{i}" for i in range(12)]
