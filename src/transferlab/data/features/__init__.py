@@ -9,10 +9,11 @@
 
 from transferlab.data.features.datasets import FeatureDataset, ViewsDataset
 from transferlab.data.features.fill import Extractor, Fill, FillSettings, compute_features, feature_batches, fill_features
-from transferlab.data.features.keys import Inputs, describe, fingerprint, image_key, library_versions, weights_digest
+from transferlab.data.features.keys import LIBRARIES, Inputs, describe, fingerprint, image_key, library_versions, weights_digest
 from transferlab.data.features.store import FeatureStore, file_sha256, finite_rows
 
 __all__ = [
+    "LIBRARIES",
     "Extractor",
     "FeatureDataset",
     "FeatureStore",
