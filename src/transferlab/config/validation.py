@@ -1,8 +1,11 @@
 """Start-up validation, the same for every command: typos, wrong types and values out of range fail before any work.
 
 `validate(cfg, command)` walks the composed config along the command's schema (config.schema): unknown keys
-with close matches, types, `???` values, ranges (LIMITS), and every `_target_` node against the signature of
-the class it instantiates. The first problem is raised as a ConfigError naming the full key.
+with close matches, types, `???` values, the ranges declared on the schema's fields (config.limits), and every
+`_target_` node against the signature of the class it instantiates (then the ranges declared for its keys).
+Then the rules that relate two keys (`check_rules`). The first problem is raised as a ConfigError naming the
+full key: one line, exit 2. The checker is a small table of annotation kinds on purpose: OmegaConf's structured
+configs know no Literal and report a bad value over several lines.
 """
 
 from __future__ import annotations
@@ -17,8 +20,9 @@ from typing import Any, Literal, Optional
 from hydra.utils import get_object
 from omegaconf import DictConfig, OmegaConf
 
-from transferlab.config.limits import LIMITS
+from transferlab.config.limits import check_range, declared, literals
 from transferlab.config.schema import COMMANDS, OPEN_NODES, OUR_VALUES, Target, Targets
+from transferlab.core.bounds import Bounds, Params
 from transferlab.core.errors import ConfigError, close_matches
 
 
@@ -55,15 +59,6 @@ def _matches(value: Any, annotation: Any) -> bool | None:
     return None
 
 
-def _literals(annotation: Any) -> list[Any]:
-    """Every Literal value inside an annotation (through Optional/Union)."""
-    if typing.get_origin(annotation) is Literal:
-        return list(typing.get_args(annotation))
-    if typing.get_origin(annotation) in (typing.Union, types.UnionType):
-        return [v for arg in typing.get_args(annotation) for v in _literals(arg)]
-    return []
-
-
 def _type_name(annotation: Any) -> str:
     """A readable expected form: `one of 32-true, bf16-mixed, ...`, `int or null`, `list`."""
     origin = typing.get_origin(annotation)
@@ -94,7 +89,7 @@ def check_fields(key: str, values: Mapping[str, Any], params: Mapping[str, Any],
         if value in extra.get(name, ()):
             continue
         if _matches(value, params[name]) is False:
-            choices = [str(a) for a in _literals(params[name])]
+            choices = [str(a) for a in literals(params[name])]
             hint = close_matches(value, choices) if isinstance(value, str) else ""
             raise ConfigError(f"{_join(key, name)}: expected {_type_name(params[name])}, got {_describe(value)}{hint}")
 
@@ -106,18 +101,24 @@ def _admits_none(annotation: Any) -> bool:
 
 
 def check_node(key: str, values: Mapping[str, Any], schema: type) -> None:
-    """A node against a schema dataclass: every field present (unless it may be None), then each child by its type."""
-    hints = typing.get_type_hints(schema)
+    """A node against a schema dataclass: every field present (unless it may be None), types, declared ranges,
+    then each child by its type."""
+    declarations = typing.get_type_hints(schema, include_extras=True)
+    hints = typing.get_type_hints(schema)  # the same without Annotated's ranges
     fields = {f.name: hints[f.name] for f in dataclasses.fields(schema)}
     for name, annotation in fields.items():
         if name not in values and not _admits_none(annotation):
             raise ConfigError(f"{_join(key, name)}: required value is missing")
     structured = {n: t for n, a in fields.items() if (t := _node_type(a)) is not None}
     check_fields(key, values, {n: (dict if n in structured else a) for n, a in fields.items()}, open_ended=schema in OPEN_NODES)
+    for name, annotation in fields.items():
+        bounds = declared(declarations[name], Bounds)
+        if bounds is not None and name in values:
+            check_range(_join(key, name), values[name], annotation, bounds)
     for name in structured:
-        annotation = fields[name]
         if values.get(name) is not None:
-            check_child(_join(key, name), values[name], structured[name], may_be_empty=_admits_none(annotation))
+            params = declared(declarations[name], Params) or Params()
+            check_child(_join(key, name), values[name], structured[name], may_be_empty=_admits_none(fields[name]), params=params)
 
 
 def _node_type(annotation: Any) -> Optional[type]:
@@ -128,16 +129,19 @@ def _node_type(annotation: Any) -> Optional[type]:
     return None
 
 
-def check_child(key: str, value: Any, kind: type, may_be_empty: bool = False) -> None:
+def check_child(key: str, value: Any, kind: type, may_be_empty: bool, params: Params) -> None:
     if not isinstance(value, Mapping):
         raise ConfigError(f"{key}: expected a config node (key: value lines), got {_describe(value)}")
     if kind is Targets:
         for name, child in value.items():
             if child is not None:
-                check_child(_join(key, name), child, Target)
+                check_child(_join(key, name), child, Target, False, Params())
     elif kind is Target:
         if "_target_" in value:
-            check_target(key, value)
+            annotations = check_target(key, value)
+            for name, bounds in params.items():
+                if name in value:
+                    check_range(_join(key, name), value[name], annotations.get(name, Any), bounds)
         elif value or not may_be_empty:
             what = "no dataset selected" if key == "data" else "no _target_ (the class this node builds)"
             raise ConfigError(
@@ -162,8 +166,9 @@ def _signature_params(func: Any) -> tuple[dict[str, Any], set[str], bool, Option
     return params, required, open_ended, next(iter(named), None)
 
 
-def check_target(key: str, node: Mapping[str, Any]) -> None:
-    """Check a `_target_` node against the signature of what it instantiates (following **kwargs to base classes)."""
+def check_target(key: str, node: Mapping[str, Any]) -> dict[str, Any]:
+    """Check a `_target_` node against the signature of what it instantiates (following **kwargs to base classes);
+    returns the parameters' annotations."""
     target = str(node.get("_target_"))
     try:
         obj = get_object(target)
@@ -187,7 +192,7 @@ def check_target(key: str, node: Mapping[str, Any]) -> None:
         else:
             params, required, open_ended, first = _signature_params(obj)
     except (TypeError, ValueError):
-        return
+        return {}
     if node.get("_partial_") and first:
         params.pop(first, None)  # supplied at call time: optimizer params / scheduler optimizer
         required.discard(first)
@@ -198,6 +203,7 @@ def check_target(key: str, node: Mapping[str, Any]) -> None:
     path = f"{getattr(obj, '__module__', '')}.{getattr(obj, '__qualname__', '')}"
     extra = {param: values for (owner, param), values in OUR_VALUES.items() if owner in (target, path)}
     check_fields(key, node, params, open_ended, extra)
+    return params
 
 
 def _missing_keys(node: Any, prefix: str = "") -> list[str]:
@@ -216,20 +222,8 @@ def _number(value: Any) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
-def _lookup(values: Mapping[str, Any], dotted: str) -> tuple[bool, Any]:
-    node: Any = values
-    for part in dotted.split("."):
-        if not isinstance(node, Mapping) or part not in node:
-            return False, None
-        node = node[part]
-    return True, node
-
-
-def check_limits(values: Mapping[str, Any]) -> None:
-    for key, (ok, form) in LIMITS.items():
-        found, value = _lookup(values, key)
-        if found and value is not None and value != "auto" and not (_number(value) and ok(value)):  # "auto": the schema's type decides
-            raise ConfigError(f"{key}: expected {form}, got {value!r}")
+def check_rules(values: Mapping[str, Any]) -> None:
+    """What no single key's type or range can say: a value another library registers, and keys that depend on each other."""
     trainer = values.get("trainer") or {}
     accelerator = trainer.get("accelerator")
     if isinstance(accelerator, str):
@@ -253,9 +247,22 @@ def check_limits(values: Mapping[str, Any]) -> None:
 
 
 def validate_values(values: Mapping[str, Any], command: str) -> None:
-    """Plain values (resolved) against the command's schema, then the ranges."""
+    """Plain values (resolved) against the command's schema (types and ranges), then the rules between keys."""
     check_node("", values, COMMANDS[command])
-    check_limits(values)
+    check_rules(values)
+
+
+def check_arguments(command: str, values: Mapping[str, Any]) -> None:
+    """Some keys of a command given from Python (transferlab.api.load: runtime, device, precision, tta), each
+    against its field's type and declared range, as the command's config would be: the code below trusts them."""
+    schema = COMMANDS[command]
+    declarations, hints = typing.get_type_hints(schema, include_extras=True), typing.get_type_hints(schema)
+    check_fields("", values, hints, open_ended=False)
+    for name, value in values.items():
+        bounds = declared(declarations[name], Bounds)
+        if bounds is not None:
+            check_range(name, value, hints[name], bounds)
+    check_rules(values)
 
 
 def validate(cfg: DictConfig, command: str) -> None:
