@@ -21,6 +21,7 @@ import lightning.pytorch as pl
 import torch
 
 from transferlab.core.errors import ConfigError, DataError
+from transferlab.core.files import atomic_write
 from transferlab.data.features import (
     Extractor,
     FeatureDataset,
@@ -43,6 +44,9 @@ STORAGES = ("disk", "memory")
 
 
 class FeatureCache(pl.Callback):
+    """Fills `datamodule.feature_sets[split]` with FeatureDatasets (`.rows`, `.labels`) at setup, from the stores
+    of the splits' fingerprints; `stats` (per split: images, computed, reused, seconds) is feature_cache.json."""
+
     def __init__(
         self, *, storage: str, cache_dir: Optional[str], augmented_views: int, seed: int, batch_size: Union[int, str], shard_images: int
     ) -> None:
@@ -120,10 +124,8 @@ class FeatureCache(pl.Callback):
                 seconds,
             )
             if trainer.is_global_zero:
-                out = Path(trainer.default_root_dir) / "feature_cache.json"
-                out.parent.mkdir(parents=True, exist_ok=True)
                 self.stats[f"seconds_{getattr(stage, 'value', stage)}"] = round(seconds, 2)
-                out.write_text(json.dumps(self.stats, indent=2))
+                atomic_write(Path(trainer.default_root_dir) / "feature_cache.json", json.dumps(self.stats, indent=2).encode())
 
     def _record(self, datamodule: Any, store: FeatureStore, store_splits: list[str], computed_keys: set[str], fill: Fill) -> None:
         """Hand the datamodule its feature datasets; per split: images, computed, reused, and the fill's seconds and img/s."""
