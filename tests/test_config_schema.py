@@ -41,6 +41,8 @@ REQUIRED = {
     "predict": ["ckpt_path=x.ckpt", "input=in"],
     "visualize": ["target=zebra"],
     "attack": ["input=dog.jpg", "target=zebra"],
+    "serve": ["ckpt_path=x.ckpt"],
+    "export": ["ckpt_path=x.ckpt", "output=pkg"],
 }
 GROUPS = {
     "train": [
@@ -185,6 +187,11 @@ def test_a_key_the_schema_does_not_know_or_one_the_yaml_lost_fails(tmp_path):
         ("attack", "stop_prob=1.5", "stop_prob: expected a probability in (0, 1]"),
         ("eval", "data.batch_size=many", "data.batch_size: expected int or null"),
         ("eval", "+data.val_fraction=0.3", None),  # eval passes any data key on to the stored dataset config
+        ("train", "finetune.select_c=null", "finetune.select_c: head_solver=lbfgs needs how C is chosen"),
+        ("train", "finetune.c_folds=null", "finetune.c_folds: select_c=cv needs the number of inner folds"),
+        ("train", "finetune.c_folds=1", "finetune.c_folds: expected an integer >= 2 or null (inner folds that choose the probe's C), got 1"),
+        ("serve", "max_batch=0", "max_batch: expected an integer >= 1 (images per forward pass), got 0"),
+        ("export", "opset=9", "opset: expected an ONNX opset in [13, 23], e.g. opset=18, got 9"),
     ],
 )
 def test_every_command_is_validated_the_same_way(tmp_path, command, override, message):

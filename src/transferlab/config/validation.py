@@ -14,7 +14,7 @@ import dataclasses
 import inspect
 import types
 import typing
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any, Literal, Optional
 
 from hydra.utils import get_object
@@ -30,33 +30,35 @@ def _describe(value: Any) -> str:
     return f"{value!r} ({type(value).__name__})"
 
 
+def _is_list(value: Any) -> bool:
+    return isinstance(value, (list, tuple))
+
+
+# What a value must be for each plain type an annotation names (list[str] and dict[str, int] by their origin);
+# an annotation outside this table (a Tensor, a Callable) is not checked.
+_KINDS: dict[Any, Callable[[Any], bool]] = {
+    type(None): lambda v: v is None,
+    bool: lambda v: isinstance(v, bool),
+    int: lambda v: isinstance(v, int) and not isinstance(v, bool),
+    float: lambda v: isinstance(v, (int, float)) and not isinstance(v, bool),
+    str: lambda v: isinstance(v, str),
+    list: _is_list,
+    tuple: _is_list,
+    dict: lambda v: isinstance(v, Mapping),
+    Mapping: lambda v: isinstance(v, Mapping),
+}
+
+
 def _matches(value: Any, annotation: Any) -> bool | None:
     """True/False when the annotation is simple enough to check, None when it is not."""
-    if annotation is Any or annotation is inspect.Parameter.empty:
-        return None
     origin = typing.get_origin(annotation)
     if origin is Literal:
         return value in typing.get_args(annotation) or str(value) in map(str, typing.get_args(annotation))
     if origin in (typing.Union, types.UnionType):
         results = [_matches(value, arg) for arg in typing.get_args(annotation)]
-        if any(r is None for r in results):
-            return None
-        return any(results)
-    if annotation is type(None):
-        return value is None
-    if annotation is bool:
-        return isinstance(value, bool)
-    if annotation is int:
-        return isinstance(value, int) and not isinstance(value, bool)
-    if annotation is float:
-        return isinstance(value, (int, float)) and not isinstance(value, bool)
-    if annotation is str:
-        return isinstance(value, str)
-    if origin in (list, tuple, typing.Sequence) or annotation in (list, tuple):
-        return isinstance(value, (list, tuple))
-    if origin in (dict, Mapping) or annotation is dict:
-        return isinstance(value, Mapping)
-    return None
+        return None if any(r is None for r in results) else any(results)
+    check = _KINDS.get(origin or annotation) if isinstance(origin or annotation, typing.Hashable) else None
+    return None if check is None else check(value)
 
 
 def _type_name(annotation: Any) -> str:
@@ -244,6 +246,11 @@ def check_rules(values: Mapping[str, Any]) -> None:
                 f"finetune.unfreeze_at_epoch: expected an epoch below trainer.max_epochs={max_epochs} "
                 f"(else the backbone is never unfrozen), got {unfreeze}"
             )
+    if finetune.get("head_solver") == "lbfgs":  # the values training.fit hands the probe: the YAML's, never a fallback
+        if finetune.get("select_c") is None:
+            raise ConfigError("finetune.select_c: head_solver=lbfgs needs how C is chosen: finetune.select_c=cv (inner folds) or val")
+        if finetune["select_c"] == "cv" and finetune.get("c_folds") is None:
+            raise ConfigError("finetune.c_folds: select_c=cv needs the number of inner folds, e.g. finetune.c_folds=5")
 
 
 def validate_values(values: Mapping[str, Any], command: str) -> None:
