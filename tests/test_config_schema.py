@@ -189,13 +189,15 @@ def test_a_key_the_schema_does_not_know_or_one_the_yaml_lost_fails(tmp_path):
         ("eval", "+data.val_fraction=0.3", None),  # eval passes any data key on to the stored dataset config
         ("train", "finetune.select_c=null", "finetune.select_c: head_solver=lbfgs needs how C is chosen"),
         ("train", "finetune.c_folds=null", "finetune.c_folds: select_c=cv needs the number of inner folds"),
+        ("train", "paths.cache_dir=null", "performance.feature_cache.storage=disk needs paths.cache_dir; set it or use storage=memory"),
+        ("train", "finetune=full paths.cache_dir=null", None),  # the cache serves frozen features only
         ("train", "finetune.c_folds=1", "finetune.c_folds: expected an integer >= 2 or null (inner folds that choose the probe's C), got 1"),
         ("serve", "max_batch=0", "max_batch: expected an integer >= 1 (images per forward pass), got 0"),
         ("export", "opset=9", "opset: expected an ONNX opset in [13, 23], e.g. opset=18, got 9"),
     ],
 )
 def test_every_command_is_validated_the_same_way(tmp_path, command, override, message):
-    cfg = composed(command, override, tmp_path=tmp_path)
+    cfg = composed(command, *override.split(), tmp_path=tmp_path)
     if message is None:
         validate(cfg, command)
         return

@@ -251,6 +251,10 @@ def check_rules(values: Mapping[str, Any]) -> None:
             raise ConfigError("finetune.select_c: head_solver=lbfgs needs how C is chosen: finetune.select_c=cv (inner folds) or val")
         if finetune["select_c"] == "cv" and finetune.get("c_folds") is None:
             raise ConfigError("finetune.c_folds: select_c=cv needs the number of inner folds, e.g. finetune.c_folds=5")
+    cache = (values.get("performance") or {}).get("feature_cache") or {}
+    if finetune.get("mode") == "frozen" and cache.get("enabled") and cache.get("storage") == "disk":  # as training.performance uses it
+        if not (values.get("paths") or {}).get("cache_dir"):
+            raise ConfigError("performance.feature_cache.storage=disk needs paths.cache_dir; set it or use storage=memory")
 
 
 def validate_values(values: Mapping[str, Any], command: str) -> None:
