@@ -1,5 +1,6 @@
 """Write docs/configuration.md from the comments in conf/: every command's keys and every group option's keys,
-each with its default and the comment beside it (the YAML is the one source of truth; this page is generated).
+each with its default, the range the schema declares for it (config.schema: the same declaration validation
+checks) and the comment beside it (the YAML is the one source of values; this page is generated).
 
     python scripts/config_reference.py            # rewrite docs/configuration.md
     python scripts/config_reference.py --check    # exit 1 when it is out of date (tests/test_docs.py)
@@ -11,6 +12,10 @@ import argparse
 import re
 import sys
 from pathlib import Path
+
+from transferlab.config.limits import ranges
+from transferlab.config.schema import COMMANDS
+from transferlab.core.bounds import Bounds
 
 REPO = Path(__file__).resolve().parents[1]
 CONF, OUT = REPO / "conf", REPO / "docs" / "configuration.md"
@@ -69,11 +74,14 @@ def describe(file: Path) -> tuple[str, list[tuple[str, str, str]]]:
     return " ".join(header), rows
 
 
-def table(rows: list[tuple[str, str, str]], prefix: str = "") -> list[str]:
+def table(rows: list[tuple[str, str, str]], limits: dict[str, tuple[Bounds, str]], prefix: str = "") -> list[str]:
+    """One row per key: its default, its declared range (`limits`, by full key) and its comment."""
     if not rows:
         return []
-    out = ["| key | default | what |", "| --- | --- | --- |"]
-    out += [f"| `{cell(prefix + k)}` | {('`' + cell(v) + '`') if v else ' '} | {cell(c)} |" for k, v, c in rows]
+    out = ["| key | default | range | what |", "| --- | --- | --- | --- |"]
+    for k, v, c in rows:
+        allowed = limits[prefix + k][1] if prefix + k in limits else ""
+        out.append(f"| `{cell(prefix + k)}` | {('`' + cell(v) + '`') if v else ' '} | {cell(allowed)} | {cell(c)} |")
     return out + [""]
 
 
@@ -84,13 +92,22 @@ def reference() -> str:
         "Generated from the comments in `conf/` by `python scripts/config_reference.py` (do not edit by hand: edit the",
         "YAML and run it again). Every key can be set on the command line (`key=value`); a `???` default must be given.",
         "",
+        "Before any work, every command checks its composed config against its schema (`src/transferlab/config/schema/`):",
+        "unknown keys (with close matches), types, `???` values, and the range in the *range* column, declared on the",
+        "schema's field beside its type (`Annotated[int, Bounds(ge=1)]`); a `_target_` node is checked against the",
+        "signature of the class it names. The first problem stops the command with exit code 2 and one line naming the",
+        "key, what it expects and what it got, e.g. `error: optimizer.lr: expected a number > 0, e.g. optimizer.lr=1e-3,",
+        "got -0.01`.",
+        "",
         "## Commands",
         "",
     ]
     for file in sorted(CONF.glob("*.yaml")):
         header, rows = describe(file)
-        lines += [f"### `transferlab-{file.stem}` (conf/{file.name})", "", header, "", *table(rows)]
+        limits = ranges(COMMANDS[file.stem]) if file.stem in COMMANDS else {}
+        lines += [f"### `transferlab-{file.stem}` (conf/{file.name})", "", header, "", *table(rows, limits)]
     lines += ["## Config groups", "", "Choose an option with `<group>=<option>`; its keys are then under `<group>.`.", ""]
+    group_limits = ranges(COMMANDS["train"])  # a group's keys sit under the same key in every command
     for group in sorted(p for p in CONF.iterdir() if p.is_dir() and p.name not in ("experiment", "hydra")):
         lines += [f"### `{group.name}`", ""]
         for file in sorted(group.rglob("*.yaml")):
@@ -98,7 +115,7 @@ def reference() -> str:
             header, rows = describe(file)
             prefix = "" if group.name in ("logger", "callbacks") else f"{group.name}."
             title = "the shared keys of every option" if option.startswith("_") else f"`{group.name}={option}`"
-            lines += [f"#### {title}", "", header, "", *table(rows, prefix)]
+            lines += [f"#### {title}", "", header, "", *table(rows, group_limits, prefix)]
     lines += [
         "## Experiment presets (`experiment=<name>`, files in `experiments/`)",
         "",

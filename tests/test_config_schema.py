@@ -1,12 +1,16 @@
-"""One source of truth for config: the YAML holds every default, the schemas only shapes, and the two cannot drift.
+"""One source of truth for config: the YAML holds every default, the schemas only shapes and ranges, and the two
+cannot drift.
 
 Each command's composed config (with every option of every group it composes) validates against its schema;
-the schemas carry no default values; transferlab's own `_target_` classes take every value the YAML sets
-without a Python default of their own; and a key the schema does not know, or one the YAML lost, fails.
+the schemas carry no default values; transferlab's own `_target_` classes, and the runtime and server settings
+the commands build, take every value the YAML sets without a Python default of their own; a key the schema does
+not know, or one the YAML lost, fails; and every range the schema declares is the one the checker enforces and
+the configuration reference lists.
 """
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import inspect
 import typing
@@ -20,11 +24,15 @@ from hydra.utils import get_object
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from transferlab.cli.app import group_options
+from transferlab.config.limits import ranges
 from transferlab.config.paths import config_dir
 from transferlab.config.schema import COMMANDS
-from transferlab.config.validation import validate
+from transferlab.config.validation import check_arguments, validate, validate_values
+from transferlab.core.bounds import Bounds
 from transferlab.core.errors import ConfigError
-from transferlab.insight.ideal import IdealSettings
+from transferlab.core.settings import IdealSettings
+from transferlab.deploy.runtime import load_runtime
+from transferlab.deploy.server import ServeSettings
 
 CONF = Path(config_dir())
 REQUIRED = {
@@ -33,6 +41,8 @@ REQUIRED = {
     "predict": ["ckpt_path=x.ckpt", "input=in"],
     "visualize": ["target=zebra"],
     "attack": ["input=dog.jpg", "target=zebra"],
+    "serve": ["ckpt_path=x.ckpt"],
+    "export": ["ckpt_path=x.ckpt", "output=pkg"],
 }
 GROUPS = {
     "train": [
@@ -57,7 +67,7 @@ GROUPS = {
 
 def composed(command: str, *overrides: str, tmp_path: Path) -> DictConfig:
     with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
-        cfg = compose(command, overrides=[*REQUIRED[command], *overrides, f"hydra.run.dir={tmp_path}"], return_hydra_config=True)
+        cfg = compose(command, overrides=[*REQUIRED.get(command, []), *overrides, f"hydra.run.dir={tmp_path}"], return_hydra_config=True)
     with open_dict(cfg):
         cfg.hydra.runtime.output_dir = str(tmp_path)
     HydraConfig.instance().set_config(cfg)
@@ -177,13 +187,110 @@ def test_a_key_the_schema_does_not_know_or_one_the_yaml_lost_fails(tmp_path):
         ("attack", "stop_prob=1.5", "stop_prob: expected a probability in (0, 1]"),
         ("eval", "data.batch_size=many", "data.batch_size: expected int or null"),
         ("eval", "+data.val_fraction=0.3", None),  # eval passes any data key on to the stored dataset config
+        ("train", "finetune.select_c=null", "finetune.select_c: head_solver=lbfgs needs how C is chosen"),
+        ("train", "finetune.c_folds=null", "finetune.c_folds: select_c=cv needs the number of inner folds"),
+        ("train", "paths.cache_dir=null", "performance.feature_cache.storage=disk needs paths.cache_dir; set it or use storage=memory"),
+        ("train", "finetune=full paths.cache_dir=null", None),  # the cache serves frozen features only
+        ("train", "finetune.c_folds=1", "finetune.c_folds: expected an integer >= 2 or null (inner folds that choose the probe's C), got 1"),
+        ("serve", "max_batch=0", "max_batch: expected an integer >= 1 (images per forward pass), got 0"),
+        ("export", "opset=9", "opset: expected an ONNX opset in [13, 23], e.g. opset=18, got 9"),
     ],
 )
 def test_every_command_is_validated_the_same_way(tmp_path, command, override, message):
-    cfg = composed(command, override, tmp_path=tmp_path)
+    cfg = composed(command, *override.split(), tmp_path=tmp_path)
     if message is None:
         validate(cfg, command)
         return
     with pytest.raises(ConfigError) as info:
         validate(cfg, command)
     assert str(info.value).startswith(message), str(info.value)
+
+
+def _outside(bounds: Bounds) -> float:
+    """A value just outside the range (below it when it has a lower bound)."""
+    if bounds.ge is not None:
+        return bounds.ge - 1
+    if bounds.gt is not None:
+        return bounds.gt
+    return bounds.le + 1 if bounds.le is not None else bounds.lt  # type: ignore[operator,return-value]
+
+
+def _inside(bounds: Bounds) -> float:
+    """The range's own edge where it is closed, else a value past the open edge."""
+    for edge in (bounds.ge, bounds.le):
+        if edge is not None:
+            return edge
+    return bounds.gt + 1 if bounds.gt is not None and bounds.lt is None else bounds.lt - 1  # type: ignore[operator]
+
+
+def _set(values: dict, dotted: str, value: Any) -> dict:
+    node = values
+    *parents, last = dotted.split(".")
+    for part in parents:
+        node = node[part]
+    node[last] = value
+    return values
+
+
+RANGE_CASES = [(c, []) for c in COMMANDS if c != "report"] + [("train", ["optimizer=sgd"])]
+
+
+def test_every_declared_range_is_enforced_in_the_words_the_reference_prints(tmp_path):
+    """For every range on every command's schema (core.bounds on a field, Params on a `_target_` node): a value
+    just outside fails with `key: expected <form>, got <value>` in the range's words (the reference's column),
+    and the range's edge passes."""
+    declared = {key for command in COMMANDS for key in ranges(COMMANDS[command])}
+    exercised = set()
+    for command, overrides in RANGE_CASES:
+        base = OmegaConf.to_container(composed(command, *overrides, tmp_path=tmp_path), resolve=True)
+        for key, (bounds, words) in ranges(COMMANDS[command]).items():
+            try:
+                node: Any = base
+                for part in key.split(".")[:-1]:
+                    node = node[part]
+                if key.split(".")[-1] not in node:
+                    continue  # a group option without this parameter (momentum beside adam)
+            except (KeyError, TypeError):
+                continue
+            exercised.add(key)
+            bad = _outside(bounds)
+            with pytest.raises(ConfigError) as info:
+                validate_values(_set(copy.deepcopy(base), key, bad), command)
+            message = str(info.value)
+            assert message.startswith(f"{key}: expected ") and message.endswith(f"got {bad!r}"), message
+            assert bounds.range() in message and bounds.note in message, (words, message)
+            validate_values(_set(copy.deepcopy(base), key, _inside(bounds)), command)
+    assert exercised == declared, f"ranges no composed config has: {sorted(declared - exercised)}"
+
+
+def test_the_runtime_and_server_settings_take_every_value_from_the_yaml():
+    """load_runtime and ServeSettings have no default of their own: each value is a key of conf/predict.yaml and
+    conf/serve.yaml (max_request_bytes: serve's max_request_mb in bytes)."""
+    runtime = inspect.signature(load_runtime).parameters
+    assert [n for n, p in runtime.items() if p.default is not p.empty] == []
+    serve = OmegaConf.load(CONF / "serve.yaml")
+    predict = OmegaConf.load(CONF / "predict.yaml")
+    assert {n for n in runtime if n != "ckpt_path"} <= set(serve) & set(predict)
+    fields = dataclasses.fields(ServeSettings)
+    assert [f.name for f in fields if f.default is not dataclasses.MISSING] == []
+    assert {f.name for f in fields} - set(serve) == {"max_request_bytes"} and "max_request_mb" in serve
+
+
+@pytest.mark.parametrize(
+    "values,message",
+    [
+        ({"runtime": "torch", "device": "auto", "precision": "auto", "tta": "none"}, None),
+        ({"tta": "hflp"}, "tta: expected one of none, hflip, five_crop, got 'hflp' (str) (did you mean: hflip?)"),
+        ({"runtime": "tf"}, "runtime: expected one of torch, onnx, got 'tf' (str)"),
+        ({"threads": 0}, "threads: expected an integer >= 1 or null (null: every usable core), got 0"),
+        ({"topk": 0}, "topk: expected an integer >= 1, got 0"),
+    ],
+)
+def test_values_given_from_python_are_checked_by_the_same_schema(values, message):
+    """transferlab.api.load's arguments against conf/predict.yaml's schema: what deploy.runtime no longer re-checks."""
+    if message is None:
+        check_arguments("predict", values)
+        return
+    with pytest.raises(ConfigError) as info:
+        check_arguments("predict", values)
+    assert str(info.value) == message

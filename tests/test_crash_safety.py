@@ -245,3 +245,35 @@ def test_a_killed_dataloader_worker_is_named_with_its_cause(tiny_folder, tmp_pat
     assert len(errors) == 1 and "DataLoader worker (pid " in errors[0] and "was killed by SIGKILL" in errors[0], log.read_text()[-3000:]
     assert errors[0].split("(pid ")[1].split(")")[0] in workers
     assert "out-of-memory" in errors[0] and "data.num_workers" in errors[0] and "Traceback" not in log.read_text()
+
+
+# -- the one atomic write (core.files.atomic_write): JSON results, feature-cache shards and checkpoints ---------------
+def test_atomic_write_fsyncs_the_file_then_the_folder_and_leaves_the_old_file_on_error(tmp_path, monkeypatch):
+    """bytes or a writer callback; the temporary file is fsynced before the rename and the folder after it (each
+    fsync recorded by what it was called on, then done for real); a writer that fails keeps the old file whole."""
+    from transferlab.core.files import atomic_write, write_json
+
+    synced: list[str] = []
+    real_fsync = os.fsync
+
+    def recording_fsync(fd: int) -> None:
+        path = Path(os.readlink(f"/proc/self/fd/{fd}"))
+        synced.append("folder" if path.is_dir() else ("temporary" if path.name.endswith(".tmp") else str(path)))
+        real_fsync(fd)
+
+    monkeypatch.setattr(os, "fsync", recording_fsync)
+    target = tmp_path / "out" / "result.json"
+    write_json(target, {"a": 1})
+    assert target.read_text() == '{\n  "a": 1\n}\n' and synced == ["temporary", "folder"]
+    synced.clear()
+    atomic_write(target, lambda fh: torch.save({"w": torch.arange(3)}, fh))  # streamed into the file handle
+    assert torch.load(target, weights_only=True)["w"].tolist() == [0, 1, 2] and synced == ["temporary", "folder"]
+
+    def failing(fh) -> None:
+        fh.write(b"half of a new file")
+        raise OSError(28, "No space left on device")
+
+    before = target.read_bytes()
+    with pytest.raises(OSError, match="No space left"):
+        atomic_write(target, failing)
+    assert target.read_bytes() == before and [p.name for p in target.parent.iterdir()] == ["result.json"]

@@ -14,8 +14,21 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from conftest import FAST, PETS, SPECIES_RUN, cli_env, run
-from transferlab.data.feature_store import FeatureStore, file_sha256
+from conftest import FAST, PETS, SPECIES_RUN, cli_env, run, run_cli
+from transferlab.data.features import (
+    LIBRARIES,
+    Extractor,
+    FeatureStore,
+    FillSettings,
+    Inputs,
+    describe,
+    file_sha256,
+    fill_features,
+    fingerprint,
+    image_key,
+    library_versions,
+    weights_digest,
+)
 
 ROWS = np.random.default_rng(0).standard_normal((12, 8)).astype(np.float32)
 KEYS = [f"img{i}" for i in range(12)]
@@ -72,6 +85,89 @@ def test_rows_with_nan_or_inf_are_never_stored_nor_used(tmp_path, caplog):
     with caplog.at_level(logging.WARNING):
         opened = FeatureStore(tmp_path, "s2")
     assert opened.missing(KEYS) == ["img2", "img5"] and any("NaN or inf" in r.getMessage() for r in caplog.records)
+
+
+def test_fingerprint_changes_with_each_library_version():
+    """A new torch, torchvision, timm or Pillow can change the features: each version is part of the fingerprint."""
+    import PIL
+    import timm
+    import torchvision
+
+    from transferlab.models.backbones import create_backbone
+
+    backbone = create_backbone("tf_efficientnet_lite0", weights="none")
+    prep = backbone.preprocessing
+    inputs, digest = Inputs(prep.eval_transform(), prep.decode_size(None)), weights_digest(backbone.body)
+    installed = library_versions()
+    assert installed == {
+        "torch": installed["torch"],
+        "torchvision": torchvision.__version__.split("+")[0],
+        "timm": timm.__version__,
+        "Pillow": PIL.__version__,
+    }
+    base = fingerprint(**describe(backbone, inputs, "32-true", digest, installed))
+    assert base == fingerprint(**describe(backbone, inputs, "32-true", digest))  # by default: the installed versions
+    for name in LIBRARIES:
+        assert fingerprint(**describe(backbone, inputs, "32-true", digest, {**installed, name: f"{installed[name]}.post1"})) != base, name
+    assert describe(backbone, inputs, "32-true", digest, installed)["versions"] == installed  # in fingerprint.json, for a reader
+
+
+def test_the_fill_writes_shards_of_the_set_size_with_every_view(tiny_folder, tmp_path):
+    """fill_features: `shard_images` rows per shard (the last one the rest), K views per image in [N, K, D], the
+    rows of each key where a plain pass over the same inputs puts them, and the caller's random stream untouched."""
+    import torch
+
+    from transferlab.core.hardware import forward_context
+    from transferlab.data.features import FeatureDataset, ViewsDataset
+    from transferlab.data.images import ImageDataset
+    from transferlab.models.backbones import create_backbone
+
+    backbone = create_backbone("tf_efficientnet_lite0", weights="none", input_size=64)
+    prep = backbone.preprocessing
+    samples = sorted((p, int(p.parent.name == "dog")) for p in tiny_folder.rglob("*.jpg"))[:10]
+    keys = [image_key(p) for p, _ in samples]
+    augment = {"scale_min": 0.5, "hflip": True}
+    inputs = Inputs(prep.train_transform(augment), prep.decode_size(augment), views=2, seed=5)
+    store = FeatureStore(tmp_path, "views")
+    extractor = Extractor(backbone, torch.device("cpu"), forward_context("32-true", torch.device("cpu")))
+    torch.manual_seed(0)
+    expected_draw = torch.rand(3)
+    torch.manual_seed(0)
+    fill = fill_features(store, samples, keys, inputs, extractor, FillSettings(batch_size=6, shard_images=4, workers=0), "train-{}-r0")
+    assert torch.equal(torch.rand(3), expected_draw)
+    assert fill.computed == 10 and sorted(fill.key_seconds) == sorted(keys) and fill.seconds > 0
+    shards = [np.load(p) for p in sorted(tmp_path.joinpath("views").glob("train-*-r0.npy"))]
+    assert sorted(len(a) for a in shards) == [2, 4, 4] and {a.shape[1:] for a in shards} == {(2, 1280)}
+    assert not np.allclose(shards[0][:, 0], shards[0][:, 1])  # two different augmented views
+    views = ViewsDataset(ImageDataset(samples, inputs.transform, inputs.decode_size), keys, 2, 5)
+    with torch.no_grad():
+        direct = backbone.eval()(views[7][0]).numpy()
+    np.testing.assert_allclose(store.stack([keys[7]])[0], direct, atol=1e-4)
+    dataset = FeatureDataset(FeatureStore(tmp_path, "views"), keys, [y for _, y in samples])
+    assert len(dataset) == 10 and dataset.labels == [y for _, y in samples] and dataset[7][0].shape == (1280,)
+
+
+def test_an_audit_and_a_frozen_run_share_one_store_and_the_shard_size(tiny_folder, tmp_path):
+    """The audit fills the store a frozen training run reads (one fill loop, one fingerprint), with the shard size of
+    performance.feature_cache; the training run after it computes nothing."""
+    cache, settings = tmp_path / "cache", ["backbone.input_size=64", "data.num_workers=0"]
+    run_cli(
+        "audit",
+        "data=image_folder",
+        f"data.root={tiny_folder}",
+        "folds=2",
+        "precision=32-true",
+        "+performance=default",
+        "performance.feature_cache.shard_images=6",
+        f"paths.cache_dir={cache}",
+        *settings,
+        f"hydra.run.dir={tmp_path / 'audit'}",
+    )
+    (store,) = (cache / "features").iterdir()
+    rows = sorted(json.loads(p.read_text())["rows"] for p in store.glob("eval-*-audit.keys.json"))
+    assert rows == [4, 6, 6]  # 16 images, a shard every 6
+    stats = _tiny_run(tiny_folder, cache, tmp_path / "train", "trainer.precision=32-true")
+    assert computed(stats) == 0 and stats["train"]["store"] == str(store)
 
 
 def _tiny_run(tiny_folder: Path, cache: Path, out: Path, *extra: str) -> dict:

@@ -313,7 +313,13 @@ def test_cats_dogs_download_skips_and_reports_corrupt_files(tmp_path):
     reported = sorted(Path(r["path"]).relative_to(root) for r in csv.DictReader(open(out / "skipped_images.csv")))
     assert reported == sorted(Path("PetImages") / p.relative_to(src) for p in injected)
     assert all((root / "PetImages" / p.relative_to(src)).exists() for p in injected)  # nothing deleted
-    assert read_metrics(out)["test/acc"] is not None
+    # Each of the 20 photos is in exactly one split, none of the 3 injected files is.
+    good = sorted(Path("PetImages") / p.relative_to(src) for p in src.rglob("*.jpg") if p not in injected)
+    assert len(good) == 20 and sorted(Path(p) for p in read_splits(out)) == good
+    with open(out / "test_predictions.csv", newline="") as fh:
+        rows = list(csv.DictReader(fh))
+    assert len(rows) == stored_tests(out) >= 2  # the test split was evaluated, and test/acc is over its rows
+    assert read_metrics(out)["test/acc"] == pytest.approx(sum(r["label"] == r["predicted"] for r in rows) / len(rows))
 
 
 def _host_resolves(host: str) -> bool:

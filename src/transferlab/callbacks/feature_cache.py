@@ -2,15 +2,16 @@
 
 A frozen backbone (weights fixed, BatchNorm in eval mode) gives the same features for an image every epoch,
 so recomputing them (as the lesson's loop does) spends ~all of a linear probe's time on identical work.
-This callback fills a FeatureStore (transferlab/data/feature_cache.py) at setup, shares the work over DDP
-ranks, and hands the datamodule (features, label) datasets; the model takes an [N, D] batch as features.
+This callback fills a FeatureStore (transferlab.data.features, whose `fill_features` is the fill loop the audit
+uses too) at setup; what is left here is Lightning's and DDP's part: which rank computes which share, the
+exchange of shares, the (features, label) datasets handed to the datamodule (the model takes an [N, D] batch
+as features) and <run>/feature_cache.json.
 """
 
 from __future__ import annotations
 
 import json
 import logging
-import math
 import time
 import uuid
 from pathlib import Path
@@ -18,17 +19,18 @@ from typing import Any, Optional, Union
 
 import lightning.pytorch as pl
 import torch
-from torch.utils.data import DataLoader
 
 from transferlab.core.errors import ConfigError, DataError
-from transferlab.core.hardware import inference_batch_size, inference_workers
-from transferlab.data.feature_cache import (
+from transferlab.core.files import atomic_write
+from transferlab.data.features import (
+    Extractor,
     FeatureDataset,
     FeatureStore,
     Fill,
-    ViewsDataset,
+    FillSettings,
+    Inputs,
     describe,
-    fill_store,
+    fill_features,
     fingerprint,
     image_key,
     weights_digest,
@@ -42,6 +44,9 @@ STORAGES = ("disk", "memory")
 
 
 class FeatureCache(pl.Callback):
+    """Fills `datamodule.feature_sets[split]` with FeatureDatasets (`.rows`, `.labels`) at setup, from the stores
+    of the splits' fingerprints; `stats` (per split: images, computed, reused, seconds) is feature_cache.json."""
+
     def __init__(
         self, *, storage: str, cache_dir: Optional[str], augmented_views: int, seed: int, batch_size: Union[int, str], shard_images: int
     ) -> None:
@@ -57,15 +62,19 @@ class FeatureCache(pl.Callback):
         self.stats: dict[str, Any] = {}
         self.skip_splits: set[str] = set()  # evaluated on images instead (tta: test-time views need pixels)
         self._stores: dict[str, FeatureStore] = {}
+        self._inputs: dict[str, Inputs] = {}  # per store: what its images go through on the way to the backbone
 
     def _store(self, pl_module: pl.LightningModule, datamodule: Any, precision: str, views: int, digest: str) -> FeatureStore:
         backbone = as_classifier(pl_module).backbone
         prep = datamodule.preprocessing
-        transform = prep.train_transform(datamodule.augment) if views else prep.eval_transform()
-        description = describe(backbone, transform, prep.decode_size(datamodule.augment if views else None), precision, views, self.seed, digest)
+        augment = datamodule.augment if views else None
+        transform = prep.train_transform(augment) if views else prep.eval_transform()
+        inputs = Inputs(transform, prep.decode_size(augment), views, self.seed)
+        description = describe(backbone, inputs, precision, digest)
         key = fingerprint(**description)
         if key not in self._stores:
             self._stores[key] = FeatureStore(self.root, key, description)
+            self._inputs[key] = inputs
         return self._stores[key]
 
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
@@ -97,7 +106,7 @@ class FeatureCache(pl.Callback):
             with store.filling(take_lock=trainer.is_global_zero):
                 missing = trainer.strategy.broadcast(sorted(store.missing(keys)), src=0)
                 if missing:
-                    fill = self._fill(trainer, pl_module, datamodule, store, samples, keys, missing, self.views if "train" in store_splits else 0)
+                    fill = self._fill(trainer, pl_module, datamodule, store, samples, keys, missing)
             store.refresh()
             unusable = store.missing(keys)
             if unusable:
@@ -115,10 +124,8 @@ class FeatureCache(pl.Callback):
                 seconds,
             )
             if trainer.is_global_zero:
-                out = Path(trainer.default_root_dir) / "feature_cache.json"
-                out.parent.mkdir(parents=True, exist_ok=True)
                 self.stats[f"seconds_{getattr(stage, 'value', stage)}"] = round(seconds, 2)
-                out.write_text(json.dumps(self.stats, indent=2))
+                atomic_write(Path(trainer.default_root_dir) / "feature_cache.json", json.dumps(self.stats, indent=2).encode())
 
     def _record(self, datamodule: Any, store: FeatureStore, store_splits: list[str], computed_keys: set[str], fill: Fill) -> None:
         """Hand the datamodule its feature datasets; per split: images, computed, reused, and the fill's seconds and img/s."""
@@ -149,51 +156,22 @@ class FeatureCache(pl.Callback):
         samples: list,
         keys: list[str],
         missing: list[str],
-        views: int,
     ) -> Fill:
         """Each rank computes its share of the missing images; the shares meet on disk, or through the process group."""
         started = time.perf_counter()
         rank, world = trainer.global_rank, trainer.world_size
         position = {key: i for i, key in enumerate(keys)}
         mine = missing[rank::world]
-        dataset = datamodule.samples_dataset([samples[position[key]] for key in mine], train=views > 0)
-        if views:
-            dataset = ViewsDataset(dataset, mine, views, self.seed)
-        gpu = trainer.strategy.root_device.type == "cuda"
-        batch_size = max(1, inference_batch_size(self.batch_size, gpu) // max(1, views))
-        workers = datamodule.workers()
-        if datamodule.num_workers == "auto":
-            workers = inference_workers(workers, gpu)
-        workers = min(workers, math.ceil(len(dataset) / batch_size))  # no idle worker processes to start
-        loader = DataLoader(
-            dataset,
-            batch_size=batch_size,
-            num_workers=workers,
-            pin_memory=trainer.strategy.root_device.type == "cuda",
-            prefetch_factor=4 if workers else None,
+        inputs = self._inputs[store.key]
+        split = "train" if inputs.views else "eval"
+        extractor = Extractor(
+            as_classifier(pl_module).backbone,
+            trainer.strategy.root_device,
+            trainer.precision_plugin.forward_context,
+            getattr(pl_module, "channels_last", False),
         )
-        split = "train" if views else "eval"
-        with torch.random.fork_rng(devices=[]):  # the run's random stream stays as if nothing had been computed here
-            fill = fill_store(
-                store,
-                mine,
-                loader,
-                as_classifier(pl_module).backbone,
-                trainer.strategy.root_device,
-                trainer.precision_plugin.forward_context,
-                getattr(pl_module, "channels_last", False),
-                self.shard_images,
-                split + "-{}-r" + str(rank),
-            )
-        log.info(
-            "Feature cache: %d image(s) computed in %.1f s (%.0f img/s; batch %d, %d worker(s), %d thread(s))",
-            fill.computed,
-            fill.seconds,
-            fill.computed / max(fill.seconds, 1e-9),
-            batch_size,
-            workers,
-            torch.get_num_threads(),
-        )
+        settings = FillSettings(self.batch_size, self.shard_images, datamodule.workers(), datamodule.num_workers == "auto")
+        fill = fill_features(store, [samples[position[key]] for key in mine], mine, inputs, extractor, settings, split + "-{}-r" + str(rank))
         if world > 1:
             trainer.strategy.barrier("feature_cache")
             store.refresh()

@@ -14,9 +14,10 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 from transferlab.cli.app import Command
+from transferlab.config.paths import config_dir
 from transferlab.core.errors import ConfigError, require_packages
 from transferlab.core.files import write_json
 from transferlab.core.hardware import resolve_device, usable_cores
@@ -53,6 +54,7 @@ def audit(cfg: DictConfig) -> dict[str, Any]:
     if len(samples) < 2 * int(cfg.folds):
         raise ConfigError(f"folds: {cfg.folds} folds need at least {2 * int(cfg.folds)} images, the data has {len(samples)}")
     paths = [Path(p) for p, _, _ in samples]
+    fill = fill_settings(cfg)
     labels = np.array([label for _, label, _ in samples], dtype=np.int64)
     features = pooled_features(
         backbone,
@@ -61,8 +63,10 @@ def audit(cfg: DictConfig) -> dict[str, Any]:
         cache_dir=cfg.data.cache_dir if cfg.feature_cache else None,
         device=resolve_device(cfg.device),
         precision=str(cfg.precision),
-        batch_size=int(datamodule.batch_size),
+        batch_size=fill.batch_size,
         workers=datamodule.workers(),
+        shard_images=int(fill.shard_images),
+        auto_workers=datamodule.num_workers == "auto",
     )
     settings = AuditSettings(
         folds=int(cfg.folds),
@@ -85,6 +89,15 @@ def audit(cfg: DictConfig) -> dict[str, Any]:
     write_audit_page(result, facts, out_dir / "audit.html", int(cfg.max_rows))
     print(one_screen(result, facts, out_dir, files))
     return facts
+
+
+def fill_settings(cfg: DictConfig) -> Any:
+    """performance.feature_cache (batch_size, shard_images): the audit's own when its config has the group
+    (`+performance=default`), else what a training run reads, conf/performance/default.yaml: one place for both."""
+    section = cfg.get("performance")
+    if section is None:
+        section = OmegaConf.load(Path(config_dir()) / "performance" / "default.yaml")
+    return section.feature_cache
 
 
 def one_screen(result: AuditResult, facts: dict[str, Any], out_dir: Path, files: dict[str, Path]) -> str:

@@ -54,9 +54,7 @@ def collect_inputs(input_path: str) -> list[Path]:
 def predict(cfg: DictConfig) -> dict[str, Any]:
     """One CSV row per input file: top-k labels and scores, or the reason the file could not be used; returns how
     many were labelled and how fast (the labelling loop: decode, transform, forward, CSV)."""
-    predictor = load_runtime(
-        str(cfg.ckpt_path), cfg.runtime, cfg.device, str(cfg.precision), cfg.channels_last, str(cfg.get("tta") or "none"), cfg.get("threads")
-    )
+    predictor = load_runtime(str(cfg.ckpt_path), cfg.runtime, cfg.device, cfg.precision, cfg.channels_last, cfg.tta, cfg.threads)
     files = collect_inputs(cfg.input)
     if not files:
         raise DataError(f"input: no files under {cfg.input}; give an image file or a folder of images")
@@ -72,7 +70,7 @@ def predict(cfg: DictConfig) -> dict[str, Any]:
         prefetch_factor=4 if workers else None,
     )
     class_names = predictor.class_names
-    k = max(1, min(int(cfg.topk), len(class_names)))
+    k = min(cfg.topk, len(class_names))  # topk >= 1: the schema's range
     output = Path(cfg.output).expanduser()
     output.parent.mkdir(parents=True, exist_ok=True)
     rows_ok, started = 0, time.perf_counter()

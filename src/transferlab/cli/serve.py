@@ -28,13 +28,13 @@ def serve(cfg: DictConfig) -> None:
 
     from transferlab.deploy.server import ServeSettings, create_app
 
-    predictor = load_runtime(str(cfg.ckpt_path), cfg.runtime, cfg.device, str(cfg.precision), cfg.channels_last, str(cfg.tta), cfg.threads)
+    predictor = load_runtime(str(cfg.ckpt_path), cfg.runtime, cfg.device, cfg.precision, cfg.channels_last, cfg.tta, cfg.threads)
     settings = ServeSettings(
-        topk=int(cfg.topk),
-        max_batch=int(cfg.max_batch),
-        batch_wait_ms=float(cfg.batch_wait_ms),
-        max_images=int(cfg.max_images),
-        max_request_bytes=int(float(cfg.max_request_mb) * 2**20),
+        topk=cfg.topk,
+        max_batch=cfg.max_batch,
+        batch_wait_ms=cfg.batch_wait_ms,
+        max_images=cfg.max_images,
+        max_request_bytes=int(cfg.max_request_mb * 2**20),
     )
     server = uvicorn.Server(
         uvicorn.Config(create_app(predictor, settings), host=str(cfg.host), port=int(cfg.port), timeout_graceful_shutdown=10, log_config=None)

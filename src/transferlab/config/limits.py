@@ -1,40 +1,81 @@
-"""The ranges a config value must lie in, for every command that has the key (checked after the types, config.validation)."""
+"""The ranges declared in the schema, read out: the one range check and the list the reference prints.
+
+A range is declared where the key's type is (config.schema, core.settings): `Annotated[int, Bounds(ge=1)]` on
+a field, `Annotated[Target, Params(lr=Bounds(gt=0))]` on a `_target_` node whose types come from the class.
+config.validation checks every value against it after the types; scripts/config_reference.py lists it.
+"""
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from typing import Any
+import dataclasses
+import types
+import typing
+from typing import Annotated, Any, Literal, Optional, TypeVar
 
-# Values in range, for every command that has the key: key -> (test, expected form). Checked after the types.
-LIMITS: dict[str, tuple[Callable[[Any], bool], str]] = {
-    "seed": (lambda v: 0 <= v < 2**32, "an integer in [0, 2**32)"),
-    "data.batch_size": (lambda v: v >= 1, "an integer >= 1"),
-    "optimizer.lr": (lambda v: v > 0, "a number > 0, e.g. optimizer.lr=1e-3"),
-    "optimizer.weight_decay": (lambda v: v >= 0, "a number >= 0"),
-    "optimizer.momentum": (lambda v: 0 <= v < 1, "a number in [0, 1)"),
-    "trainer.max_epochs": (lambda v: v >= 1 or v == -1, "an integer >= 1 (or -1 for no limit)"),
-    "cv.folds": (lambda v: v >= 2, "null (one split) or K >= 2 folds, e.g. cv.folds=5"),
-    "trainer.accumulate_grad_batches": (lambda v: v >= 1, "an integer >= 1"),
-    "trainer.gradient_clip_val": (lambda v: v >= 0, "a number >= 0 or null"),
-    "finetune.head_dropout": (lambda v: 0 <= v < 1, "a probability in [0, 1)"),
-    "finetune.backbone_lr_factor": (lambda v: v >= 0, "a number >= 0 (the backbone's lr = optimizer.lr x this)"),
-    "finetune.unfreeze_at_epoch": (lambda v: v >= 0, "an epoch number >= 0"),
-    "finetune.c_folds": (lambda v: v >= 2, "an integer >= 2 (inner folds that choose the probe's C)"),
-    "backbone.input_size": (lambda v: v >= 16, "a size in pixels >= 16, or null for the backbone's own"),
-    "performance.feature_cache.batch_size": (lambda v: v >= 1, "an integer >= 1"),
-    "performance.feature_cache.augmented_views": (lambda v: v >= 0, "an integer >= 0"),
-    "performance.feature_cache.shard_images": (lambda v: v >= 1, "an integer >= 1"),
-    "steps": (lambda v: v >= 1, "an integer >= 1 (optimisation steps)"),
-    "views": (lambda v: v >= 1, "an integer >= 1"),
-    "stop_prob": (lambda v: 0 < v <= 1, "a probability in (0, 1], or null"),
-    "topk": (lambda v: v >= 1, "an integer >= 1"),
-    "batch_size": (lambda v: v >= 1, "an integer >= 1"),
-    "num_workers": (lambda v: v >= 0, "an integer >= 0 or auto"),
-    "threads": (lambda v: v >= 1, "an integer >= 1, or null for every usable core"),
-    "opset": (lambda v: 13 <= v <= 23, "an ONNX opset in [13, 23], e.g. opset=18"),
-    "port": (lambda v: 0 <= v <= 65535, "a TCP port in [0, 65535] (0 = any free port)"),
-    "max_batch": (lambda v: v >= 1, "an integer >= 1 (images per forward pass)"),
-    "max_images": (lambda v: v >= 1, "an integer >= 1 (images per request)"),
-    "max_request_mb": (lambda v: v > 0, "a size in MB > 0"),
-    "batch_wait_ms": (lambda v: v >= 0, "milliseconds >= 0"),
-}
+from transferlab.core.bounds import Bounds, Params
+from transferlab.core.errors import ConfigError
+
+Declared = TypeVar("Declared", Bounds, Params)
+
+
+def _is_union(annotation: Any) -> bool:
+    return typing.get_origin(annotation) in (typing.Union, types.UnionType)
+
+
+def declared(annotation: Any, kind: type[Declared]) -> Optional[Declared]:
+    """The Bounds (or Params) an annotation declares, also inside Optional[...] / Union[...]."""
+    if typing.get_origin(annotation) is Annotated:
+        found = [m for m in annotation.__metadata__ if isinstance(m, kind)]
+        if found:
+            return found[0]
+        annotation = typing.get_args(annotation)[0]
+    for arg in typing.get_args(annotation) if _is_union(annotation) else ():
+        inner = declared(arg, kind)
+        if inner is not None:
+            return inner
+    return None
+
+
+def literals(annotation: Any) -> list[Any]:
+    """Every Literal value inside an annotation (through Optional/Union)."""
+    if typing.get_origin(annotation) is Literal:
+        return list(typing.get_args(annotation))
+    if _is_union(annotation):
+        return [v for arg in typing.get_args(annotation) for v in literals(arg)]
+    return []
+
+
+def _alternatives(annotation: Any) -> tuple[str, ...]:
+    """What a key accepts besides a number: its Literal values, then null."""
+    nullable = _is_union(annotation) and type(None) in typing.get_args(annotation)
+    return (*dict.fromkeys(map(str, literals(annotation))), *(["null"] if nullable else []))
+
+
+def _integer(annotation: Any) -> bool:
+    kinds = set(typing.get_args(annotation)) if _is_union(annotation) else {annotation}
+    return int in kinds and float not in kinds
+
+
+def check_range(key: str, value: Any, annotation: Any, bounds: Bounds) -> None:
+    """One value against its declared range; None and the annotation's Literal values (auto) are the type's business."""
+    if value is None or value in literals(annotation) or bounds.admits(value):
+        return
+    raise ConfigError(f"{key}: expected {bounds.form(_integer(annotation), _alternatives(annotation), key)}, got {value!r}")
+
+
+def ranges(schema: type, prefix: str = "") -> dict[str, tuple[Bounds, str]]:
+    """Every range a schema declares, by dotted key: (the Bounds, in words: `trainer.max_epochs`: `>= 1 or -1
+    (-1: no limit)`). `_target_` nodes' keys included; what their class's annotation adds is not known here."""
+    found: dict[str, tuple[Bounds, str]] = {}
+    hints, plain = typing.get_type_hints(schema, include_extras=True), typing.get_type_hints(schema)
+    for field in dataclasses.fields(schema):
+        key, annotation = prefix + field.name, hints[field.name]
+        bounds, params = declared(annotation, Bounds), declared(annotation, Params)
+        if bounds is not None:
+            found[key] = (bounds, bounds.summary(_alternatives(plain[field.name])))
+        for name, inner in (params or {}).items():
+            found[f"{key}.{name}"] = (inner, inner.summary())
+        for candidate in (plain[field.name], *typing.get_args(plain[field.name])):
+            if dataclasses.is_dataclass(candidate) and isinstance(candidate, type):
+                found.update(ranges(candidate, f"{key}."))
+    return found

@@ -1,8 +1,11 @@
 """Start-up validation, the same for every command: typos, wrong types and values out of range fail before any work.
 
 `validate(cfg, command)` walks the composed config along the command's schema (config.schema): unknown keys
-with close matches, types, `???` values, ranges (LIMITS), and every `_target_` node against the signature of
-the class it instantiates. The first problem is raised as a ConfigError naming the full key.
+with close matches, types, `???` values, the ranges declared on the schema's fields (config.limits), and every
+`_target_` node against the signature of the class it instantiates (then the ranges declared for its keys).
+Then the rules that relate two keys (`check_rules`). The first problem is raised as a ConfigError naming the
+full key: one line, exit 2. The checker is a small table of annotation kinds on purpose: OmegaConf's structured
+configs know no Literal and report a bad value over several lines.
 """
 
 from __future__ import annotations
@@ -11,14 +14,15 @@ import dataclasses
 import inspect
 import types
 import typing
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any, Literal, Optional
 
 from hydra.utils import get_object
 from omegaconf import DictConfig, OmegaConf
 
-from transferlab.config.limits import LIMITS
+from transferlab.config.limits import check_range, declared, literals
 from transferlab.config.schema import COMMANDS, OPEN_NODES, OUR_VALUES, Target, Targets
+from transferlab.core.bounds import Bounds, Params
 from transferlab.core.errors import ConfigError, close_matches
 
 
@@ -26,42 +30,35 @@ def _describe(value: Any) -> str:
     return f"{value!r} ({type(value).__name__})"
 
 
+def _is_list(value: Any) -> bool:
+    return isinstance(value, (list, tuple))
+
+
+# What a value must be for each plain type an annotation names (list[str] and dict[str, int] by their origin);
+# an annotation outside this table (a Tensor, a Callable) is not checked.
+_KINDS: dict[Any, Callable[[Any], bool]] = {
+    type(None): lambda v: v is None,
+    bool: lambda v: isinstance(v, bool),
+    int: lambda v: isinstance(v, int) and not isinstance(v, bool),
+    float: lambda v: isinstance(v, (int, float)) and not isinstance(v, bool),
+    str: lambda v: isinstance(v, str),
+    list: _is_list,
+    tuple: _is_list,
+    dict: lambda v: isinstance(v, Mapping),
+    Mapping: lambda v: isinstance(v, Mapping),
+}
+
+
 def _matches(value: Any, annotation: Any) -> bool | None:
     """True/False when the annotation is simple enough to check, None when it is not."""
-    if annotation is Any or annotation is inspect.Parameter.empty:
-        return None
     origin = typing.get_origin(annotation)
     if origin is Literal:
         return value in typing.get_args(annotation) or str(value) in map(str, typing.get_args(annotation))
     if origin in (typing.Union, types.UnionType):
         results = [_matches(value, arg) for arg in typing.get_args(annotation)]
-        if any(r is None for r in results):
-            return None
-        return any(results)
-    if annotation is type(None):
-        return value is None
-    if annotation is bool:
-        return isinstance(value, bool)
-    if annotation is int:
-        return isinstance(value, int) and not isinstance(value, bool)
-    if annotation is float:
-        return isinstance(value, (int, float)) and not isinstance(value, bool)
-    if annotation is str:
-        return isinstance(value, str)
-    if origin in (list, tuple, typing.Sequence) or annotation in (list, tuple):
-        return isinstance(value, (list, tuple))
-    if origin in (dict, Mapping) or annotation is dict:
-        return isinstance(value, Mapping)
-    return None
-
-
-def _literals(annotation: Any) -> list[Any]:
-    """Every Literal value inside an annotation (through Optional/Union)."""
-    if typing.get_origin(annotation) is Literal:
-        return list(typing.get_args(annotation))
-    if typing.get_origin(annotation) in (typing.Union, types.UnionType):
-        return [v for arg in typing.get_args(annotation) for v in _literals(arg)]
-    return []
+        return None if any(r is None for r in results) else any(results)
+    check = _KINDS.get(origin or annotation) if isinstance(origin or annotation, typing.Hashable) else None
+    return None if check is None else check(value)
 
 
 def _type_name(annotation: Any) -> str:
@@ -94,7 +91,7 @@ def check_fields(key: str, values: Mapping[str, Any], params: Mapping[str, Any],
         if value in extra.get(name, ()):
             continue
         if _matches(value, params[name]) is False:
-            choices = [str(a) for a in _literals(params[name])]
+            choices = [str(a) for a in literals(params[name])]
             hint = close_matches(value, choices) if isinstance(value, str) else ""
             raise ConfigError(f"{_join(key, name)}: expected {_type_name(params[name])}, got {_describe(value)}{hint}")
 
@@ -106,18 +103,24 @@ def _admits_none(annotation: Any) -> bool:
 
 
 def check_node(key: str, values: Mapping[str, Any], schema: type) -> None:
-    """A node against a schema dataclass: every field present (unless it may be None), then each child by its type."""
-    hints = typing.get_type_hints(schema)
+    """A node against a schema dataclass: every field present (unless it may be None), types, declared ranges,
+    then each child by its type."""
+    declarations = typing.get_type_hints(schema, include_extras=True)
+    hints = typing.get_type_hints(schema)  # the same without Annotated's ranges
     fields = {f.name: hints[f.name] for f in dataclasses.fields(schema)}
     for name, annotation in fields.items():
         if name not in values and not _admits_none(annotation):
             raise ConfigError(f"{_join(key, name)}: required value is missing")
     structured = {n: t for n, a in fields.items() if (t := _node_type(a)) is not None}
     check_fields(key, values, {n: (dict if n in structured else a) for n, a in fields.items()}, open_ended=schema in OPEN_NODES)
+    for name, annotation in fields.items():
+        bounds = declared(declarations[name], Bounds)
+        if bounds is not None and name in values:
+            check_range(_join(key, name), values[name], annotation, bounds)
     for name in structured:
-        annotation = fields[name]
         if values.get(name) is not None:
-            check_child(_join(key, name), values[name], structured[name], may_be_empty=_admits_none(annotation))
+            params = declared(declarations[name], Params) or Params()
+            check_child(_join(key, name), values[name], structured[name], may_be_empty=_admits_none(fields[name]), params=params)
 
 
 def _node_type(annotation: Any) -> Optional[type]:
@@ -128,16 +131,19 @@ def _node_type(annotation: Any) -> Optional[type]:
     return None
 
 
-def check_child(key: str, value: Any, kind: type, may_be_empty: bool = False) -> None:
+def check_child(key: str, value: Any, kind: type, may_be_empty: bool, params: Params) -> None:
     if not isinstance(value, Mapping):
         raise ConfigError(f"{key}: expected a config node (key: value lines), got {_describe(value)}")
     if kind is Targets:
         for name, child in value.items():
             if child is not None:
-                check_child(_join(key, name), child, Target)
+                check_child(_join(key, name), child, Target, False, Params())
     elif kind is Target:
         if "_target_" in value:
-            check_target(key, value)
+            annotations = check_target(key, value)
+            for name, bounds in params.items():
+                if name in value:
+                    check_range(_join(key, name), value[name], annotations.get(name, Any), bounds)
         elif value or not may_be_empty:
             what = "no dataset selected" if key == "data" else "no _target_ (the class this node builds)"
             raise ConfigError(
@@ -162,8 +168,9 @@ def _signature_params(func: Any) -> tuple[dict[str, Any], set[str], bool, Option
     return params, required, open_ended, next(iter(named), None)
 
 
-def check_target(key: str, node: Mapping[str, Any]) -> None:
-    """Check a `_target_` node against the signature of what it instantiates (following **kwargs to base classes)."""
+def check_target(key: str, node: Mapping[str, Any]) -> dict[str, Any]:
+    """Check a `_target_` node against the signature of what it instantiates (following **kwargs to base classes);
+    returns the parameters' annotations."""
     target = str(node.get("_target_"))
     try:
         obj = get_object(target)
@@ -187,7 +194,7 @@ def check_target(key: str, node: Mapping[str, Any]) -> None:
         else:
             params, required, open_ended, first = _signature_params(obj)
     except (TypeError, ValueError):
-        return
+        return {}
     if node.get("_partial_") and first:
         params.pop(first, None)  # supplied at call time: optimizer params / scheduler optimizer
         required.discard(first)
@@ -198,6 +205,7 @@ def check_target(key: str, node: Mapping[str, Any]) -> None:
     path = f"{getattr(obj, '__module__', '')}.{getattr(obj, '__qualname__', '')}"
     extra = {param: values for (owner, param), values in OUR_VALUES.items() if owner in (target, path)}
     check_fields(key, node, params, open_ended, extra)
+    return params
 
 
 def _missing_keys(node: Any, prefix: str = "") -> list[str]:
@@ -216,20 +224,8 @@ def _number(value: Any) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
-def _lookup(values: Mapping[str, Any], dotted: str) -> tuple[bool, Any]:
-    node: Any = values
-    for part in dotted.split("."):
-        if not isinstance(node, Mapping) or part not in node:
-            return False, None
-        node = node[part]
-    return True, node
-
-
-def check_limits(values: Mapping[str, Any]) -> None:
-    for key, (ok, form) in LIMITS.items():
-        found, value = _lookup(values, key)
-        if found and value is not None and value != "auto" and not (_number(value) and ok(value)):  # "auto": the schema's type decides
-            raise ConfigError(f"{key}: expected {form}, got {value!r}")
+def check_rules(values: Mapping[str, Any]) -> None:
+    """What no single key's type or range can say: a value another library registers, and keys that depend on each other."""
     trainer = values.get("trainer") or {}
     accelerator = trainer.get("accelerator")
     if isinstance(accelerator, str):
@@ -250,12 +246,34 @@ def check_limits(values: Mapping[str, Any]) -> None:
                 f"finetune.unfreeze_at_epoch: expected an epoch below trainer.max_epochs={max_epochs} "
                 f"(else the backbone is never unfrozen), got {unfreeze}"
             )
+    if finetune.get("head_solver") == "lbfgs":  # the values training.fit hands the probe: the YAML's, never a fallback
+        if finetune.get("select_c") is None:
+            raise ConfigError("finetune.select_c: head_solver=lbfgs needs how C is chosen: finetune.select_c=cv (inner folds) or val")
+        if finetune["select_c"] == "cv" and finetune.get("c_folds") is None:
+            raise ConfigError("finetune.c_folds: select_c=cv needs the number of inner folds, e.g. finetune.c_folds=5")
+    cache = (values.get("performance") or {}).get("feature_cache") or {}
+    if finetune.get("mode") == "frozen" and cache.get("enabled") and cache.get("storage") == "disk":  # as training.performance uses it
+        if not (values.get("paths") or {}).get("cache_dir"):
+            raise ConfigError("performance.feature_cache.storage=disk needs paths.cache_dir; set it or use storage=memory")
 
 
 def validate_values(values: Mapping[str, Any], command: str) -> None:
-    """Plain values (resolved) against the command's schema, then the ranges."""
+    """Plain values (resolved) against the command's schema (types and ranges), then the rules between keys."""
     check_node("", values, COMMANDS[command])
-    check_limits(values)
+    check_rules(values)
+
+
+def check_arguments(command: str, values: Mapping[str, Any]) -> None:
+    """Some keys of a command given from Python (transferlab.api.load: runtime, device, precision, tta), each
+    against its field's type and declared range, as the command's config would be: the code below trusts them."""
+    schema = COMMANDS[command]
+    declarations, hints = typing.get_type_hints(schema, include_extras=True), typing.get_type_hints(schema)
+    check_fields("", values, hints, open_ended=False)
+    for name, value in values.items():
+        bounds = declared(declarations[name], Bounds)
+        if bounds is not None:
+            check_range(name, value, hints[name], bounds)
+    check_rules(values)
 
 
 def validate(cfg: DictConfig, command: str) -> None:

@@ -1,25 +1,68 @@
-"""Small files a run writes: JSON results, replaced atomically so that a reader never sees half of one."""
+"""Small files a run writes, and the one way transferlab replaces a file: atomically and durably.
+
+`atomic_write` is used for JSON results (write_json, sweep job records), feature-cache shards and checkpoints:
+a reader sees the old file or the new one, never half of one, and once it returns the new file survives a
+power cut (file and folder fsynced).
+"""
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import hashlib
 import json
 import math
 import os
 import tempfile
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import Any
+from typing import IO, Any, Union
 
 import torch
 
+Writer = Callable[[IO[bytes]], Any]
 
-def atomic_write(path: Path, data: bytes) -> None:
-    """Write to a temporary file beside `path`, then rename it over `path` (readers see the old or the new file)."""
+# A folder fsync some filesystems refuse (network mounts, FUSE): the rename is done, only its durability is up to them.
+_NO_FOLDER_SYNC = {errno.EINVAL, errno.ENOTSUP, errno.EBADF, errno.EACCES, errno.EPERM}
+
+
+def atomic_write(path: Path, data: Union[bytes, Writer]) -> None:
+    """Write `data` (bytes, or a callback that writes into the open binary file: torch.save streams a checkpoint that
+    way, with no second copy in memory) to a temporary `.<name>.<random>.tmp` beside `path`, fsync it, rename it
+    over `path`, then fsync the folder so the rename itself is durable. On any error (a full disk included) the
+    temporary file is removed and `path` is left as it was; only a kill can leave a temporary file behind."""
+    path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.NamedTemporaryFile(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp", delete=False) as fh:
-        fh.write(data)
-    os.replace(fh.name, path)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            if callable(data):
+                data(fh)
+            else:
+                fh.write(data)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+    fsync_folder(path.parent)
+
+
+def fsync_folder(folder: Path) -> None:
+    """Make a rename in `folder` durable. Windows cannot open a folder to fsync it (NTFS journals the rename)."""
+    if os.name == "nt":
+        return
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+    except OSError as exc:
+        if exc.errno not in _NO_FOLDER_SYNC:
+            raise
 
 
 def to_float_dict(metrics: Mapping[str, Any]) -> dict[str, float | None]:

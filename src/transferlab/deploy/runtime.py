@@ -21,11 +21,9 @@ from transferlab.core.hardware import choose_flag, choose_precision, forward_con
 from transferlab.data.preprocessing import Preprocessing
 from transferlab.models import package
 from transferlab.models.backbone import is_convolutional
-from transferlab.models.tta import MODES, averaged_logits
+from transferlab.models.tta import averaged_logits
 
 log = logging.getLogger(__name__)
-
-RUNTIMES = ("torch", "onnx")
 
 
 class Predictor:
@@ -37,9 +35,7 @@ class Predictor:
     settings: dict[str, Any]
 
     def __init__(self, tta: str) -> None:
-        if tta not in MODES:
-            raise DataError(f"tta={tta!r}: use one of {', '.join(MODES)}")
-        self.tta = tta
+        self.tta = tta  # one of models.tta.MODES: the config's schema (or api.load's check) guarantees it
 
     def view_logits(self, images: torch.Tensor) -> torch.Tensor:
         """Calibrated logits of one batch (one test-time view): the package's output, logits / temperature."""
@@ -113,22 +109,16 @@ class OnnxPredictor(Predictor):
 
 
 def load_runtime(
-    ckpt_path: str,
-    runtime: str = "torch",
-    device: str = "auto",
-    precision: str = "auto",
-    channels_last: Union[bool, str] = "auto",
-    tta: str = "none",
-    threads: Optional[int] = None,
+    ckpt_path: str, runtime: str, device: str, precision: str, channels_last: Union[bool, str], tta: str, threads: Optional[int]
 ) -> Predictor:
-    """The predictor of a checkpoint or package folder; `precision`/`channels_last` as in the training configs (auto)."""
+    """The predictor of a checkpoint or package folder. Every value comes from a config (conf/predict.yaml,
+    conf/serve.yaml), already checked against its schema, or from `transferlab.api.load`, which checks its own:
+    `runtime` torch | onnx, `precision`/`channels_last` as in the training configs (auto), `threads` for onnx."""
     if runtime == "onnx":
         if str(device) not in ("auto", "cpu"):
             raise DataError(f"device={device}: runtime=onnx runs on the CPU here; use runtime=torch for {device}")
         predictor: Predictor = OnnxPredictor(str(ckpt_path), tta, threads)
-    elif runtime == "torch":
-        predictor = TorchPredictor(str(ckpt_path), device, precision, channels_last, tta)
     else:
-        raise DataError(f"runtime={runtime!r}: use one of {', '.join(RUNTIMES)}")
+        predictor = TorchPredictor(str(ckpt_path), device, precision, channels_last, tta)
     log.info("Model %s: %d classes, %s", Path(ckpt_path).name, len(predictor.class_names), predictor.settings)
     return predictor

@@ -34,11 +34,14 @@ log = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class ServeSettings:
-    topk: int = 5
-    max_batch: int = 16
-    batch_wait_ms: float = 5.0
-    max_images: int = 16
-    max_request_bytes: int = 20 * 2**20
+    """The server's limits, from conf/serve.yaml (the values and their ranges are declared there and in the
+    schema, checked before the server starts): no defaults here."""
+
+    topk: int
+    max_batch: int
+    batch_wait_ms: float
+    max_images: int
+    max_request_bytes: int
 
 
 class BadRequest(Exception):

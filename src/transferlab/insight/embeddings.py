@@ -1,33 +1,32 @@
 """Pooled backbone features of many images outside training: memory-mapped, through the shared feature cache.
 
 The audit and a run's embedding map need one feature vector per image. They fill and read the same store a
-frozen training run uses (same fingerprint: backbone, weights, eval transform, precision), so an audit after a
-frozen run of the same data computes nothing, and the reverse. The result is written to a `.npy` file and
-opened memory-mapped, so 25,000 x 1,280 features never need to sit in RAM at once.
+frozen training run uses (same fingerprint: backbone, weights, eval transform, precision, library versions),
+through the same fill loop (data.features.fill_features) with the same settings (performance.feature_cache's
+batch size and shard size), so an audit after a frozen run of the same data computes nothing, and the reverse.
+What is left here: the result is written to a `.npy` file and opened memory-mapped, so 25,000 x 1,280 features
+never need to sit in RAM at once.
 """
 
 from __future__ import annotations
 
 import logging
-import math
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Optional, Union
 
 import numpy as np
 import torch
 from torch import nn
-from torch.utils.data import DataLoader
 
 from transferlab.core.errors import DataError
 from transferlab.core.hardware import choose_precision, forward_context
-from transferlab.data.feature_cache import FeatureStore, describe, fill_store, fingerprint, image_key, weights_digest
-from transferlab.data.images import ImageDataset, Sample
+from transferlab.data.features import Extractor, FeatureStore, FillSettings, Inputs, describe, fill_features, fingerprint, image_key, weights_digest
+from transferlab.data.images import Sample
 
 log = logging.getLogger(__name__)
 
 CHUNK = 4096  # rows copied from the store into the output file at a time
-SHARD_IMAGES = 1024  # features written every this many images: an interrupted audit keeps what it computed
 
 
 def pooled_features(
@@ -38,18 +37,22 @@ def pooled_features(
     cache_dir: Optional[str],
     device: torch.device,
     precision: str,
-    batch_size: int,
+    batch_size: Union[int, str],
     workers: int,
+    shard_images: Optional[int] = None,
+    auto_workers: bool = False,
 ) -> np.ndarray:
     """[N, D] float32 features of `samples` (eval transform), memory-mapped from `out_file`.
 
     `backbone`: a models.backbone.Backbone (`body`, `preprocessing`, `name`, `source`); `precision`: as
-    trainer.precision (`auto` = the hardware's choice, as training makes it), part of the cache fingerprint."""
+    trainer.precision (`auto` = the hardware's choice, as training makes it), part of the cache fingerprint.
+    `batch_size`, `shard_images`: performance.feature_cache's (data.features.FillSettings; shard_images=None
+    writes one shard at the end: for a pass with nothing to resume); `workers`, `auto_workers`: data.num_workers,
+    resolved, and whether it was `auto`."""
     precision = choose_precision(precision, "gpu" if device.type == "cuda" else "cpu")
     prep = backbone.preprocessing
-    transform = prep.eval_transform()
-    digest = weights_digest(backbone.body)
-    description = describe(backbone, transform, prep.decode_size(None), precision, 0, None, digest)
+    inputs = Inputs(prep.eval_transform(), prep.decode_size(None))
+    description = describe(backbone, inputs, precision, weights_digest(backbone.body))
     root = Path(cache_dir).expanduser() / "features" if cache_dir else None
     store = FeatureStore(root, fingerprint(**description), description)
     keys = [image_key(path) for path, _ in samples]
@@ -58,9 +61,6 @@ def pooled_features(
         if missing:
             todo_keys = [k for k in dict.fromkeys(keys) if k in missing]
             first = {k: s for s, k in zip(samples, keys)}
-            dataset = ImageDataset([first[k] for k in todo_keys], transform, prep.decode_size(None))
-            workers = min(workers, math.ceil(len(todo_keys) / batch_size))
-            loader = DataLoader(dataset, batch_size=batch_size, num_workers=workers, prefetch_factor=4 if workers else None)
             body: nn.Module = backbone.to(device)
             channels_last = sum(isinstance(m, nn.Conv2d) for m in body.modules()) > 1
             if channels_last:
@@ -72,10 +72,9 @@ def pooled_features(
                 backbone.name,
                 precision,
             )
-            fill = fill_store(
-                store, todo_keys, loader, body, device, forward_context(precision, device), channels_last, SHARD_IMAGES, "eval-{}-audit"
-            )
-            log.info("Features: %d image(s) in %.1f s (%.0f img/s)", fill.computed, fill.seconds, fill.computed / max(fill.seconds, 1e-9))
+            extractor = Extractor(body, device, forward_context(precision, device), channels_last)
+            settings = FillSettings(batch_size, shard_images, workers, auto_workers)
+            fill_features(store, [first[k] for k in todo_keys], todo_keys, inputs, extractor, settings, "eval-{}-audit")
     unusable = store.missing(keys)
     if unusable:
         raise DataError(

@@ -11,36 +11,18 @@ from __future__ import annotations
 import dataclasses
 import math
 import time
-from typing import Callable, Literal, Optional
+from typing import Callable, Optional
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from transferlab.core.settings import IdealSettings
 from transferlab.insight.pixels import PixelClassifier, quantize, total_variation
 
 # Lucid's square root of ImageNet's colour covariance: decorrelated channels -> RGB.
 _COLOR_SQRT = torch.tensor([[0.26, 0.09, 0.02], [0.27, 0.00, -0.05], [0.27, -0.09, 0.03]])
 _COLOR_SQRT = _COLOR_SQRT / _COLOR_SQRT.norm(dim=0).max()
-
-
-@dataclasses.dataclass
-class IdealSettings:
-    """How an ideal image is optimised. No defaults: the values are in conf/visualize.yaml (the command) and
-    conf/callbacks/ideal_class.yaml (the callback), each documented there."""
-
-    steps: int
-    lr: float
-    tv_weight: float
-    views: int  # augmented copies scored per step (transformation robustness)
-    jitter: int  # max shift in pixels
-    scale: float  # scale factor in [1 - scale, 1 + scale]
-    rotate: float  # degrees, +-
-    parameterization: Literal["fourier", "pixel"]
-    decorrelate: bool  # optimise in decorrelated colour space
-    decay_power: float  # Fourier amplitude ~ 1 / f^decay_power
-    stop_prob: Optional[float]  # stop early once the 8-bit image reaches this target probability
-    seed: int
 
 
 class ImageParam(nn.Module):

@@ -1,8 +1,8 @@
 """Checkpoints that survive crashes: atomic writes, and finding the one to resume from (loading: core.safe_load).
 
-- `AtomicCheckpointIO` (a Lightning CheckpointIO plugin) streams `<name>.ckpt` into a temporary file in the same
-  folder, fsyncs it and renames it over the old one: a kill, a power cut or a full disk during a save leaves the
-  previous checkpoint as it was, never a truncated one.
+- `AtomicCheckpointIO` (a Lightning CheckpointIO plugin) streams `<name>.ckpt` through core.files.atomic_write
+  (a temporary file in the same folder, fsynced, renamed over the old one, folder fsynced): a kill, a power cut
+  or a full disk during a save leaves the previous checkpoint as it was, never a truncated one.
 - `resume_checkpoint` turns `ckpt_path` (`last`, `auto`, a run folder or a file) into a verified file.
 """
 
@@ -17,6 +17,7 @@ import torch
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 
 from transferlab.core.errors import ConfigError, DataError, ResourceError, disk_full
+from transferlab.core.files import atomic_write
 from transferlab.core.safe_load import read_checkpoint
 
 log = logging.getLogger(__name__)
@@ -65,7 +66,7 @@ def resume_checkpoint(ckpt_path: Optional[str], out_dir: Path) -> Optional[str]:
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):
-    """torch.save into `.<name>.<pid>.tmp`, fsync, rename: the old checkpoint stays whole until the new one is.
+    """torch.save into `.<name>.<random>.tmp`, fsync, rename: the old checkpoint stays whole until the new one is.
 
     Lightning's own writer is atomic on local disks too (an fsspec transaction), but it first serialises the
     whole checkpoint into memory (two copies), never fsyncs, and a full disk surfaces as a bare OSError. This
@@ -80,15 +81,9 @@ class AtomicCheckpointIO(TorchCheckpointIO):
         target.parent.mkdir(parents=True, exist_ok=True)
         for stale in target.parent.glob(f".{target.name}.*.tmp"):  # left by a run killed while saving
             stale.unlink(missing_ok=True)
-        tmp = target.with_name(f".{target.name}.{os.getpid()}.tmp")
         try:
-            with open(tmp, "wb") as fh:
-                torch.save(checkpoint, fh)
-                fh.flush()
-                os.fsync(fh.fileno())
-            os.replace(tmp, target)
+            atomic_write(target, lambda fh: torch.save(checkpoint, fh))  # streamed: no second copy in memory
         except BaseException as exc:
-            tmp.unlink(missing_ok=True)
             if disk_full(exc):
                 kept = "the previous one is intact" if target.exists() else "no earlier checkpoint existed"
                 raise ResourceError(
@@ -97,11 +92,3 @@ class AtomicCheckpointIO(TorchCheckpointIO):
                     f"ckpt_path=last"
                 ) from exc
             raise
-        try:  # make the rename itself durable
-            dir_fd = os.open(target.parent, os.O_RDONLY)
-            try:
-                os.fsync(dir_fd)
-            finally:
-                os.close(dir_fd)
-        except OSError:
-            pass
