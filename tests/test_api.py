@@ -102,3 +102,19 @@ def test_the_api_starts_ddp_ranks_through_the_cli_relaunch(tiny_folder, tmp_path
     assert not dist.is_initialized() and not set(rank_variables) & set(os.environ)
     single = api.evaluate(out / "checkpoints" / "best.ckpt", ["data.num_workers=0", "trainer.enable_progress_bar=false"], run_dir=tmp_path / "eval")
     assert single.metrics["test/acc"] == pytest.approx(read_metrics(out)["test/acc"], abs=1e-6)
+
+
+def test_the_api_defaults_are_the_commands_own():
+    """api.load's documented defaults are conf/predict.yaml's values (the YAML is the one source), and a bad one is
+    refused by the same schema as the command line's, before any model is read."""
+    import inspect
+
+    from omegaconf import OmegaConf
+
+    from transferlab.config.paths import config_dir
+
+    predict = OmegaConf.load(Path(config_dir()) / "predict.yaml")
+    defaults = {k: p.default for k, p in inspect.signature(api.load).parameters.items() if p.default is not inspect.Parameter.empty}
+    assert defaults == {k: predict[k] for k in defaults} and set(defaults) == {"runtime", "device", "precision", "tta"}
+    with pytest.raises(ConfigError, match="runtime"):
+        api.load("/nonexistent.ckpt", runtime="tf")

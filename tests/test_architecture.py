@@ -18,9 +18,9 @@ from transferlab.core import compat
 from transferlab.core.errors import IncompatibleLibrary
 
 PACKAGE = REPO / "src" / "transferlab"
-# Lower imports from higher, never the other way: commands -> training / sweeps -> config -> callbacks ->
-# insight -> models -> data -> core.
-LAYERS = {"core": 0, "data": 1, "models": 2, "insight": 3, "callbacks": 4, "config": 5, "training": 6, "sweeps": 6, "deploy": 6, "cli": 7}
+# Lower imports from higher, never the other way: commands -> training / sweeps -> callbacks -> insight -> models ->
+# data / config -> core. `config` (the schema and its one validation) needs nothing but core, so every layer may use it.
+LAYERS = {"core": 0, "config": 1, "data": 1, "models": 2, "insight": 3, "callbacks": 4, "training": 6, "sweeps": 6, "deploy": 6, "cli": 7}
 MAX_ROOT_MODULES, MAX_LINES, SHIM_LINES = 6, 300, 15
 
 

@@ -87,7 +87,7 @@ def test_onnx_runtime_needs_no_lightning_and_agrees_with_torch(species_package, 
     """runtime=onnx imports neither Lightning nor the classifier; its labels equal the torch runtime's."""
     code = (
         "import sys, torch; from transferlab.deploy.runtime import load_runtime;"
-        f"p = load_runtime({str(species_package)!r}, 'onnx');"
+        f"p = load_runtime({str(species_package)!r}, 'onnx', 'auto', 'auto', 'auto', 'none', None);"
         "print(p.probabilities(torch.zeros(2, 3, 224, 224)).shape[1]);"
         "print(sorted(m for m in sys.modules if m.split('.')[0] == 'lightning' or m == 'transferlab.models.classifier'))"
     )

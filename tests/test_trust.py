@@ -185,7 +185,7 @@ def test_tta_probabilities_are_softmax_of_raw_logits_over_t_averaged_over_views(
     assert evaluated[:, 0].softmax(-1) == pytest.approx(expected, abs=1e-6)
     assert evaluated[:, 1].softmax(-1) == pytest.approx(uncalibrated, abs=1e-6)  # "before calibration": no T multiplied back
     assert evaluated[:, 2] == pytest.approx(raw[0], abs=1e-5)  # what a temperature is fitted on
-    predictor = load_runtime(str(ckpt), precision="32-true", channels_last=False, tta="hflip")
+    predictor = load_runtime(str(ckpt), runtime="torch", device="auto", precision="32-true", channels_last=False, tta="hflip", threads=None)
     predictor.model.temperature.fill_(2.5)
     assert predictor.probabilities(images) == pytest.approx(expected, abs=1e-5)  # predict and serve: the same composition
 

@@ -142,9 +142,15 @@ def load(ckpt_or_package: Union[str, Path], runtime: str = "torch", device: str 
     >>> model = api.load("models/pets")
     >>> [p.label for p in model.predict(["a.jpg", "b.jpg"])]
     """
+    from omegaconf import OmegaConf
+
+    from transferlab.config.paths import config_dir
+    from transferlab.config.validation import check_arguments
     from transferlab.deploy.runtime import load_runtime
 
-    return Model(load_runtime(str(ckpt_or_package), runtime, device, precision, "auto", tta))
+    check_arguments("predict", {"runtime": runtime, "device": device, "precision": precision, "tta": tta})  # as the config's
+    predict = OmegaConf.load(Path(config_dir()) / "predict.yaml")  # the rest as transferlab-predict has them
+    return Model(load_runtime(str(ckpt_or_package), runtime, device, precision, predict.channels_last, tta, predict.threads))
 
 
 def predict(ckpt_or_package: Union[str, Path], images: Union[ImageInput, Sequence[ImageInput]], topk: int = 3) -> list[Prediction]:
