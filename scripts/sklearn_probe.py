@@ -5,60 +5,22 @@ scored on the same stratified folds as `cv.folds=K` (data.folds, seeded by data.
 
 Prints (and with --json writes) the out-of-fold accuracy and balanced accuracy with their intervals (core.statistics)
 and the mean ± std over folds (Nadeau-Bengio corrected interval): the reference a transferlab run of the same task is compared with.
+The code is bench/probe.py's (the benchmark's probe section runs the same functions).
 """
 
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import sys
 import time
 from pathlib import Path
 
-import numpy as np
-import torch
-from sklearn.linear_model import LogisticRegressionCV
-from torch.utils.data import DataLoader
+# Python puts a script's own folder first on sys.path: the bench package beside this file, from any working directory.
+# features_of and probe stay importable from here (scripts/calibration_study.py uses features_of).
+from bench.probe import features_of, probe
 
-from transferlab.cli.train import command
-from transferlab.core.statistics import fold_test_to_train, mean_std_interval, metric_intervals, point_metrics
-from transferlab.data.feature_cache import compute_features
-from transferlab.data.folds import fold_splits
-from transferlab.models.backbones import create_backbone
-from transferlab.training.builders import build_datamodule, container
-
-
-def features_of(backbone_name: str, data_root: str, task: str, split_seed: int) -> tuple[np.ndarray, np.ndarray, list, list[str]]:
-    """Pooled features of every non-test image, computed as transferlab computes them (preprocessing, decode)."""
-    cfg = command.compose([f"data.root={data_root}", f"data.task={task}", f"data.split_seed={split_seed}", f"backbone={backbone_name}"], "unused")
-    backbone = create_backbone(**container(cfg.backbone)).eval()
-    datamodule = build_datamodule(container(cfg.data), backbone.preprocessing)
-    pool = datamodule.pool
-    loader = DataLoader(datamodule.samples_dataset(pool), batch_size=32, num_workers=0)
-    features = compute_features(backbone, loader, torch.device("cpu"), contextlib.nullcontext, channels_last=True)
-    return features, np.array([label for _, label in pool]), pool, datamodule.class_names
-
-
-def probe(features: np.ndarray, labels: np.ndarray, pool: list, names: list[str], folds: int, seed: int, balanced: bool) -> dict:
-    """Out-of-fold predictions of LogisticRegressionCV (its C chosen by inner 5-fold CV on each training part)."""
-    predicted = np.zeros(len(labels), dtype=np.int64)
-    per_fold = []
-    row = {str(path): i for i, (path, _) in enumerate(pool)}
-    for fold in fold_splits(pool, names, folds, seed, val_fraction=0.0):
-        train = [row[str(p)] for p, _ in fold["train"] + fold["val"]]
-        test = [row[str(p)] for p, _ in fold["test"]]
-        model = LogisticRegressionCV(Cs=10, cv=5, max_iter=5000, class_weight="balanced" if balanced else None)
-        model.fit(features[train], labels[train])
-        predicted[test] = model.predict(features[test])
-        per_fold.append(point_metrics(labels[test], predicted[test], len(names)))
-    pooled = point_metrics(labels, predicted, len(names))
-    intervals = metric_intervals(labels, predicted, len(names))
-    found = {f"oof/{k}": v for k, v in pooled.items()} | {f"oof/{k}_ci95": v for k, v in intervals.items()}
-    for key in ("acc", "balanced_acc"):
-        mean, std, interval = mean_std_interval([m[key] for m in per_fold], fold_test_to_train(folds))
-        found[f"folds/{key}_mean"], found[f"folds/{key}_std"], found[f"folds/{key}_ci95"] = mean, std, interval
-    return found
+__all__ = ["features_of", "probe", "main"]
 
 
 def main(argv: list[str]) -> int:

@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+import importlib
 import json
-import math
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -27,11 +28,7 @@ from conftest import (
     run_mains,
 )
 from transferlab.core.hardware import choose_precision, default_workers, detect
-from transferlab.data.feature_cache import (
-    FeatureStore,
-    fingerprint,
-    weights_digest,
-)
+from transferlab.data.features import FeatureStore, Inputs, describe, fingerprint, library_versions, weights_digest
 from transferlab.data.images import decode_rgb, load_rgb
 from transferlab.models.backbones import Backbone, create_backbone
 from transferlab.models.classifier import load_checkpoint
@@ -142,14 +139,36 @@ def test_store_keeps_rows_across_instances_and_ignores_half_written_shards(tmp_p
     assert FeatureStore(tmp_path, "k2").missing(keys) == keys
 
 
-def test_fingerprint_changes_with_weights_and_transform():
+def test_fingerprint_changes_with_every_part_and_not_with_their_order():
+    """Each part describe() reports, changed alone, gives another store; the same parts in any order the same one."""
     backbone = create_backbone("tf_efficientnet_lite0", weights="none")
-    base = {"backbone": backbone.name, "weights": weights_digest(backbone.body), "transform": repr(backbone.preprocessing.eval_transform())}
+    prep = backbone.preprocessing
+    versions = library_versions()
+    base = describe(backbone, Inputs(prep.eval_transform(), prep.decode_size(), views=2, seed=7), "32-true", weights_digest(backbone.body), versions)
     with torch.no_grad():
         next(backbone.body.parameters()).add_(1e-6)
-    assert fingerprint(**{**base, "weights": weights_digest(backbone.body)}) != fingerprint(**base)
-    assert fingerprint(**{**base, "transform": repr(backbone.preprocessing.resized(200).eval_transform())}) != fingerprint(**base)
-    assert fingerprint(**base) == fingerprint(**dict(base))
+    changed = {
+        "backbone": "resnet18",
+        "source": f"not-{base['source']}",
+        "weights_sha256": weights_digest(backbone.body),  # one weight moved by 1e-6
+        "transform": repr(prep.resized(200).eval_transform()),
+        "decode_size": base["decode_size"] + 1,
+        "precision": "bf16-mixed",
+        "views": 3,
+        "seed": 8,
+        "versions": {**versions, "torch": f"{versions['torch']}.post1"},
+    }
+    assert set(changed) == set(base)  # every part is varied here (a part added to describe() fails this until it is)
+    keys = [fingerprint(**base)] + [fingerprint(**{**base, part: value}) for part, value in changed.items()]
+    assert len(set(keys)) == len(keys) and all(re.fullmatch("[0-9a-f]{24}", key) for key in keys)
+    reordered = {part: base[part] for part in reversed(list(base))} | {"versions": dict(reversed(list(versions.items())))}
+    assert list(reordered) != list(base) and fingerprint(**reordered) == keys[0]
+
+    def with_seed(views: int, seed: int) -> str:
+        return fingerprint(**describe(backbone, Inputs(prep.eval_transform(), prep.decode_size(), views, seed), "32-true", "d", versions))
+
+    assert with_seed(0, 1) == with_seed(0, 2)  # no augmented views: the seed draws nothing, the same store
+    assert with_seed(2, 1) != with_seed(2, 2)
 
 
 def _train_in_process(overrides: list[str], out: Path) -> dict:
@@ -238,7 +257,7 @@ def test_cached_and_uncached_frozen_training_give_the_same_head(tmp_path):
         features = cached.backbone(images)
         p_cached, p_uncached = cached.head(features).softmax(-1), uncached.head(features).softmax(-1)
     assert (p_cached - p_uncached).abs().max().item() <= 1e-5
-    assert read_metrics(tmp_path / "cached")["test/acc"] == read_metrics(tmp_path / "uncached")["test/acc"]
+    assert read_metrics(tmp_path / "cached")["test/acc"] == read_metrics(tmp_path / "uncached")["test/acc"] >= 0.9  # 0.96 at 128 px
 
 
 @pytest.mark.shared
@@ -263,8 +282,18 @@ def test_ddp_with_cache_matches_one_process(species_run, tmp_path):
     # every image's prediction gathered from both ranks in dataset order; the heads differ a little (under class
     # weights, the mean of two ranks' weighted losses is not the weighted loss of their joint batch), so one
     # borderline photo of the 81 may go the other way
-    assert abs(ddp["test/acc"] - single["test/acc"]) <= 1 / 81 + 1e-6
-    assert 0.05 < ddp["calibration/temperature"] < 20 and ddp["val/ece"] <= ddp["val/ece_before_calibration"]
+    assert abs(ddp["test/acc"] - single["test/acc"]) <= 1 / 81 + 1e-6 and ddp["test/acc"] >= 0.95  # cats vs dogs: 0.99 and 1.0
+    # The temperature is chosen on the val logits of both ranks (every val image of the split), broadcast, and written
+    # into best.ckpt; it lowers the held-out NLL. With no val error it is the one whose mean confidence is Laplace's
+    # (n + 1) / (n + 2), so every calibrated val confidence sits in bins of accuracy 1 and the ECE is 1 / (n + 2): half
+    # the images (one rank's) would give 1 / 27 instead of 1 / 51.
+    n_val = splits.count("val")
+    checkpoint = torch.load(out / "checkpoints" / "best.ckpt", weights_only=True, map_location="cpu")
+    assert ddp["calibration/held_out_images"] == n_val > 0
+    assert checkpoint["state_dict"]["temperature"].item() == pytest.approx(ddp["calibration/temperature"])
+    assert ddp["val/nll"] < ddp["val/nll_before_calibration"] and ddp["val/ece"] <= ddp["val/ece_before_calibration"]
+    if ddp["calibration/held_out_errors"] == 0:  # so far every run got the 49 val photos right
+        assert ddp["calibration/rule"] == "capped_at_laplace_accuracy" and ddp["val/ece"] == pytest.approx(1 / (n_val + 2), rel=1e-4)
     ddp_rows = [r.split(",")[:3] for r in (out / "test_predictions.csv").read_text().splitlines()]
     single_rows = [r.split(",")[:3] for r in (species_run / "test_predictions.csv").read_text().splitlines()]
     assert [r[:2] for r in ddp_rows] == [r[:2] for r in single_rows]  # the same images and labels, in the same order
@@ -326,82 +355,254 @@ def test_image_cache_gives_the_same_eval_inputs(tiny_folder):
 
 # ------------------------------------------------------------------------------------------ benchmark
 
+BENCHMARK = REPO / "scripts" / "benchmark.py"
+STABLE_KEYS = [  # benchmark.json's top-level measurement keys (other tooling reads them)
+    "frozen_speedup",
+    "frozen_speedup_cache",
+    "frozen_speedup_bf16",
+    "frozen_speedup_workers",
+    "frozen_acc_baseline",
+    "frozen_acc_transferlab",
+    "finetune_overhead",
+    "bf16_speedup_resnet50_train",
+    "bf16_speedup_lite0_train",
+    "decode_speedup",
+    "decode_draft_speedup",
+    "peak_fraction",
+    "probe_balanced_acc_sklearn",
+    "probe_balanced_acc_transferlab",
+    "predict_vs_raw",
+    "predict_onnxruntime_img_s",
+    "fill_vs_raw",
+    "fill_img_s",
+    "fill_raw_img_s",
+]
 
-@pytest.mark.shared  # the benchmark trains on the shared photos
-def test_benchmark_quick_writes_every_key(tmp_path):
-    script = str(REPO / "scripts" / "benchmark.py")
-    out = tmp_path / "benchmark.json"
-    proc = subprocess.run([sys.executable, script, "--quick", "--out", str(out)], capture_output=True, text=True, timeout=600, cwd=tmp_path)
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    result = json.loads(out.read_text())
-    keys = [
-        "frozen_speedup",
-        "frozen_speedup_cache",
-        "frozen_speedup_workers",
-        "frozen_acc_baseline",
-        "frozen_acc_transferlab",
-        "finetune_overhead",
-        "bf16_speedup_resnet50_train",
-        "bf16_speedup_lite0_train",
-        "decode_speedup",
-        "decode_draft_speedup",
-        "peak_fraction",
-        "probe_balanced_acc_sklearn",
-        "probe_balanced_acc_transferlab",
-        "predict_vs_raw",
-        "predict_onnxruntime_img_s",
-        "fill_vs_raw",
-        "fill_img_s",
-        "fill_raw_img_s",
-    ]
-    if result["hardware"]["cpu_bf16"]:
-        keys.append("frozen_speedup_bf16")
-    else:
-        assert result["frozen_speedup_bf16"] is None  # skipped, with a note in the table
-    for key in keys:
-        assert isinstance(result[key], float) and math.isfinite(result[key]) and result[key] > 0, key
-    assert 0 <= result["frozen_acc_baseline"] <= 1 and 0 <= result["frozen_acc_transferlab"] <= 1
-    assert {"cpu_model", "cores", "flags", "gpu"} <= set(result["hardware"])
-    for row in (
-        "| (a) frozen Lite0",
-        "| (a) same, feature cache alone",
-        "| (a) same, bf16-mixed alone",
-        "| (a) same, data.num_workers=auto alone",
-        "| (d1) decode",
-        "| (d2) same, ours with the draft path",
-        "| (f) species",
-        "| (g) label",
-        "| (h) feature-cache fill",
+
+@pytest.fixture(scope="module")
+def bench():
+    """scripts/bench, the benchmark's sections (imported as benchmark.py imports it: from the folder beside it)."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.syspath_prepend(str(REPO / "scripts"))
+        return importlib.import_module("bench")
+
+
+def _fake_details() -> dict:
+    """Every section's details in the shapes a run writes, with the full CPU run's figures (docs/speed.md), one
+    target missed (finetune_overhead 1.2) and one value unmeasured (the fill's, None)."""
+
+    def run(seconds: float, acc: float | None = None) -> dict:
+        return {"seconds": seconds, "val_acc": acc, "test_acc": acc, "feature_cache": None}
+
+    def decode(images: int, side: float, eligible: int, ours: float, draft: float) -> dict:
+        return {
+            "images": images,
+            "median_short_side": side,
+            "draft_eligible": eligible,
+            "output": [3, 224, 224],
+            "resize": 256,
+            "interpolation": "bicubic",
+            "pillow_img_s": 313.0,
+            "transferlab_img_s": ours,
+            "transferlab_draft_img_s": draft,
+            "speedup": ours / 313.0,
+            "draft_speedup": draft / 313.0,
+            "mean_abs_diff": 0.4,
+            "mean_abs_diff_draft": 1.1,
+        }
+
+    def probe(images: int, sklearn: float, ours: float) -> dict:
+        return {
+            "folds": 5,
+            "images": images,
+            "sklearn": {"acc": sklearn + 0.01, "balanced_acc": sklearn, "seconds": 9.0},
+            "transferlab": {"acc": ours + 0.01, "balanced_acc": ours, "seconds": 30.0},
+        }
+
+    return {
+        "frozen": {
+            "baseline": {"seconds": 92.6, "val_acc": 0.98},
+            "transferlab": run(8.0, 0.975),
+            "transferlab_warm_cache": run(1.3, 0.975),
+            "alone": {"cache": run(20.0), "bf16": None, "workers": run(60.0)},
+            "bf16_note": "bf16 alone skipped: no native bf16 on this device",
+            "epochs": 10,
+            "train_images": 259,
+            "val_images": 55,
+            "speedup": 92.6 / 8.0,
+            "speedup_warm_cache": 92.6 / 1.3,
+            "speedup_alone": {"cache": 92.6 / 20.0, "bf16": None, "workers": 92.6 / 60.0},
+        },
+        "finetune": {
+            "model": "tf_efficientnet_lite0",
+            "batch": 32,
+            "precision": "bf16-mixed",
+            "raw_img_s": 21.0,
+            "transferlab_img_s": 17.5,
+            "overhead": 1.2,
+        },
+        "precision": {
+            "batch": 32,
+            "steps": 3,
+            "images_per_s": {
+                "resnet50/train": {"fp32": 3.4, "bf16+channels_last": 11.5, "fp32+channels_last": 4.6, "bf16_speedup": 11.5 / 3.4},
+                "tf_efficientnet_lite0/train": {"fp32": 8.2, "bf16+channels_last": 19.8, "bf16_speedup": 19.8 / 8.2},
+            },
+        },
+        "accuracy": {"task": "breeds", "epochs": 10, "runs": {"fp32": {"test_acc": 0.837, "val_acc": 0.8, "seconds": 21.0}}},
+        "decode": {"photos": decode(370, 375.0, 0, 585.0, 590.0), "large": decode(60, 900.0, 60, 380.0, 800.0)},
+        "peak": {
+            "matmul_gflops": {"bf16": 360.0, "fp32": 120.0},
+            "headline": "resnet50/train/bf16+channels_last",
+            "models": {"resnet50/train/bf16+channels_last": {"gflop_per_image": 12.3, "achieved_gflops": 283.0, "fraction": 283.0 / 360.0}},
+        },
+        "probe": {"species": probe(284, 0.95, 0.96), "breeds": probe(284, 0.80, 0.79)},
+        "predict": {
+            "images": 370,
+            "batch": 32,
+            "precision": "bf16-mixed",
+            "workers": 1,
+            "onnxruntime_img_s": 75.4,
+            "fp32_no_workers_img_s": 40.0,
+            "raw_img_s": 74.4,
+            "transferlab_img_s": 79.1,
+            "predict_vs_raw": 79.1 / 74.4,
+        },
+        "fill": {
+            "images": 8000,
+            "batch": 16,
+            "precision": "bf16-mixed",
+            "raw_img_s_by_workers": {"0": 90.6, "1": 95.2, "2": 107.1},
+            "raw_img_s": 107.1,
+            "transferlab_workers": 0,
+            "transferlab_img_s": None,
+            "fill_vs_raw": None,
+        },
+    }
+
+
+# key: (the start of the one table row that shows it, the bound in `targets`, the row's target cell, the value in
+# _fake_details, met)
+FAKE_TARGETS = {
+    "frozen_speedup": ("| (a) frozen Lite0, species, 10 epochs", ">= 10", ">= 10x", 92.6 / 8.0, True),
+    "frozen_acc_vs_baseline": ("| (a) final val accuracy (55 images) | 0.980 | 0.975 |", ">= -0.01", ">= baseline - 0.01", 0.975 - 0.98, True),
+    "finetune_overhead": ("| (b) full fine-tuning tf_efficientnet_lite0 batch 32", "<= 1.05", "<= 1.05", 1.2, False),
+    "bf16_speedup_resnet50_train": ("| (c) resnet50/train batch 32", ">= 2.5", ">= 2.5x", 11.5 / 3.4, True),
+    "decode_speedup": (
+        "| (d1) decode to Lite0's eval geometry: short side 256 bicubic, centre crop 224, uint8, one core, 370 shared",
+        ">= 1.5",
+        ">= 1.5x",
+        585 / 313,
+        True,
+    ),
+    "decode_draft_speedup": ("| (d2) same, ours with the draft path (60 of 60 large enough", ">= 2.0", ">= 2.0x", 800 / 313, True),
+    "probe_species_balanced_acc_difference": ("| (f) species, 5-fold out-of-fold balanced_acc", ">= -0.005", ">= -0.005", 0.96 - 0.95, True),
+    "probe_breeds_balanced_acc_difference": ("| (f) breeds, 5-fold out-of-fold balanced_acc", ">= -0.005", ">= -0.005", 0.79 - 0.80, False),
+    "predict_vs_raw": ("| (g) label 370 JPEGs, Lite0 batch 32 bf16-mixed, 1 worker(s)", ">= 0.8", ">= 0.8", 79.1 / 74.4, True),
+    "fill_vs_raw": ("| (h) feature-cache fill, 8000 JPEGs", ">= 0.9", ">= 0.9", None, False),  # unmeasured: never met
+}
+
+
+def test_section_table_makes_the_markdown_and_the_targets_from_one_declaration(bench):
+    details = _fake_details()
+    result = {
+        **bench.summary(details),
+        "hardware": {"cpu_model": "EPYC", "cores": 2, "flags": ["avx512_bf16"], "gpu": None, "torch": "2.14.1"},
+        "mode": "full",
+        "seconds": 454.0,
+        "details": details,
+    }
+    table = bench.markdown(result).splitlines()
+    targets = bench.targets(details)
+    assert list(targets) == list(FAKE_TARGETS)
+    for key, (row, bound, cell, value, met) in FAKE_TARGETS.items():
+        entry = targets[key]
+        assert entry["target"] == bound and entry["met"] is met and entry["value"] == (None if value is None else pytest.approx(value)), key
+        shown = [line for line in table if line.startswith(row)]
+        assert len(shown) == 1 and shown[0].endswith(f"| {cell} |"), (key, shown)
+    # every row with a target cell is one of `targets`, and no other row has one
+    with_target = [line for line in table if line.startswith("| (") and line.split("|")[-2].strip()]
+    assert len(with_target) == len(targets), with_target
+    for label in (
+        "| (a) same, cache reused by a second run: wall s | 92.6 | 1.3 | 71.2x | |",
+        "| (a) same, feature cache alone: wall s | 92.6 | 20.0 | 4.6x | |",
+        "| (a) same, bf16-mixed alone: wall s | 92.6 | – | bf16 alone skipped: no native bf16 on this device | |",
+        "| (a) same, data.num_workers=auto alone: wall s | 92.6 | 60.0 | 1.5x | |",
+        "| (c) frozen Lite0 breeds 10 ep, fp32: test acc | | 0.837 | 21 s | |",
+        "| (e) resnet50/train/bf16+channels_last: achieved GFLOP/s vs bf16 matmul GFLOP/s | 360 | 283 | **0.79** of peak | |",
+        "| (f) species, 5-fold out-of-fold acc: scikit-learn LogisticRegressionCV vs transferlab-train defaults | 0.960 | 0.970 | +0.010 | |",
+        "| (h) feature-cache fill, 8000 JPEGs, Lite0 batch 16 bf16-mixed: img/s (raw loop, best of workers 0: 90.6, 1: 95.2, 2: 107.1, "
+        "vs transferlab-train frozen, 0 worker(s)) | 107.1 | – | **–** | >= 0.9 |",
     ):
-        assert row in proc.stdout, row
-    assert result["probe_balanced_acc_transferlab"] >= result["probe_balanced_acc_sklearn"] - 0.05  # 111 photos, 3 folds
+        assert label in table, label
+    assert table[:2] == ["| measurement | baseline | transferlab | ratio | target |", "|---|---|---|---|---|"]
+    assert table[-1] == "Hardware: EPYC, 2 cores, flags avx512_bf16; GPU none; torch 2.14.1. Mode: full, 454 s."
 
-    # Every row with a target is in `targets`; quick mode's small samples need not meet them.
-    targets = result["targets"]
-    assert {
-        "frozen_speedup",
-        "frozen_acc_vs_baseline",
-        "finetune_overhead",
-        "bf16_speedup_resnet50_train",
-        "decode_speedup",
-        "decode_draft_speedup",
-        "probe_species_balanced_acc_difference",
-        "predict_vs_raw",
-        "fill_vs_raw",
-    } <= set(targets)
-    for key, entry in targets.items():
-        assert set(entry) == {"value", "target", "met"} and isinstance(entry["met"], bool), key
-        op, bound = entry["target"].split()
-        assert op in (">=", "<=") and math.isfinite(float(bound)) and isinstance(entry["value"], float), key
+    # the stable top-level keys, read from the details; None for what did not run
+    keys = bench.summary(details)
+    assert list(keys) == STABLE_KEYS
+    expected = {
+        "frozen_speedup": 92.6 / 8.0,
+        "frozen_speedup_cache": 92.6 / 20.0,
+        "frozen_speedup_bf16": None,
+        "frozen_acc_baseline": 0.98,
+        "frozen_acc_transferlab": 0.975,
+        "bf16_speedup_lite0_train": 19.8 / 8.2,
+        "decode_draft_speedup": 800 / 313,
+        "peak_fraction": 283 / 360,
+        "probe_balanced_acc_sklearn": 0.95,
+        "probe_balanced_acc_transferlab": 0.96,
+        "predict_onnxruntime_img_s": 75.4,
+        "fill_img_s": None,
+        "fill_raw_img_s": 107.1,
+    }
+    for key, value in expected.items():
+        assert keys[key] == (None if value is None else pytest.approx(value)), key
+    assert set(bench.summary({}).values()) == {None}
+    only = {name: details[name] for name in ("decode", "fill")}  # sections that did not run have no rows and no targets
+    assert list(bench.targets(only)) == ["decode_speedup", "decode_draft_speedup", "fill_vs_raw"]
+    assert sum(line.startswith("| (") for line in bench.markdown({**result, "details": only}).splitlines()) == 5
+
+
+def _run_script(script: str, *args: str, cwd: Path) -> subprocess.CompletedProcess:
+    """A script of scripts/ as a user runs it, from another working directory."""
+    return subprocess.run([sys.executable, str(REPO / "scripts" / script), *args], capture_output=True, text=True, timeout=120, cwd=cwd)
+
+
+def test_check_from_an_earlier_json_judges_each_target(bench, tmp_path):
+    targets = bench.targets(_fake_details())
+    met = {key: {**entry, "value": float(entry["target"].split()[1])} for key, entry in targets.items()}  # each exactly on its bound
 
     def check(doctored: dict) -> subprocess.CompletedProcess:
         path = tmp_path / "doctored.json"
-        path.write_text(json.dumps({**result, "targets": doctored}))
-        return subprocess.run([sys.executable, script, "--check", "--from", str(path)], capture_output=True, text=True, timeout=120)
+        path.write_text(json.dumps({"targets": doctored}))
+        return _run_script("benchmark.py", "--check", "--from", str(path), cwd=tmp_path)
 
-    met = {key: {**entry, "value": float(entry["target"].split()[1])} for key, entry in targets.items()}  # each exactly on its bound
     passed = check(met)
-    assert passed.returncode == 0, passed.stdout + passed.stderr
-    failed = check({**met, "fill_vs_raw": {**met["fill_vs_raw"], "value": 0.5}})
+    assert passed.returncode == 0 and passed.stdout.splitlines() == [f"{len(met)} of {len(met)} targets met"], passed.stdout + passed.stderr
+    failed = check({**met, "fill_vs_raw": {**met["fill_vs_raw"], "value": 0.5}, "finetune_overhead": {**met["finetune_overhead"], "value": None}})
     assert failed.returncode == 1, failed.stdout + failed.stderr
-    assert [line for line in failed.stdout.splitlines() if line.startswith("target missed")] == ["target missed: fill_vs_raw = 0.500, target >= 0.9"]
+    assert [line for line in failed.stdout.splitlines() if line.startswith("target missed")] == [
+        "target missed: finetune_overhead = –, target <= 1.05",
+        "target missed: fill_vs_raw = 0.500, target >= 0.9",
+    ]
+    usage = _run_script("fill_bench.py", "--from", str(tmp_path / "doctored.json"), cwd=tmp_path)  # the one-section wrapper
+    assert usage.returncode == 2 and "--from needs --check" in usage.stderr.splitlines()[-1], usage.stderr
+
+
+@pytest.mark.shared
+def test_decode_section_gives_pillows_output(bench, tmp_path):
+    """The decode section on a few shared photos, as the benchmark runs it: the same output as the Pillow loop (to
+    a grey level on average), the draft path taken only where the JPEG is large enough, and its targets filled."""
+    from bench import decode
+
+    details = {"decode": decode.decode_section(pet_photos(False, 6), large=2, rounds=1, work=tmp_path)}
+    photos, large = details["decode"]["photos"], details["decode"]["large"]
+    assert photos["images"] == 6 and large["images"] == 2 and photos["output"] == large["output"] == [3, 224, 224]
+    assert photos["draft_eligible"] == 0 and large["draft_eligible"] == 2  # ~500x375 photos; the same upscaled to 1200 px
+    assert photos["mean_abs_diff"] <= 1.0 and photos["mean_abs_diff_draft"] == photos["mean_abs_diff"]  # no draft: the same decode
+    assert large["mean_abs_diff"] <= 1.0 and large["mean_abs_diff_draft"] <= 3.0  # reduced decode, then the same resize
+    assert photos["speedup"] == pytest.approx(photos["transferlab_img_s"] / photos["pillow_img_s"])
+    targets = bench.targets(details)
+    assert targets["decode_speedup"]["value"] == photos["speedup"] and targets["decode_draft_speedup"]["value"] == large["draft_speedup"]
+    assert bench.summary(details)["decode_draft_speedup"] == large["draft_speedup"]

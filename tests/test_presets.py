@@ -77,10 +77,10 @@ def generated(tmp_path_factory) -> dict[str, Path]:
     root, rng = tmp_path_factory.mktemp("generated"), np.random.default_rng(0)
     colours = [(200, 60, 60), (60, 200, 60), (60, 60, 200), (200, 200, 60)]
     folders = {"pets": root / "pets", "cats_dogs": root / "cats_dogs", "image_folder": root / "image_folder"}
+    folders["pets"].mkdir()
     for breed, colour in zip(PET_BREEDS, colours):
         for i in range(PER_CLASS):
             image = _image(rng, colour)
-            (folders["pets"]).mkdir(exist_ok=True)
             image.save(folders["pets"] / f"{breed}_{i + 1}.jpg", quality=90)
             species = "Cat" if breed[0].isupper() else "Dog"
             for folder in (folders["cats_dogs"] / "PetImages" / species, folders["image_folder"] / species.lower()):

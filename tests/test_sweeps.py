@@ -14,7 +14,19 @@ from pathlib import Path
 
 import pytest
 
-from conftest import FAST, PETS_ARGS, chromium_render, free_port, needs_browser, read_metrics, read_wandb_log, run, run_cli, run_mains
+from conftest import (
+    FAST,
+    PETS_ARGS,
+    chromium_render,
+    free_port,
+    needs_browser,
+    read_metrics,
+    read_splits,
+    read_wandb_log,
+    run,
+    run_cli,
+    run_mains,
+)
 
 pytestmark = pytest.mark.shared
 
@@ -66,6 +78,10 @@ def test_grid_sweep_writes_one_dir_per_job_and_a_summary_row_each(grid_sweep):
     assert seen == {(lr, o) for lr in ("0.001", "0.003") for o in ("adam", "sgd")}
     ranked = [float(r["val/acc_best"]) for r in summary_rows(grid_sweep)]
     assert ranked == sorted(ranked, reverse=True)  # sorted by the optimised metric
+    # The job called best is one whose val/acc_best, read from its own metrics.json, is the highest (ties: any of them).
+    (best,) = [r["job"] for r in summary_rows(grid_sweep) if r["vs_best"] == "best"]
+    assert read_metrics(grid_sweep / best)["val/acc_best"] == max(read_metrics(j)["val/acc_best"] for j in jobs)
+    assert '<tr class="best"><td>' + best + "</td>" in (grid_sweep / "report.html").read_text().replace("\n", "")
     markdown = (grid_sweep / "summary.md").read_text()
     assert "4 jobs: 4 completed" in markdown and "| optimizer.lr | optimizer | status |" in markdown
 
@@ -277,7 +293,11 @@ def test_multirun_with_ddp_writes_one_dir_and_one_wandb_run_per_job(tiny_folder,
         assert run.run_group == f"{sweep.parent.name}/{sweep.name}" and run.job_type == "train"
         assert list(run.tags) == ["sweep", "ddp"] and run.display_name.startswith(f"{job.name}: ")
         assert any(r.WhichOneof("record_type") == "exit" for r in records)  # finished
-        assert job_record(job)["status"] == "completed" and read_metrics(job)["test/acc"] is not None
+        assert job_record(job)["status"] == "completed"
+        # Rank 0 wrote the whole test split's predictions (both ranks' shares gathered), and test/acc is over them.
+        rows = list(csv.DictReader(open(job / "test_predictions.csv", newline="")))
+        assert len(rows) == list(read_splits(job).values()).count("test") >= 2
+        assert read_metrics(job)["test/acc"] == pytest.approx(sum(r["label"] == r["predicted"] for r in rows) / len(rows))
 
 
 @pytest.mark.slow
