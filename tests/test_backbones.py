@@ -139,10 +139,7 @@ SMALL_MODELS: dict[str, list[tuple[str, Optional[int]]]] = {
 }
 WITHOUT_BATCHNORM = {"convnext_atto", "vit_tiny_patch16_224", "deit_tiny_patch16_224"}  # LayerNorm models
 # Known contract breaks, each to be fixed in src/ (strict: the case fails once it passes, so the mark goes with the fix).
-KNOWN_BREAKS = {
-    ("timm", "mobilenetv3_small_050"): "models/sources/timm.py gives model.num_features (288, before MobileNetV3's conv head) as the "
-    "feature width; the pooled features are model.head_hidden_size (1024) wide",
-}
+KNOWN_BREAKS: dict[tuple[str, str], str] = {}  # (source, model) -> why it is expected to fail; empty: none known
 SOURCE_CASES = [
     pytest.param(
         source,

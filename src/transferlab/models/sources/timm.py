@@ -31,7 +31,10 @@ def as_backbone(model: Any, name: str) -> Backbone:
     if head is not None and getattr(head, "out_features", None) == 1000:
         info = timm.data.ImageNetInfo()
         categories = [info.index_to_description(i) for i in range(1000)]
-    return Backbone(model, model.num_features, head, preprocessing, categories, name, "timm")
+    # The pooled features' width: `head_hidden_size` where a model has layers between pooling and the classifier
+    # (MobileNetV3's conv head: 1024 wide after a 288-channel body), else num_features.
+    width = int(getattr(model, "head_hidden_size", None) or model.num_features)
+    return Backbone(model, width, head, preprocessing, categories, name, "timm")
 
 
 class TimmSource(BackboneSource):
