@@ -1,7 +1,7 @@
 """How the cost of a frozen run grows with the data set: 1k / 4k / 16k realistic photos, one fresh training process each.
 
     python scripts/scale.py                      # 1000, 4000, 16000 images (about 25 min on 2 CPU cores)
-    python scripts/scale.py --quick              # 1000 only (1.5-4 min on 2 CPU cores; run by tests/test_scale.py)
+    python scripts/scale.py --quick              # 1000 only (1.5-4 min on 2 CPU cores; tests/test_scale.py runs --sizes 100)
     python scripts/scale.py --sizes 1000,2000 --work /tmp/scale --out scale.json --check
 
 For each size, scripts/synthetic_photos.py makes an image folder of that many cat / dog JPEGs from the shared
