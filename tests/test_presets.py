@@ -3,7 +3,7 @@
 The presets are listed from conf/experiment/ itself (a link to experiments/, subfolders included), so a new preset
 is smoke-tested without an edit here; the command each one is for (train, visualize, attack) is the one whose config
 it composes and validates with. What keeps it to one batch and offline, and nothing else, is overridden:
-`+trainer.fast_dev_run=1` (Lightning's one train / val / test batch), 64 px inputs, `backbone.weights=none` where the
+one training batch of one epoch (`+trainer.limit_train_batches=1`; see ONE_BATCH for why not fast_dev_run), 64 px inputs, `backbone.weights=none` where the
 weights would be downloaded, a generated folder where the data would be, `cv.folds=null`, two optimisation steps for
 the pictures. The preset's own backbone, fine-tuning mode, head solver, data module and task, callbacks and
 calibration stay as it chose them, and each run must leave what the preset's documented result is read from.
