@@ -40,7 +40,6 @@ from transferlab.models.classifier import as_classifier
 log = logging.getLogger(__name__)
 
 STAGE_SPLITS = {"fit": ("train", "val"), "validate": ("val",), "test": ("test",)}
-STORAGES = ("disk", "memory")
 
 
 class FeatureCache(pl.Callback):
@@ -50,13 +49,8 @@ class FeatureCache(pl.Callback):
     def __init__(
         self, *, storage: str, cache_dir: Optional[str], augmented_views: int, seed: int, batch_size: Union[int, str], shard_images: int
     ) -> None:
-        """From `performance.feature_cache` (conf/performance/default.yaml) and the run's seed and cache dir."""
-        if storage not in STORAGES:
-            raise ConfigError(f"performance.feature_cache.storage: expected disk or memory, got {storage!r}")
-        if storage == "disk" and not cache_dir:
-            raise ConfigError("performance.feature_cache.storage=disk needs paths.cache_dir; set it or use storage=memory")
-        if int(augmented_views) < 0:
-            raise ConfigError(f"performance.feature_cache.augmented_views: expected 0 or more views, got {augmented_views}")
+        """From `performance.feature_cache` (conf/performance/default.yaml) and the run's seed and cache dir, as the
+        config's validation guarantees them (storage disk | memory, disk with a cache dir, views >= 0)."""
         self.root = Path(cache_dir).expanduser() / "features" if storage == "disk" and cache_dir else None
         self.views, self.seed, self.batch_size, self.shard_images = int(augmented_views), int(seed), batch_size, int(shard_images)
         self.stats: dict[str, Any] = {}
