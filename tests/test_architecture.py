@@ -232,7 +232,7 @@ def test_a_reshaped_internal_is_one_line_naming_the_library_and_its_version(monk
         ddp.install("transferlab.cli.train", spare_host=False)
     line = str(info.value)
     assert "\n" not in line and line.startswith(f"lightning {compat.LIGHTNING_DDP_LAUNCH[0].installed_version()}: ")
-    assert "_hydra_subprocess_cmd is gone" in line and "checked with lightning 2.4.0 - 2.6.6" in line and "pip install" in line
+    assert "_hydra_subprocess_cmd is gone" in line and "checked with lightning 2.6.0 - 2.6.6" in line and "pip install" in line
     assert pytorch_launcher._hydra_subprocess_cmd is before  # every internal is checked before any is patched
 
 

@@ -95,14 +95,14 @@ LIGHTNING_DDP_LAUNCH = (
         "lightning",
         "lightning.fabric.strategies.launchers.subprocess_script",
         {"_hydra_subprocess_cmd": ("local_rank",), "_launch_process_observer": ("child_processes",)},
-        "2.4.0 - 2.6.6",
+        "2.6.0 - 2.6.6",
         _LAUNCHER_PURPOSE,
     ),
     Internal(
         "lightning",
         "lightning.pytorch.strategies.launchers.subprocess_script",
         {"_hydra_subprocess_cmd": ("local_rank",), "_launch_process_observer": ("child_processes",)},
-        "2.4.0 - 2.6.6",
+        "2.6.0 - 2.6.6",
         _LAUNCHER_PURPOSE,
     ),
 )
