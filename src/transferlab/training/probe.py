@@ -38,7 +38,7 @@ class ProbeSettings:
 def probe_settings(cfg: DictConfig, refit_c: Optional[float]) -> Optional[ProbeSettings]:
     """The probe's settings when finetune.head_solver=lbfgs (frozen only), else None."""
     finetune = cfg.finetune
-    if finetune.head_solver != "lbfgs":
+    if finetune.get("head_solver") != "lbfgs":  # fine-tuning configs have no head solver: the head trains by epochs
         return None
     select = str(finetune.select_c)
     fixed = refit_c if select == "val" else None  # a refit after select_c=val folds takes their median C; cv chooses its own
