@@ -93,7 +93,8 @@ def test_the_api_starts_ddp_ranks_through_the_cli_relaunch(tiny_folder, tmp_path
     rank_variables = ("LOCAL_RANK", "NODE_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
     assert not set(rank_variables) & set(os.environ)
     out = tmp_path / "ddp"
-    api.train([f"data.root={tiny_folder}", "data=image_folder", "trainer=ddp_cpu", "trainer.max_epochs=1", *FAST], run_dir=out)
+    fresh_cache = f"paths.cache_dir={tmp_path / 'cache'}"  # so that both ranks have features to compute
+    api.train([f"data.root={tiny_folder}", "data=image_folder", "trainer=ddp_cpu", "trainer.max_epochs=1", fresh_cache, *FAST], run_dir=out)
     log = (out / "train.log").read_text()
     assert "GLOBAL_RANK: 1, MEMBER: 2/2" in log and "GLOBAL_RANK: 0, MEMBER: 1/2" in log
     stats = json.loads((out / "feature_cache.json").read_text())

@@ -73,15 +73,26 @@ def protect_secrets() -> None:
 
 
 def route_library_logs_to_the_job_log() -> None:
-    """Lightning's messages in the job's log whichever way the job was started: imported before any root handler
-    exists (the command line, before Hydra sets up logging) Lightning gives its loggers a console handler of their
-    own and stops propagation, so its lines would reach the console but never `<run>/<task_name>.log`."""
+    """Lightning's messages in the job's log whichever way the job was started, and on the console once.
+
+    Imported before any root handler exists (the command line, before Hydra sets up logging), Lightning gives
+    `lightning.pytorch` / `lightning.fabric` console handlers of their own and stops their propagation, so their lines
+    would never reach `<run>/<task_name>.log`; `lightning` itself has a third console handler. Their lines now
+    propagate to the root logger (the job log); Lightning's own console handlers go where the root already prints to
+    a console (Hydra's job logging), and `lightning`'s always (it would print each line a second time)."""
+    root_console = any(type(h) is logging.StreamHandler for h in logging.getLogger().handlers)
+    routed = False
     for name in ("lightning.pytorch", "lightning.fabric"):
         library = logging.getLogger(name)
         if not library.propagate:
-            for handler in [h for h in library.handlers if type(h) is logging.StreamHandler]:
-                library.removeHandler(handler)
-            library.propagate = True
+            if root_console:
+                for handler in [h for h in library.handlers if type(h) is logging.StreamHandler]:
+                    library.removeHandler(handler)
+            library.propagate = routed = True
+    if routed:
+        top = logging.getLogger("lightning")
+        for handler in [h for h in top.handlers if type(h) is logging.StreamHandler]:
+            top.removeHandler(handler)
 
 
 class Command:
