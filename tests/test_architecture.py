@@ -215,7 +215,13 @@ def test_every_private_attribute_of_a_library_that_is_used_is_declared():
 # -- patched internals (transferlab.core.compat; docs/architecture.md lists them with their upstream issues) -------
 @pytest.mark.parametrize("internal", compat.ALL, ids=[i.module for i in compat.ALL])
 def test_patched_internals_have_the_shape_they_were_checked_against(internal):
-    """Fails when an installed Hydra or Lightning renamed or reshaped what transferlab patches."""
+    """Fails when an installed library renamed or reshaped an internal transferlab patches or reads. An optional
+    extra's (datasets: `hf`) is checked where it is installed (the main CI venv), skipped where it is not (the floors')."""
+    import tomllib
+
+    core = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["dependencies"]
+    if internal.installed_version() == "(not installed)" and not any(d.startswith(internal.distribution) for d in core):
+        pytest.skip(f"{internal.distribution} is an optional extra, not installed here")
     assert internal.problem() is None, internal.problem()
     assert internal.installed_version() != "(not installed)"
 
