@@ -152,12 +152,12 @@ def build_fit_trainer(
         callbacks = [c for c in callbacks if not isinstance(c, (ModelCheckpoint, EarlyStopping))]
         with open_dict(trainer_cfg):
             trainer_cfg.num_sanity_val_steps = 0
-            trainer_cfg.limit_val_batches = (
-                0 if (refit is not None or (probe is not None and probe.select == "cv")) else trainer_cfg.get("limit_val_batches")
-            )
-            trainer_cfg.max_epochs = 1 if probe is not None else (refit.epochs if refit is not None else trainer_cfg.max_epochs)
-            if probe is not None:
-                trainer_cfg.limit_train_batches = 0
+            if refit is not None or (probe is not None and probe.select == "cv"):  # nothing to validate on
+                trainer_cfg.limit_val_batches = 0  # (select_c=val validates after the fit)
+            if probe is not None:  # the fit only fills the feature cache
+                trainer_cfg.max_epochs, trainer_cfg.limit_train_batches = 1, 0
+            elif refit is not None:
+                trainer_cfg.max_epochs = refit.epochs
     loggers = instantiate_group(cfg.logger, "logger")
     trainer = build_trainer(trainer_cfg, callbacks, loggers)
     log_run_config(loggers, cfg)
