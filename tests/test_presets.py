@@ -148,8 +148,10 @@ def offline_weights(weights: str) -> bool:
 
 def data_overrides(cfg: DictConfig, generated: dict[str, Path]) -> list[str]:
     """The generated folder where the preset's data would be downloaded (its data module and task kept)."""
-    if Path(str(cfg.data.root)).exists():
-        return []  # data that ships offline (quickstart: the photos inside the package)
+    root, downloads = Path(str(cfg.data.root)).resolve(), Path(str(cfg.paths.data_dir)).resolve()
+    if root.exists() and downloads not in (root, *root.parents):
+        return []  # data that ships offline (quickstart: the photos inside the package), not a download folder that
+        # another test of this worker may have left (empty) under paths.data_dir
     layout = {
         "transferlab.data.oxford_pets.OxfordPetsDataModule": "pets",
         "transferlab.data.cats_dogs.CatsDogsDataModule": "cats_dogs",
