@@ -61,15 +61,17 @@ def check_group_choices(args: list[str]) -> None:
                 sys.exit(2)
 
 
-def protect_secrets() -> None:
-    """Mask credentials in this job's log handlers, in sys.argv and in the command line saved in <run>/.hydra/."""
+def protect_secrets(cfg: DictConfig) -> None:
+    """Mask credentials (the environment's, and secret-named config keys such as `api_key`) in this job's log
+    handlers, in sys.argv and in the config and command line saved in <run>/.hydra/."""
     from hydra.core.hydra_config import HydraConfig
 
-    redaction.install_log_redaction()
-    sys.argv[:] = redaction.redact(sys.argv)  # W&B records the command line; Hydra has parsed it already
+    extra = redaction.config_secrets(OmegaConf.to_container(cfg, resolve=False))
+    redaction.install_log_redaction(extra)
+    sys.argv[:] = redaction.redact(sys.argv, redaction.secret_values(extra))  # W&B records the command line
     hydra_cfg = HydraConfig.get()
     if hydra_cfg.output_subdir:
-        redaction.scrub_files(Path(hydra_cfg.runtime.output_dir) / hydra_cfg.output_subdir)
+        redaction.scrub_files(Path(hydra_cfg.runtime.output_dir) / hydra_cfg.output_subdir, extra=extra)
 
 
 def route_library_logs_to_the_job_log() -> None:
@@ -114,7 +116,7 @@ class Command:
         if "trainer" in cfg and ddp.starts_rank_processes(cfg.trainer):
             ddp.install(self.module, spare_host=host_outlives_run or in_sweep())
         route_library_logs_to_the_job_log()
-        protect_secrets()
+        protect_secrets(cfg)
         with ddp.isolated_process_state():
             return run_sweep_job(self._validated, cfg) if in_sweep() else self._validated(cfg)
 

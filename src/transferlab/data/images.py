@@ -68,24 +68,58 @@ def _pil_to_tensor(img: Image.Image) -> torch.Tensor:
     return torch.from_numpy(np.array(to_rgb(img), dtype=np.uint8, copy=True)).permute(2, 0, 1).contiguous()
 
 
-def _draft_decode(img: Image.Image, min_short_side: int) -> Optional[torch.Tensor]:
-    """Pillow decode at 1/2, 1/4 or 1/8 scale in the DCT domain when the image is at least twice what is needed."""
-    if img.format != "JPEG" or min(img.size) < 2 * min_short_side:
-        return None
+def _plan_draft(img: Image.Image, min_short_side: Optional[int]) -> bool:
+    """Ask Pillow for a decode at 1/2, 1/4 or 1/8 scale in the DCT domain when a JPEG is at least twice what is
+    needed; `img.size` becomes the size that will be decoded, before a single pixel is."""
+    if img.format != "JPEG" or not min_short_side or min(img.size) < 2 * min_short_side:
+        return False
     scale = min(img.size) / min_short_side
     img.draft("RGB", (max(1, int(img.width / scale)), max(1, int(img.height / scale))))
-    img.load()
-    return _pil_to_tensor(ImageOps.exif_transpose(img))
+    return True
 
 
-def decode_rgb(source: Source, min_short_side: Optional[int] = None) -> torch.Tensor:
-    """uint8 [3, H, W] tensor of a file or of bytes, EXIF orientation applied; `min_short_side` allows a cheaper reduced decode."""
+def _reduced(img: Image.Image, min_short_side: Optional[int]) -> Image.Image:
+    """A decoded image at least twice what is needed, box-reduced by a whole factor in Pillow before any copy
+    (formats without a DCT-domain decode): the copies that follow (orientation, RGB, tensor) are then small."""
+    if not min_short_side or min(img.size) < 2 * min_short_side:
+        return img
+    if img.mode == "P":
+        img = img.convert("RGBA" if "transparency" in img.info else "RGB")
+    elif img.mode not in ("L", "LA", "RGB", "RGBA"):
+        img = to_rgb(img)  # 16-bit and float images: scaled to 8 bits first, as to_rgb always does
+    return img.reduce(min(img.size) // min_short_side)  # RGBA/LA: averaged premultiplied, exact before compositing
+
+
+class PixelBudgetError(ValueError):
+    """An image that would decode to more pixels than the caller allows (transferlab-serve's max_image_pixels)."""
+
+
+def pixels_to_decode(img: Image.Image, min_short_side: Optional[int]) -> int:
+    """How many pixels decoding this (header-only) image allocates: a JPEG's DCT-reduced size, else its size."""
+    _plan_draft(img, min_short_side)
+    return img.width * img.height
+
+
+def check_pixel_budget(img: Image.Image, declared: tuple[int, int], max_pixels: int) -> None:
+    """PixelBudgetError when the (planned) decode of a header-only image is over `max_pixels`."""
+    if img.width * img.height > max_pixels:
+        reduced = f" (its {declared[0]}x{declared[1]} reduced in decoding)" if img.size != declared else ""
+        raise PixelBudgetError(
+            f"refused, not decoded: a {img.format or 'image'} of {img.width}x{img.height} = {img.width * img.height:,} pixels{reduced} "
+            f"is over max_image_pixels={max_pixels:,}; send a smaller image (JPEGs are reduced while decoding)"
+        )
+
+
+def decode_rgb(source: Source, min_short_side: Optional[int] = None, max_pixels: Optional[int] = None) -> torch.Tensor:
+    """uint8 [3, H, W] tensor of a file or of bytes, EXIF orientation applied. `min_short_side` allows a cheaper
+    reduced decode (the transform shrinks the image anyway); `max_pixels` refuses, from the header, an image that
+    would decode to more pixels (PixelBudgetError), so memory stays within max_pixels x a few bytes."""
     with open_image(source) as img:  # the header: format, size, and the bomb check
-        if img.format == "JPEG":
-            if min_short_side:
-                reduced = _draft_decode(img, min_short_side)
-                if reduced is not None:
-                    return reduced
+        declared = img.size
+        drafted = _plan_draft(img, min_short_side)
+        if max_pixels is not None:
+            check_pixel_budget(img, declared, max_pixels)
+        if img.format == "JPEG" and not drafted:
             from torchvision.io import ImageReadMode, decode_jpeg, read_file
 
             try:
@@ -96,7 +130,7 @@ def decode_rgb(source: Source, min_short_side: Optional[int] = None) -> torch.Te
             except Exception:  # noqa: BLE001 - CMYK, progressive oddities: Pillow decides
                 pass
         img.load()
-        return _pil_to_tensor(ImageOps.exif_transpose(img))
+        return _pil_to_tensor(ImageOps.exif_transpose(_reduced(img, min_short_side)))
 
 
 _SIGNATURES = [
@@ -140,6 +174,8 @@ def describe_failure(exc: BaseException, path: Source) -> str:
             f"refused, not decoded: {pixels} is over Pillow's decompression-bomb limit of {Image.MAX_IMAGE_PIXELS:,}; "
             f"raise PIL.Image.MAX_IMAGE_PIXELS only for files you trust"
         )
+    if isinstance(exc, PixelBudgetError):
+        return str(exc)
     if isinstance(exc, UnidentifiedImageError):
         try:
             return sniff_format(path)

@@ -22,12 +22,15 @@ async function send(file) {
   show('error', ''); show('top1', '...'); document.getElementById('rows').innerHTML = '';
   const img = document.getElementById('preview'); img.src = URL.createObjectURL(file); img.style.display = 'block';
   const body = new FormData(); body.append('file', file);
+  const key = document.getElementById('key'), headers = {};
+  if (key) { sessionStorage.setItem('transferlab-key', key.value); headers['Authorization'] = 'Bearer ' + key.value; }
   try {
-    const answer = await fetch('predict', {method: 'POST', body});
+    const answer = await fetch('predict', {method: 'POST', body, headers});
     const data = await answer.json();
     if (!answer.ok) { show('top1', ''); show('error', data.error || answer.statusText); return; }
-    show('top1', data.predictions[0].label);
-    for (const p of data.predictions) {
+    const predictions = data.results[0].predictions;
+    show('top1', predictions[0].label);
+    for (const p of predictions) {
       const row = document.createElement('tr');
       row.innerHTML = '<td></td><td></td><td style="width:40%"><div class="bar"></div></td>';
       row.cells[0].textContent = p.label; row.cells[1].textContent = (100 * p.prob).toFixed(1) + ' %';
@@ -36,6 +39,8 @@ async function send(file) {
     }
   } catch (e) { show('top1', ''); show('error', String(e)); }
 }
+const keyInput = document.getElementById('key');
+if (keyInput) keyInput.value = sessionStorage.getItem('transferlab-key') || '';
 input.addEventListener('change', () => { if (input.files.length) send(input.files[0]); });
 drop.addEventListener('dragover', e => { e.preventDefault(); drop.classList.add('over'); });
 drop.addEventListener('dragleave', () => drop.classList.remove('over'));
@@ -43,13 +48,15 @@ drop.addEventListener('drop', e => { e.preventDefault(); drop.classList.remove('
 """
 
 
-def page_html(class_names: list[str], metrics: Mapping[str, Any]) -> str:
+def page_html(class_names: list[str], metrics: Mapping[str, Any], needs_key: bool) -> str:
+    """The page; with `needs_key` it asks for the server's API key (kept in this tab's sessionStorage only)."""
     acc, interval = metrics.get("test/acc"), metrics.get("test/acc_ci95")
     measured = (
         f"test accuracy {acc:.3f}" + (f" [{interval[0]:.3f}, {interval[1]:.3f}] (95 %)" if isinstance(interval, list) and len(interval) == 2 else "")
         if isinstance(acc, (int, float))
         else "no measured accuracy"
     )
+    key_field = '<p><label>API key <input type="password" id="key" autocomplete="off"></label></p>' if needs_key else ""
     classes = html.escape(", ".join(class_names[:12]) + (f", ... ({len(class_names)})" if len(class_names) > 12 else ""))
     return f"""<!doctype html>
 <html lang="en"><head><meta charset="utf-8"><title>transferlab-serve</title>
@@ -57,7 +64,7 @@ def page_html(class_names: list[str], metrics: Mapping[str, Any]) -> str:
 <body><h1>transferlab-serve</h1>
 <p><small>{len(class_names)} classes: {classes}; {html.escape(measured)}. API: <code>POST /predict</code>, <a href="metadata">/metadata</a>,
 <a href="docs">/docs</a>.</small></p>
-<div id="drop"><p>Drop an image here, or choose one:</p><input type="file" id="file" accept="image/*"></div>
+{key_field}<div id="drop"><p>Drop an image here, or choose one:</p><input type="file" id="file" accept="image/*"></div>
 <img id="preview" alt="the image sent">
 <h2 id="top1"></h2><p id="error"></p>
 <table><tbody id="rows"></tbody></table>

@@ -1,31 +1,31 @@
-"""The HTTP app of transferlab-serve (FastAPI): POST /predict, GET /health, GET /metadata, GET / (the page).
+"""The HTTP app of transferlab-serve (FastAPI): POST /predict, GET /health, GET /metadata, GET / (a page), GET /docs.
 
-Images of concurrent requests are decoded in threads and their forward passes batched (`Batcher`: up to
-`max_batch` images, waiting at most `batch_wait_ms` for more), so throughput under load approaches the
-runtime's batch speed. Every bad input is a 4xx answer `{"error": "<one line>"}` and the server goes on:
-not an image (415), truncated or empty (400), a decompression bomb or a body over `max_request_mb` (413),
-a missing field or bad JSON (422 / 400).
+A request goes: body limit (`max_request_mb`) → rate limit and key (deploy.access, when set) → the uploads read
+(deploy.contract) → admitted to the queue (`queue_size`, else 503) → headers checked against the pixel budgets,
+decoded on the bounded pool (deploy.admission) → batched forward passes (deploy.batcher) → one result per image,
+in request order. Every refusal is `{"error": "<one line>"}` with the status /openapi.json declares for it, and
+the server goes on. /docs is Swagger UI served from the package (fastapi-offline): it works without internet.
 """
 
 from __future__ import annotations
 
-import asyncio
-import base64
-import binascii
+import importlib.metadata
 import logging
-from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
-from typing import Any, AsyncIterator, Optional
+from typing import Annotated, Any, AsyncIterator, Optional
 
-import torch
-from fastapi import FastAPI, Query, Request
+from fastapi import Depends, FastAPI, Query, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse
-from PIL import Image, UnidentifiedImageError
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from starlette.datastructures import UploadFile
+from starlette.exceptions import HTTPException
 
-from transferlab.data.images import decode_rgb, describe_failure
+from transferlab.deploy.access import Keys, RateLimit
+from transferlab.deploy.admission import Admission, Budgets, describe
+from transferlab.deploy.batcher import Batcher
+from transferlab.deploy.contract import Health, Metadata, PredictAnswer, ServeError, error_responses, json_images, predict_request_body
 from transferlab.deploy.page import page_html
 from transferlab.deploy.runtime import Predictor
 
@@ -34,7 +34,7 @@ log = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class ServeSettings:
-    """The server's limits, from conf/serve.yaml (the values and their ranges are declared there and in the
+    """The server's limits and access rules, from conf/serve.yaml (values and ranges declared there and in the
     schema, checked before the server starts): no defaults here."""
 
     topk: int
@@ -42,134 +42,107 @@ class ServeSettings:
     batch_wait_ms: float
     max_images: int
     max_request_bytes: int
+    budgets: Budgets
+    keys: tuple[str, ...]
+    cors_origins: tuple[str, ...]
+    rate_limit: Optional[float]
+
+    def public(self) -> dict[str, Any]:
+        """What /metadata shows: every limit, whether a key is needed, never the keys."""
+        shown = {k: v for k, v in self.__dict__.items() if k not in ("keys", "budgets")}
+        return {**shown, **describe(self.budgets), "cors_origins": list(self.cors_origins), "api_key_required": bool(self.keys)}
 
 
-class BadRequest(Exception):
-    def __init__(self, status: int, reason: str) -> None:
-        super().__init__(reason)
-        self.status, self.reason = status, reason
-
-
-class Batcher:
-    """One forward pass at a time (its own thread), over the images of every request waiting for it."""
-
-    def __init__(self, predictor: Predictor, max_batch: int, wait_s: float) -> None:
-        self.predictor, self.max_batch, self.wait_s = predictor, max_batch, wait_s
-        self.queue: asyncio.Queue[tuple[torch.Tensor, asyncio.Future]] = asyncio.Queue()
-        self.engine = ThreadPoolExecutor(1, thread_name_prefix="forward")
-        self.batches = self.images = 0
-        self.task: Optional[asyncio.Task] = None
-
-    def start(self) -> None:
-        self.task = asyncio.get_running_loop().create_task(self._run())
-
-    async def stop(self) -> None:
-        if self.task:
-            self.task.cancel()
-        self.engine.shutdown(wait=True)
-
-    async def probabilities(self, images: list[torch.Tensor]) -> list[torch.Tensor]:
-        loop = asyncio.get_running_loop()
-        futures = [loop.create_future() for _ in images]
-        for image, future in zip(images, futures):
-            self.queue.put_nowait((image, future))
-        return list(await asyncio.gather(*futures))
-
-    async def _collect(self) -> list[tuple[torch.Tensor, asyncio.Future]]:
-        batch = [await self.queue.get()]
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + self.wait_s
-        while len(batch) < self.max_batch:
-            if not self.queue.empty():
-                batch.append(self.queue.get_nowait())
-                continue
-            left = deadline - loop.time()
-            if left <= 0:
-                break
-            try:
-                batch.append(await asyncio.wait_for(self.queue.get(), left))
-            except asyncio.TimeoutError:
-                break
-        return batch
-
-    async def _run(self) -> None:
-        loop = asyncio.get_running_loop()
-        while True:
-            batch = await self._collect()
-            try:
-                probs = await loop.run_in_executor(self.engine, self.predictor.probabilities, torch.stack([image for image, _ in batch]))
-            except Exception as exc:  # noqa: BLE001 - the requests of this batch get a 500, the server goes on
-                log.exception("Forward pass failed for a batch of %d image(s)", len(batch))
-                for _, future in batch:
-                    if not future.done():
-                        future.set_exception(exc)
-                continue
-            self.batches, self.images = self.batches + 1, self.images + len(batch)
-            for (_, future), p in zip(batch, probs):
-                if not future.done():
-                    future.set_result(p)
-
-
-def prepare(transform: Any, decode_size: int, data: bytes, name: str) -> torch.Tensor:
-    """One upload as the model's input; a bad one raises BadRequest with the reason."""
-    if not data:
-        raise BadRequest(400, f"{name}: empty file (0 bytes)")
+def version() -> str:
     try:
-        return transform(decode_rgb(data, decode_size))
-    except Exception as exc:  # noqa: BLE001 - every failure becomes the request's reason
-        status = 413 if isinstance(exc, (Image.DecompressionBombError, Image.DecompressionBombWarning)) else 400
-        status = 415 if isinstance(exc, UnidentifiedImageError) else status
-        raise BadRequest(status, f"{name}: {describe_failure(exc, data)}") from None
+        return importlib.metadata.version("transferlab")
+    except importlib.metadata.PackageNotFoundError:
+        return "unknown"
 
 
-async def _uploads(request: Request, settings: ServeSettings) -> list[tuple[str, bytes]]:
+async def read_uploads(request: Request, max_images: int) -> list[tuple[str, bytes]]:
     """(name, bytes) of every image in a multipart (`file`, repeatable) or JSON ({"image": b64} / {"images": [...]}) body."""
     kind = request.headers.get("content-type", "").split(";")[0].strip().lower()
     if kind == "multipart/form-data":
         try:
-            form = await request.form(max_files=settings.max_images + 1, max_fields=16)
-        except BadRequest:
+            form = await request.form(max_files=max_images + 1, max_fields=16)
+        except ServeError:
             raise
         except Exception as exc:  # noqa: BLE001 - starlette's parse errors (too many files, malformed parts)
             if "Too many files" in str(exc):
-                raise BadRequest(413, f"more than {settings.max_images} images in one request (max_images); split the request") from None
-            raise BadRequest(400, f"the multipart body could not be read: {' '.join(str(exc).split())[:160]}") from None
+                raise ServeError(413, f"more than {max_images} images in one request (max_images); split the request") from None
+            raise ServeError(400, f"the multipart body could not be read: {' '.join(str(exc).split())[:160]}") from None
         files = [item for item in form.getlist("file") if isinstance(item, UploadFile)]
         if not files:
-            raise BadRequest(422, "field `file` is missing: send the image as multipart field `file` (curl -F file=@photo.jpg)")
+            raise ServeError(422, "field `file` is missing: send the image as multipart field `file` (curl -F file=@photo.jpg)")
         return [(item.filename or f"file {i + 1}", await item.read()) for i, item in enumerate(files)]
     if kind == "application/json":
         try:
             body = await request.json()
         except ValueError:
-            raise BadRequest(400, "the body is not valid JSON") from None
-        encoded = body.get("images", [body.get("image")] if "image" in body else None) if isinstance(body, dict) else None
-        if not isinstance(encoded, list) or not encoded or not all(isinstance(e, str) for e in encoded):
-            raise BadRequest(422, 'JSON needs "image": "<base64>" or "images": ["<base64>", ...]')
-        try:
-            return [(f"image {i + 1}", base64.b64decode(e.split(",", 1)[-1], validate=True)) for i, e in enumerate(encoded)]
-        except (binascii.Error, ValueError):
-            raise BadRequest(400, "an image is not valid base64") from None
-    raise BadRequest(415, f"content-type {kind or 'none'}: send multipart/form-data (field `file`) or application/json (base64)")
+            raise ServeError(400, "the body is not valid JSON") from None
+        return json_images(body, max_images)
+    raise ServeError(415, f"content-type {kind or 'none'}: send multipart/form-data (field `file`) or application/json (base64)")
 
 
 def create_app(predictor: Predictor, settings: ServeSettings) -> FastAPI:
+    from fastapi_offline import FastAPIOffline
+
     batcher = Batcher(predictor, settings.max_batch, settings.batch_wait_ms / 1000)
+    transform, decode_size = predictor.preprocessing.eval_transform(), predictor.preprocessing.decode_size()
+    admission = Admission(settings.budgets, transform, decode_size, lambda: batcher.recent_seconds_per_image)
+    keys, limiter = Keys(settings.keys), RateLimit(settings.rate_limit) if settings.rate_limit else None
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         batcher.start()
         yield
         await batcher.stop()
+        admission.shutdown()
 
-    app = FastAPI(title="transferlab-serve", summary="Image classification with a transferlab model", lifespan=lifespan)
+    app = FastAPIOffline(
+        title="transferlab-serve", summary="Image classification with a transferlab model", version=version(), redoc_url=None, lifespan=lifespan
+    )
     app.add_middleware(BodyLimit, limit=settings.max_request_bytes)
-    names = predictor.class_names
-    transform, decode_size = predictor.preprocessing.eval_transform(), predictor.preprocessing.decode_size()
+    if settings.cors_origins:
+        from starlette.middleware.cors import CORSMiddleware
 
-    @app.exception_handler(BadRequest)
-    async def bad_request(request: Request, exc: BadRequest) -> JSONResponse:
-        return JSONResponse({"error": exc.reason}, status_code=exc.status)
+        app.add_middleware(
+            CORSMiddleware, allow_origins=list(settings.cors_origins), allow_methods=["GET", "POST"], allow_headers=["Authorization", "Content-Type"]
+        )
+    names = predictor.class_names
+    bearer = HTTPBearer(auto_error=False, scheme_name="apiKey", description="the server's key: `Authorization: Bearer <key>`")
+
+    def limit(request: Request) -> None:
+        wait = limiter.wait(request.client.host if request.client else "unknown") if limiter else 0.0
+        if wait:
+            seconds = max(1, round(wait + 0.5))
+            raise ServeError(
+                429,
+                f"over rate_limit={settings.rate_limit:g} requests per minute from this address; retry in {seconds} s",
+                {"Retry-After": str(seconds)},
+            )
+
+    async def keyed(request: Request, credentials: Annotated[Optional[HTTPAuthorizationCredentials], Depends(bearer)]) -> None:
+        limit(request)  # first, so that guessing keys is rate-limited too
+        if not keys.allows(credentials.credentials if credentials else None):
+            why = "wrong key" if credentials else "no key"
+            raise ServeError(
+                401,
+                f"{why}: send `Authorization: Bearer <key>` (the server's api_key or a line of its api_keys_file)",
+                {"WWW-Authenticate": "Bearer"},
+            )
+
+    guard = keyed if keys else limit
+    guarded = ((401,) if keys else ()) + ((429,) if limiter else ())
+
+    @app.exception_handler(ServeError)
+    async def refused(request: Request, exc: ServeError) -> JSONResponse:
+        return JSONResponse({"error": exc.reason}, status_code=exc.status, headers=exc.headers)
+
+    @app.exception_handler(HTTPException)
+    async def http_error(request: Request, exc: HTTPException) -> JSONResponse:  # 404, 405: the same error model
+        return JSONResponse({"error": str(exc.detail)}, status_code=exc.status_code, headers=exc.headers)
 
     @app.exception_handler(RequestValidationError)
     async def invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
@@ -177,31 +150,52 @@ def create_app(predictor: Predictor, settings: ServeSettings) -> FastAPI:
         where = ".".join(str(p) for p in first.get("loc", ()))
         return JSONResponse({"error": f"{where}: {first.get('msg', 'invalid request')}"}, status_code=422)
 
-    @app.post("/predict", summary="Top-k labels of one or more images (multipart field `file`, or JSON base64)")
+    @app.post(
+        "/predict",
+        summary="Top-k labels of one or more images (multipart field `file`, or JSON base64)",
+        response_model=PredictAnswer,
+        response_model_exclude_none=True,
+        responses=error_responses(400, *guarded, 413, 415, 422, 503),
+        openapi_extra=predict_request_body(settings.max_images),
+        dependencies=[Depends(guard)],
+    )
     async def predict_images(request: Request, topk: Optional[int] = Query(None, ge=1, description="labels per image")) -> dict[str, Any]:
-        uploads = await _uploads(request, settings)
+        uploads = await read_uploads(request, settings.max_images)
         if len(uploads) > settings.max_images:
-            raise BadRequest(413, f"{len(uploads)} images in one request; at most {settings.max_images} (split the request)")
-        images = await asyncio.gather(*(asyncio.to_thread(prepare, transform, decode_size, data, name) for name, data in uploads))
-        probs = await batcher.probabilities(list(images))
+            raise ServeError(413, f"{len(uploads)} images in one request; at most {settings.max_images} (max_images): split the request")
+        with admission.admitted(len(uploads)):
+            probs = await batcher.probabilities(await admission.inputs(uploads))
         k = min(topk or settings.topk, len(names))
         results = []
         for (name, _), p in zip(uploads, probs):
             scores, top = p.topk(k)
             results.append({"file": name, "predictions": [{"label": names[j], "prob": round(float(s), 6)} for s, j in zip(scores, top.tolist())]})
-        return {**results[0], "results": results} if len(results) == 1 else {"predictions": results[0]["predictions"], "results": results}
+        return {"version": version(), "results": results, **(results[0] if len(results) == 1 else {})}
 
-    @app.get("/health", summary="Liveness: the model is loaded and answers")
+    @app.get("/health", summary="Liveness: the model is loaded and answers", response_model=Health)
     async def health() -> dict[str, Any]:
-        return {"status": "ok", "classes": len(names), "batches": batcher.batches, "images": batcher.images}
+        return {
+            "status": "ok",
+            "version": version(),
+            "classes": len(names),
+            "batches": batcher.batches,
+            "images": batcher.images,
+            "pending": admission.pending,
+        }
 
-    @app.get("/metadata", summary="Classes, preprocessing, metrics and how the model runs")
+    @app.get(
+        "/metadata",
+        summary="Classes, preprocessing, metrics, how the model runs and the server's limits",
+        response_model=Metadata,
+        responses=error_responses(*guarded),
+        dependencies=[Depends(guard)],
+    )
     async def metadata() -> dict[str, Any]:
-        return {**predictor.metadata, "runtime": predictor.settings, "limits": settings.__dict__}
+        return {**predictor.metadata, "runtime": predictor.settings, "limits": settings.public(), "version": version()}
 
     @app.get("/", response_class=HTMLResponse, include_in_schema=False)
     async def page() -> str:
-        return page_html(names, predictor.metadata.get("metrics") or {})
+        return page_html(names, predictor.metadata.get("metrics") or {}, needs_key=bool(keys))
 
     return app
 
@@ -226,12 +220,12 @@ class BodyLimit:
             message = await receive()
             seen += len(message.get("body", b""))
             if seen > self.limit:
-                raise BadRequest(413, f"request body over the limit of {self.limit:,} bytes (max_request_mb); send fewer or smaller images")
+                raise ServeError(413, f"request body over the limit of {self.limit:,} bytes (max_request_mb); send fewer or smaller images")
             return message
 
         try:
             await self.app(scope, counted, send)
-        except BadRequest:  # a chunked body without Content-Length that grew over the limit
+        except ServeError:  # a chunked body without Content-Length that grew over the limit
             await self._refuse(receive, send, f"over {seen:,} bytes")
 
     async def _refuse(self, receive: Any, send: Any, size: str) -> None:

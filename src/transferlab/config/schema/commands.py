@@ -117,6 +117,16 @@ class Serve:
     batch_wait_ms: Annotated[float, Bounds(ge=0, noun="milliseconds")]
     max_images: Annotated[int, Bounds(ge=1, note="images per request")]
     max_request_mb: Annotated[float, Bounds(gt=0, noun="a size in MB")]
+    max_image_pixels: Annotated[int, Bounds(ge=1, noun="a number of pixels")]
+    max_request_pixels: Annotated[int, Bounds(ge=1, noun="a number of pixels")]
+    decode_workers: Annotated[int, Bounds(ge=1, note="images decoded at once")]
+    queue_size: Annotated[int, Bounds(ge=1, note="images admitted and not answered yet")]
+    api_key: Optional[str]
+    api_keys_file: Optional[str]
+    cors_origins: list[str]
+    ssl_certfile: Optional[str]
+    ssl_keyfile: Optional[str]
+    rate_limit: Optional[Annotated[float, Bounds(gt=0, note="requests per minute per client address")]]
     paths: Paths
 
 

@@ -24,7 +24,7 @@ from torch import nn
 
 __all__ = ["FORMAT_VERSION", "LIBRARIES", "Inputs", "describe", "fingerprint", "image_key", "library_versions", "weights_digest"]
 
-FORMAT_VERSION = 2  # 2: shards carry a checksum of their bytes
+FORMAT_VERSION = 3  # 2: shards carry a checksum of their bytes; 3: large non-JPEG images box-reduced while decoding
 LIBRARIES = ("torch", "torchvision", "timm", "Pillow")  # what computes the features: model code, transforms, decoding
 
 
