@@ -15,7 +15,7 @@ import sys
 import threading
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, Optional
 
 import pytest
 import torch
@@ -334,8 +334,8 @@ needs_browser = pytest.mark.skipif(
 
 
 @contextlib.contextmanager
-def chromium_driver() -> Iterator[Any]:
-    """Headless Debian Chromium through selenium, with the flags this closed network needs."""
+def chromium_driver(*flags: str) -> Iterator[Any]:
+    """Headless Debian Chromium through selenium, with the flags this closed network needs (and `flags`)."""
     from selenium import webdriver
     from selenium.webdriver.chrome.service import Service
 
@@ -351,6 +351,7 @@ def chromium_driver() -> Iterator[Any]:
         "--disable-background-networking",
         "--disable-component-update",
         "--window-size=1280,1600",
+        *flags,
     ):
         options.add_argument(flag)
     options.set_capability("goog:loggingPrefs", {"browser": "ALL"})
@@ -379,8 +380,9 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def wait_for_http(url: str, proc: subprocess.Popen, log: Path, timeout: float = 120) -> None:
-    """Until `url` answers 200 (a server the test started as `proc`, writing to `log`); fails with its log's tail."""
+def wait_for_http(url: str, proc: subprocess.Popen, log: Path, timeout: float = 120, verify: Any = True) -> None:
+    """Until `url` answers 200 (a server the test started as `proc`, writing to `log`); fails with its log's tail.
+    `verify`: httpx's (a CA file or SSL context for a server with a certificate the test made)."""
     import time
 
     import httpx
@@ -389,7 +391,7 @@ def wait_for_http(url: str, proc: subprocess.Popen, log: Path, timeout: float = 
     while time.monotonic() < deadline:
         assert proc.poll() is None, log.read_text()[-3000:]
         try:
-            if httpx.get(url, timeout=2).status_code == 200:
+            if httpx.get(url, timeout=2, verify=verify).status_code == 200:
                 return
         except httpx.TransportError:
             time.sleep(0.3)
@@ -408,3 +410,21 @@ def species_package(species_run, tmp_path_factory) -> Path:
         if not (out / "config.json").is_file():
             run("export", f"ckpt_path={species_run / 'checkpoints' / 'best.ckpt'}", f"output={out}", f"hydra.run.dir={root / 'export_run'}")
     return out
+
+
+def start_server(
+    ckpt: Path, log: Path, *overrides: str, env: Optional[dict[str, str]] = None, scheme: str = "http", verify: Any = True
+) -> tuple[subprocess.Popen, str]:
+    """`python -m transferlab.serve` on a free loopback port, its output in `log`; (process, base URL) once /health answers."""
+    port = free_port()
+    cmd = [sys.executable, "-m", "transferlab.serve", f"ckpt_path={ckpt}", f"port={port}", f"hydra.run.dir={log.parent}", *overrides]
+    proc = subprocess.Popen(cmd, stdout=open(log, "w"), stderr=subprocess.STDOUT, env=cli_env(**(env or {})))
+    url = f"{scheme}://127.0.0.1:{port}"
+    wait_for_http(f"{url}/health", proc, log, verify=verify)
+    return proc, url
+
+
+def stop_server(proc: subprocess.Popen) -> None:
+    if proc.poll() is None:
+        proc.kill()
+        proc.wait()

@@ -9,26 +9,15 @@ import base64
 import importlib.util
 import io
 import signal
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 from PIL import Image
 
-from conftest import REPO, chromium_driver, cli_env, free_port, needs_browser, pet_photos, run, wait_for_http
+from conftest import REPO, chromium_driver, needs_browser, pet_photos, run, start_server, stop_server
 
 pytestmark = pytest.mark.shared
 httpx = pytest.importorskip("httpx")
-
-
-def start_server(ckpt: Path, log: Path, *overrides: str) -> tuple[subprocess.Popen, str]:
-    port = free_port()
-    cmd = [sys.executable, "-m", "transferlab.serve", f"ckpt_path={ckpt}", f"port={port}", f"hydra.run.dir={log.parent}", *overrides]
-    proc = subprocess.Popen(cmd, stdout=open(log, "w"), stderr=subprocess.STDOUT, env=cli_env())
-    url = f"http://127.0.0.1:{port}"
-    wait_for_http(f"{url}/health", proc, log)
-    return proc, url
 
 
 @pytest.fixture(scope="module")
@@ -36,9 +25,7 @@ def server(species_package, tmp_path_factory):
     log = tmp_path_factory.mktemp("serve") / "server.out"
     proc, url = start_server(species_package, log, "max_request_mb=2", "max_images=4")
     yield url, proc, log
-    if proc.poll() is None:
-        proc.kill()
-        proc.wait()
+    stop_server(proc)
 
 
 def bomb_jpeg(width: int, height: int) -> bytes:
@@ -69,12 +56,32 @@ def test_good_images_get_the_labels_predict_gives(server, species_package, tmp_p
     # several files in one request, and base64 JSON: the same answers
     many = httpx.post(f"{url}/predict", files=[("file", (f.name, f.read_bytes(), "image/jpeg")) for f in files[:3]], timeout=60).json()
     assert [r["predictions"][0]["label"] for r in many["results"]] == [expected[f.name][0] for f in files[:3]]
+    assert "predictions" not in many and "file" not in many and many["version"]  # several images: only `results`
     encoded = base64.b64encode(files[4].read_bytes()).decode()
     as_json = httpx.post(f"{url}/predict?topk=1", json={"image": encoded}, timeout=60).json()
     assert len(as_json["predictions"]) == 1 and as_json["predictions"][0]["label"] == expected[files[4].name][0]
+    assert as_json["results"] == [{"file": "image 1", "predictions": as_json["predictions"]}] and as_json["file"] == "image 1"
     meta = httpx.get(f"{url}/metadata").json()
     assert meta["class_names"] == ["cat", "dog"] and meta["resize_size"] == 256 and "test/acc_ci95" in meta["metrics"]
     assert "/predict" in httpx.get(f"{url}/openapi.json").json()["paths"]
+
+
+def test_each_result_belongs_to_its_own_file_in_both_orders(server):
+    """A cat and a dog photo in one request, then the other way round: results[i] is file i's answer, by name and
+    by label, as multipart and as JSON; a client reading only `results` cannot mix them up."""
+    url, _, _ = server
+    cat, dog = pet_photos(True, 1)[0], pet_photos(False, 1)[0]
+    for first, second in ((cat, dog), (dog, cat)):
+        multipart = [("file", (f.name, f.read_bytes(), "image/jpeg")) for f in (first, second)]
+        answer = httpx.post(f"{url}/predict", files=multipart, timeout=60).json()
+        assert [r["file"] for r in answer["results"]] == [first.name, second.name]
+        labels = ["cat" if f is cat else "dog" for f in (first, second)]
+        assert [r["predictions"][0]["label"] for r in answer["results"]] == labels
+        as_json = httpx.post(
+            f"{url}/predict", json={"images": [base64.b64encode(f.read_bytes()).decode() for f in (first, second)]}, timeout=60
+        ).json()
+        assert [r["file"] for r in as_json["results"]] == ["image 1", "image 2"]
+        assert [r["predictions"][0]["label"] for r in as_json["results"]] == labels
 
 
 def test_bad_uploads_get_4xx_with_a_reason_and_the_server_keeps_serving(server, tmp_path):
@@ -92,6 +99,8 @@ def test_bad_uploads_get_4xx_with_a_reason_and_the_server_keeps_serving(server, 
         "too many images": ({"files": [("file", (f"{i}.jpg", photo, "image/jpeg")) for i in range(5)]}, 413, "at most 4"),
         "far too many images": ({"files": [("file", (f"{i}.jpg", b"x", "image/jpeg")) for i in range(40)]}, 413, "more than 4 images"),
         "bad base64": ({"json": {"image": "not base64 !!"}}, 400, "not valid base64"),
+        "unknown JSON field": ({"json": {"image": "aGVsbG8=", "label": "cat"}}, 422, "unknown JSON field 'label'"),
+        "empty images": ({"json": {"images": []}}, 422, '"images" is empty'),
         "bad JSON": ({"content": b"{oops", "headers": {"content-type": "application/json"}}, 400, "not valid JSON"),
         "wrong content type": ({"content": b"file=1", "headers": {"content-type": "text/plain"}}, 415, "send multipart/form-data"),
         "bad topk": ({"files": {"file": ("a.jpg", photo, "image/jpeg")}, "params": {"topk": 0}}, 422, "topk"),

@@ -13,7 +13,7 @@ import importlib.metadata
 import logging
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
-from typing import Annotated, Any, AsyncIterator, Optional
+from typing import Any, AsyncIterator, Optional
 
 from fastapi import Depends, FastAPI, Query, Request
 from fastapi.exceptions import RequestValidationError
@@ -123,7 +123,7 @@ def create_app(predictor: Predictor, settings: ServeSettings) -> FastAPI:
                 {"Retry-After": str(seconds)},
             )
 
-    async def keyed(request: Request, credentials: Annotated[Optional[HTTPAuthorizationCredentials], Depends(bearer)]) -> None:
+    async def keyed(request: Request, credentials: Optional[HTTPAuthorizationCredentials] = Depends(bearer)) -> None:  # noqa: B008 - FastAPI's idiom
         limit(request)  # first, so that guessing keys is rate-limited too
         if not keys.allows(credentials.credentials if credentials else None):
             why = "wrong key" if credentials else "no key"
