@@ -12,7 +12,19 @@ from __future__ import annotations
 import subprocess
 import sys
 
-CASES = [("JPEG", "RGB"), ("PNG", "RGB"), ("PNG", "RGBA"), ("PNG", "P"), ("PNG", "L"), ("PNG", "I;16"), ("TIFF", "RGB"), ("BMP", "RGB"), ("GIF", "P"), ("WEBP", "RGB"), ("WEBP", "RGBA")]
+CASES = [
+    ("JPEG", "RGB"),
+    ("PNG", "RGB"),
+    ("PNG", "RGBA"),
+    ("PNG", "P"),
+    ("PNG", "L"),
+    ("PNG", "I;16"),
+    ("TIFF", "RGB"),
+    ("BMP", "RGB"),
+    ("GIF", "P"),
+    ("WEBP", "RGB"),
+    ("WEBP", "RGBA"),
+]
 
 ONE = """
 import io, sys
