@@ -64,6 +64,10 @@ def test_good_images_get_the_labels_predict_gives(server, species_package, tmp_p
     meta = httpx.get(f"{url}/metadata").json()
     assert meta["class_names"] == ["cat", "dog"] and meta["resize_size"] == 256 and "test/acc_ci95" in meta["metrics"]
     assert "/predict" in httpx.get(f"{url}/openapi.json").json()["paths"]
+    # no key, no CORS policy by default: every client may call, no browser page of another origin may
+    preflight = {"Origin": "https://elsewhere.example", "Access-Control-Request-Method": "POST"}
+    assert "access-control-allow-origin" not in httpx.options(f"{url}/predict", headers=preflight).headers
+    assert meta["limits"]["api_key_required"] is False and meta["limits"]["rate_limit"] is None
 
 
 def test_each_result_belongs_to_its_own_file_in_both_orders(server):

@@ -256,6 +256,7 @@ def test_https_with_keys_from_a_file_a_literal_key_and_a_rate_limit(species_pack
     run = tmp_path / "run"
     run.mkdir()
     overrides = [f"ssl_certfile={cert}", f"ssl_keyfile={private}", f"api_keys_file={tmp_path / 'keys.txt'}", f"api_key={literal}", "rate_limit=4"]
+    overrides.append("cors_origins=[https://app.example.org]")
     proc, url = start_server(species_package, run / "server.out", *overrides, scheme="https", verify=trust)
     try:
         photo = pet_photos(True, 1)[0]
@@ -268,6 +269,10 @@ def test_https_with_keys_from_a_file_a_literal_key_and_a_rate_limit(species_pack
         assert statuses == [200, 200, 200, 401, 429], statuses  # 4 per minute, wrong keys counted: guessing is limited too
         assert int(answer.headers["Retry-After"]) >= 1 and "rate_limit=4" in answer.json()["error"]
         assert httpx.get(f"{url}/health", verify=trust).status_code == 200  # health checks are never limited
+        for origin, allowed in (("https://app.example.org", True), ("https://elsewhere.example", False)):
+            preflight = {"Origin": origin, "Access-Control-Request-Method": "POST", "Access-Control-Request-Headers": "authorization"}
+            answer = httpx.options(f"{url}/predict", headers=preflight, verify=trust)
+            assert (answer.headers.get("access-control-allow-origin") == origin) is allowed, answer.headers
         with pytest.raises(httpx.TransportError):
             httpx.get(url.replace("https", "http") + "/health", timeout=5)
     finally:

@@ -43,6 +43,16 @@ def test_keys_from_the_config_and_a_file_and_their_refusals(tmp_path):
     assert not Keys(()) and Keys((good,))
 
 
+def test_a_bad_key_setting_stops_the_command_before_the_model_loads(tmp_path):
+    from conftest import run
+
+    with pytest.raises(ConfigError, match=r"^api_key \(or TRANSFERLAB_API_KEY\): a key needs at least 16"):
+        run("serve", f"ckpt_path={tmp_path / 'no-model-needed'}", "api_key=short", f"hydra.run.dir={tmp_path / 'run'}")
+    (tmp_path / "c.pem").write_text("a certificate")
+    with pytest.raises(ConfigError, match="^ssl_keyfile: missing"):
+        run("serve", f"ckpt_path={tmp_path}", f"ssl_certfile={tmp_path / 'c.pem'}", f"hydra.run.dir={tmp_path / 'run'}")
+
+
 def test_the_rate_limit_is_a_bucket_per_address_that_refills():
     now = [0.0]
     limit = RateLimit(per_minute=3, max_clients=2, clock=lambda: now[0])

@@ -92,6 +92,7 @@ def create_app(predictor: Predictor, settings: ServeSettings) -> FastAPI:
     transform, decode_size = predictor.preprocessing.eval_transform(), predictor.preprocessing.decode_size()
     admission = Admission(settings.budgets, transform, decode_size, lambda: batcher.recent_seconds_per_image)
     keys, limiter = Keys(settings.keys), RateLimit(settings.rate_limit) if settings.rate_limit else None
+    served = version()
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -101,7 +102,7 @@ def create_app(predictor: Predictor, settings: ServeSettings) -> FastAPI:
         admission.shutdown()
 
     app = FastAPIOffline(
-        title="transferlab-serve", summary="Image classification with a transferlab model", version=version(), redoc_url=None, lifespan=lifespan
+        title="transferlab-serve", summary="Image classification with a transferlab model", version=served, redoc_url=None, lifespan=lifespan
     )
     app.add_middleware(BodyLimit, limit=settings.max_request_bytes)
     if settings.cors_origins:
@@ -170,13 +171,13 @@ def create_app(predictor: Predictor, settings: ServeSettings) -> FastAPI:
         for (name, _), p in zip(uploads, probs):
             scores, top = p.topk(k)
             results.append({"file": name, "predictions": [{"label": names[j], "prob": round(float(s), 6)} for s, j in zip(scores, top.tolist())]})
-        return {"version": version(), "results": results, **(results[0] if len(results) == 1 else {})}
+        return {"version": served, "results": results, **(results[0] if len(results) == 1 else {})}
 
     @app.get("/health", summary="Liveness: the model is loaded and answers", response_model=Health)
     async def health() -> dict[str, Any]:
         return {
             "status": "ok",
-            "version": version(),
+            "version": served,
             "classes": len(names),
             "batches": batcher.batches,
             "images": batcher.images,
@@ -191,7 +192,7 @@ def create_app(predictor: Predictor, settings: ServeSettings) -> FastAPI:
         dependencies=[Depends(guard)],
     )
     async def metadata() -> dict[str, Any]:
-        return {**predictor.metadata, "runtime": predictor.settings, "limits": settings.public(), "version": version()}
+        return {**predictor.metadata, "runtime": predictor.settings, "limits": settings.public(), "version": served}
 
     @app.get("/", response_class=HTMLResponse, include_in_schema=False)
     async def page() -> str:
