@@ -31,6 +31,7 @@ from transferlab.config.validation import check_arguments, validate, validate_va
 from transferlab.core.bounds import Bounds
 from transferlab.core.errors import ConfigError
 from transferlab.core.settings import IdealSettings
+from transferlab.deploy.admission import Budgets
 from transferlab.deploy.runtime import load_runtime
 from transferlab.deploy.server import ServeSettings
 
@@ -265,7 +266,8 @@ def test_every_declared_range_is_enforced_in_the_words_the_reference_prints(tmp_
 
 def test_the_runtime_and_server_settings_take_every_value_from_the_yaml():
     """load_runtime and ServeSettings have no default of their own: each value is a key of conf/predict.yaml and
-    conf/serve.yaml (max_request_bytes: serve's max_request_mb in bytes)."""
+    conf/serve.yaml (max_request_bytes: serve's max_request_mb in bytes; budgets: four keys; keys: read from
+    api_key and api_keys_file)."""
     runtime = inspect.signature(load_runtime).parameters
     assert [n for n, p in runtime.items() if p.default is not p.empty] == []
     serve = OmegaConf.load(CONF / "serve.yaml")
@@ -273,7 +275,10 @@ def test_the_runtime_and_server_settings_take_every_value_from_the_yaml():
     assert {n for n in runtime if n != "ckpt_path"} <= set(serve) & set(predict)
     fields = dataclasses.fields(ServeSettings)
     assert [f.name for f in fields if f.default is not dataclasses.MISSING] == []
-    assert {f.name for f in fields} - set(serve) == {"max_request_bytes"} and "max_request_mb" in serve
+    assert {f.name for f in fields} - set(serve) == {"max_request_bytes", "budgets", "keys"} and "max_request_mb" in serve
+    budgets = dataclasses.fields(Budgets)
+    assert [f.name for f in budgets if f.default is not dataclasses.MISSING] == [] and {f.name for f in budgets} <= set(serve)
+    assert {"api_key", "api_keys_file"} <= set(serve)  # `keys`: read from both
 
 
 @pytest.mark.parametrize(
