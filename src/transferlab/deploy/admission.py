@@ -23,7 +23,7 @@ from typing import Any, Callable
 import torch
 from PIL import Image, UnidentifiedImageError
 
-from transferlab.data.images import PixelBudgetError, decode_rgb, describe_failure, open_image, pixels_to_decode
+from transferlab.data.images import PixelBudgetError, check_pixel_budget, decode_rgb, describe_failure, open_image, pixels_to_decode
 from transferlab.deploy.contract import ServeError
 
 BYTES_PER_DECODED_PIXEL = 26  # the worst measured (16-bit greyscale PNG); 8-bit formats stay at or under 17
@@ -87,7 +87,9 @@ class Admission:
             raise ServeError(400, f"{name}: empty file (0 bytes)")
         try:
             with open_image(data) as img:
-                return pixels_to_decode(img, self.decode_size)
+                declared, pixels = img.size, pixels_to_decode(img, self.decode_size)
+                check_pixel_budget(img, declared, self.budgets.max_image_pixels)  # each image's reason before the total's
+                return pixels
         except Exception as exc:  # noqa: BLE001 - every failure becomes the request's reason
             raise refusal(name, data, exc) from None
 
