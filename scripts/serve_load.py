@@ -28,7 +28,7 @@ def load_test(url: str, payloads: list[tuple[str, bytes]], requests: int = 200, 
         started = time.perf_counter()
         try:
             answer = client.post(f"{url}/predict", files={"file": (name, data, "image/jpeg")})
-            label = answer.json()["predictions"][0]["label"] if answer.status_code == 200 else ""
+            label = answer.json()["results"][0]["predictions"][0]["label"] if answer.status_code == 200 else ""
             return (time.perf_counter() - started) * 1000, answer.status_code, label
         except Exception:  # noqa: BLE001 - counted as an error, the test goes on
             return (time.perf_counter() - started) * 1000, 0, ""
