@@ -134,7 +134,10 @@ def create_app(predictor: Predictor, settings: ServeSettings) -> FastAPI:
                 {"WWW-Authenticate": "Bearer"},
             )
 
-    guard = keyed if keys else limit
+    async def open_to_all(request: Request) -> None:  # async: the limiter is only touched from the event loop's thread
+        limit(request)
+
+    guard = keyed if keys else open_to_all
     guarded = ((401,) if keys else ()) + ((429,) if limiter else ())
 
     @app.exception_handler(ServeError)
