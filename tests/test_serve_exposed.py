@@ -60,7 +60,9 @@ def post_photo(url: str, photo: Path, **kwargs) -> httpx.Response:
 def budget_server(species_package, tmp_path_factory):
     log = tmp_path_factory.mktemp("budget") / "server.out"
     limits = [f"max_image_pixels={BUDGET}", "max_request_pixels=30000000", f"decode_workers={DECODE_WORKERS}", f"queue_size={QUEUE}"]
-    proc, url = start_server(species_package, log, "host=0.0.0.0", *limits, "max_images=4", "max_request_mb=8", "batch_wait_ms=20")
+    proc, url = start_server(
+        species_package, log, "host=0.0.0.0", *limits, "max_images=4", "max_request_mb=8", "batch_wait_ms=20", "upload_timeout_s=4"
+    )
     yield url, proc, log
     stop_server(proc)
 
@@ -102,16 +104,19 @@ def test_the_hostile_mix_stays_under_the_documented_memory_bound(budget_server):
     busy = next(a for a in flood if a.status_code == 503)
     assert int(busy.headers["Retry-After"]) >= 1 and "queue_size" in busy.json()["error"]
 
-    # slow uploads hold a connection, not a place in the queue
+    # stalled uploads hold a connection, not a place in the queue, and only until upload_timeout_s (4 s here)
     port = int(url.rsplit(":", 1)[1])
     slow = []
     for _ in range(4):
-        sock = socket.create_connection(("127.0.0.1", port))
+        sock = socket.create_connection(("127.0.0.1", port), timeout=30)
         sock.sendall(b"POST /predict HTTP/1.1\r\nHost: x\r\nContent-Type: multipart/form-data; boundary=b\r\nContent-Length: 900000\r\n\r\n--b\r\n")
         slow.append(sock)
     try:
         assert post_photo(url, cat).json()["predictions"][0]["label"] == "cat"
         assert httpx.get(f"{url}/health", timeout=10).json()["status"] == "ok"
+        for sock in slow:  # the server answers 408 and closes: recv returns what it sent, then b"" (EOF)
+            received = b"".join(iter(lambda s=sock: s.recv(4096), b""))
+            assert received.startswith(b"HTTP/1.1 408") and b"upload_timeout_s" in received, received[:300]
     finally:
         for sock in slow:
             sock.close()

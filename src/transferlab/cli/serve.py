@@ -39,6 +39,7 @@ def serve(cfg: DictConfig) -> None:
         batch_wait_ms=cfg.batch_wait_ms,
         max_images=cfg.max_images,
         max_request_bytes=int(cfg.max_request_mb * 2**20),
+        upload_timeout_s=float(cfg.upload_timeout_s),
         budgets=Budgets(int(cfg.max_image_pixels), int(cfg.max_request_pixels), int(cfg.decode_workers), int(cfg.queue_size)),
         keys=keys,
         cors_origins=tuple(str(origin) for origin in cfg.cors_origins),

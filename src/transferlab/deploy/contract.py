@@ -64,6 +64,7 @@ class Metadata(BaseModel):
 _STATUS = {
     400: "the body or an image is unreadable (truncated, empty, bad base64 or JSON)",
     401: "`Authorization: Bearer <key>` is missing or wrong (only when the server has keys)",
+    408: "the body did not arrive within upload_timeout_s; the connection is closed",
     413: "over a limit: max_request_mb, max_images, max_image_pixels, max_request_pixels",
     415: "not an image, or a content type other than multipart/form-data and application/json",
     422: "a missing or malformed field or parameter",

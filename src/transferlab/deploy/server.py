@@ -9,7 +9,9 @@ the server goes on. /docs is Swagger UI served from the package (fastapi-offline
 
 from __future__ import annotations
 
+import asyncio
 import importlib.metadata
+import json
 import logging
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
@@ -42,6 +44,7 @@ class ServeSettings:
     batch_wait_ms: float
     max_images: int
     max_request_bytes: int
+    upload_timeout_s: float
     budgets: Budgets
     keys: tuple[str, ...]
     cors_origins: tuple[str, ...]
@@ -104,7 +107,7 @@ def create_app(predictor: Predictor, settings: ServeSettings) -> FastAPI:
     app = FastAPIOffline(
         title="transferlab-serve", summary="Image classification with a transferlab model", version=served, redoc_url=None, lifespan=lifespan
     )
-    app.add_middleware(BodyLimit, limit=settings.max_request_bytes)
+    app.add_middleware(BodyLimit, limit=settings.max_request_bytes, upload_timeout=settings.upload_timeout_s)
     if settings.cors_origins:
         from starlette.middleware.cors import CORSMiddleware
 
@@ -159,7 +162,7 @@ def create_app(predictor: Predictor, settings: ServeSettings) -> FastAPI:
         summary="Top-k labels of one or more images (multipart field `file`, or JSON base64)",
         response_model=PredictAnswer,
         response_model_exclude_none=True,
-        responses=error_responses(400, *guarded, 413, 415, 422, 503),
+        responses=error_responses(400, *guarded, 408, 413, 415, 422, 503),
         openapi_extra=predict_request_body(settings.max_images),
         dependencies=[Depends(guard)],
     )
@@ -206,10 +209,12 @@ def create_app(predictor: Predictor, settings: ServeSettings) -> FastAPI:
 
 class BodyLimit:
     """ASGI middleware: a body over `limit` bytes gets 413 without being kept; what was sent is read and dropped
-    first, so the client sees the answer and not a reset connection."""
+    first, so the client sees the answer and not a reset connection. A body still incomplete `upload_timeout`
+    seconds after it started gets 408 and its connection closed, so a stalled or trickling upload cannot hold a
+    connection and its buffers for ever (uvicorn has no body-read timeout of its own)."""
 
-    def __init__(self, app: Any, limit: int) -> None:
-        self.app, self.limit = app, limit
+    def __init__(self, app: Any, limit: int, upload_timeout: float) -> None:
+        self.app, self.limit, self.upload_timeout = app, limit, upload_timeout
 
     async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
         if scope["type"] != "http":
@@ -217,11 +222,20 @@ class BodyLimit:
         declared = dict(scope.get("headers") or []).get(b"content-length")
         if declared is not None and declared.isdigit() and int(declared) > self.limit:
             return await self._refuse(receive, send, f"{int(declared):,} bytes")
-        seen = 0
+        seen, complete = 0, False
+        deadline = asyncio.get_running_loop().time() + self.upload_timeout
 
         async def counted() -> dict:
-            nonlocal seen
-            message = await receive()
+            nonlocal seen, complete
+            if complete:  # after the body: Starlette waiting for a disconnect, no deadline
+                return await receive()
+            try:
+                message = await asyncio.wait_for(receive(), max(0.0, deadline - asyncio.get_running_loop().time()))
+            except asyncio.TimeoutError:
+                raise ServeError(
+                    408, f"the upload did not complete within {self.upload_timeout:g} s (upload_timeout_s); send the body at once"
+                ) from None
+            complete = message.get("type") != "http.request" or not message.get("more_body", False)
             seen += len(message.get("body", b""))
             if seen > self.limit:
                 raise ServeError(413, f"request body over the limit of {self.limit:,} bytes (max_request_mb); send fewer or smaller images")
@@ -229,13 +243,20 @@ class BodyLimit:
 
         try:
             await self.app(scope, counted, send)
-        except ServeError:  # a chunked body without Content-Length that grew over the limit
+        except ServeError as exc:  # raised outside a route: a chunked body over the limit, or a stalled one
+            if exc.status == 408:
+                return await self._answer(send, 408, exc.reason)
             await self._refuse(receive, send, f"over {seen:,} bytes")
 
     async def _refuse(self, receive: Any, send: Any, size: str) -> None:
         message: dict = {"more_body": True}
         while message.get("more_body") and message.get("type") != "http.disconnect":
             message = await receive()
-        reason = f'{{"error": "request body of {size} is over the limit of {self.limit:,} bytes (max_request_mb); send fewer or smaller images"}}'
-        await send({"type": "http.response.start", "status": 413, "headers": [(b"content-type", b"application/json")]})
-        await send({"type": "http.response.body", "body": reason.encode()})
+        await self._answer(
+            send, 413, f"request body of {size} is over the limit of {self.limit:,} bytes (max_request_mb); send fewer or smaller images"
+        )
+
+    @staticmethod
+    async def _answer(send: Any, status: int, reason: str) -> None:
+        await send({"type": "http.response.start", "status": status, "headers": [(b"content-type", b"application/json")]})
+        await send({"type": "http.response.body", "body": json.dumps({"error": reason}).encode()})

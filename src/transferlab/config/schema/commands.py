@@ -117,6 +117,7 @@ class Serve:
     batch_wait_ms: Annotated[float, Bounds(ge=0, noun="milliseconds")]
     max_images: Annotated[int, Bounds(ge=1, note="images per request")]
     max_request_mb: Annotated[float, Bounds(gt=0, noun="a size in MB")]
+    upload_timeout_s: Annotated[float, Bounds(gt=0, noun="seconds")]
     max_image_pixels: Annotated[int, Bounds(ge=1, noun="a number of pixels")]
     max_request_pixels: Annotated[int, Bounds(ge=1, noun="a number of pixels")]
     decode_workers: Annotated[int, Bounds(ge=1, note="images decoded at once")]
