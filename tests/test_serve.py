@@ -6,6 +6,7 @@ One server per module (the species package, torch runtime); every test talks to 
 from __future__ import annotations
 
 import base64
+import importlib.metadata
 import importlib.util
 import io
 import signal
@@ -56,7 +57,8 @@ def test_good_images_get_the_labels_predict_gives(server, species_package, tmp_p
     # several files in one request, and base64 JSON: the same answers
     many = httpx.post(f"{url}/predict", files=[("file", (f.name, f.read_bytes(), "image/jpeg")) for f in files[:3]], timeout=60).json()
     assert [r["predictions"][0]["label"] for r in many["results"]] == [expected[f.name][0] for f in files[:3]]
-    assert "predictions" not in many and "file" not in many and many["version"]  # several images: only `results`
+    assert "predictions" not in many and "file" not in many  # several images: only `results`
+    assert many["version"] == importlib.metadata.version("transferlab") == httpx.get(f"{url}/health").json()["version"]
     encoded = base64.b64encode(files[4].read_bytes()).decode()
     as_json = httpx.post(f"{url}/predict?topk=1", json={"image": encoded}, timeout=60).json()
     assert len(as_json["predictions"]) == 1 and as_json["predictions"][0]["label"] == expected[files[4].name][0]

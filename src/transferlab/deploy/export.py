@@ -8,7 +8,6 @@ place at the end, so a failed or interrupted export never leaves a package whose
 
 from __future__ import annotations
 
-import importlib.metadata
 import logging
 import os
 import shutil
@@ -97,13 +96,6 @@ def torchscript_logits(file: Path, inputs: list[torch.Tensor]) -> list[torch.Ten
     return [loaded(x) for x in inputs]
 
 
-def _transferlab_version() -> str:
-    try:
-        return importlib.metadata.version("transferlab")
-    except importlib.metadata.PackageNotFoundError:
-        return "unknown"
-
-
 def _checked(name: str, difference: float) -> float:
     if not difference <= TOLERANCE:  # NaN fails too
         raise ExportMismatch(
@@ -139,7 +131,7 @@ def export_package(ckpt_path: str, output: Path, fmt: str, opset: int) -> dict[s
             float(model.temperature),
             metrics,
             formats,
-            _transferlab_version(),
+            package.transferlab_version(),
             model.calibration,
             model.split_table,
         )

@@ -10,7 +10,6 @@ the server goes on. /docs is Swagger UI served from the package (fastapi-offline
 from __future__ import annotations
 
 import asyncio
-import importlib.metadata
 import json
 import logging
 from contextlib import asynccontextmanager
@@ -30,6 +29,7 @@ from transferlab.deploy.batcher import Batcher
 from transferlab.deploy.contract import Health, Metadata, PredictAnswer, ServeError, error_responses, json_images, predict_request_body
 from transferlab.deploy.page import page_html
 from transferlab.deploy.runtime import Predictor
+from transferlab.models import package
 
 log = logging.getLogger(__name__)
 
@@ -54,13 +54,6 @@ class ServeSettings:
         """What /metadata shows: every limit, whether a key is needed, never the keys."""
         shown = {k: v for k, v in self.__dict__.items() if k not in ("keys", "budgets")}
         return {**shown, **describe(self.budgets), "cors_origins": list(self.cors_origins), "api_key_required": bool(self.keys)}
-
-
-def version() -> str:
-    try:
-        return importlib.metadata.version("transferlab")
-    except importlib.metadata.PackageNotFoundError:
-        return "unknown"
 
 
 async def read_uploads(request: Request, max_images: int) -> list[tuple[str, bytes]]:
@@ -95,7 +88,7 @@ def create_app(predictor: Predictor, settings: ServeSettings) -> FastAPI:
     transform, decode_size = predictor.preprocessing.eval_transform(), predictor.preprocessing.decode_size()
     admission = Admission(settings.budgets, transform, decode_size, lambda: batcher.recent_seconds_per_image)
     keys, limiter = Keys(settings.keys), RateLimit(settings.rate_limit) if settings.rate_limit else None
-    served = version()
+    served = package.transferlab_version()
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:

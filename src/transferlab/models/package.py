@@ -17,6 +17,7 @@ training stack; `models.classifier.load_checkpoint` turns a package back into th
 
 from __future__ import annotations
 
+import importlib.metadata
 import json
 import math
 from collections.abc import Mapping
@@ -35,6 +36,14 @@ SPLITS = stored_splits.FILE
 FORMAT_VERSION = 1
 # The consumer's contract (issue 17's stable interface): config.json always has these keys.
 INTERFACE_KEYS = ("class_names", "input_size", "resize_size", "interpolation", "mean", "std", "temperature", "logits_are_calibrated")
+
+
+def transferlab_version() -> str:
+    """The installed transferlab's version: what a package records and what the server answers with."""
+    try:
+        return importlib.metadata.version("transferlab")
+    except importlib.metadata.PackageNotFoundError:
+        return "unknown"
 
 
 def is_package(path: str | Path) -> bool:
