@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Annotated, Literal, Optional, Union
+from typing import Annotated, Any, Literal, Optional, Union
 
 from transferlab.core.bounds import COUNT, SEED, Bounds, Params
 
@@ -43,15 +43,25 @@ TrainerNode = Annotated[
 class Backbone:
     name: str  # a name in one of the registered sources (transferlab.models.sources)
     source: str  # auto or a registered source name
-    weights: str  # imagenet | none | bundled | a state_dict / safetensors path
+    weights: str  # pretrained (= imagenet) | none | bundled | a state_dict / safetensors path
     input_size: Optional[Annotated[int, Bounds(ge=16, noun="a size in pixels", note="null: the backbone's own")]]
     crop_pct: Optional[float]  # replaces the pretrained centre-crop fraction
     members: Optional[list[str]]  # name=ensemble only
+    pool: Optional[Literal["auto", "cls", "mean", "cls_mean", "avg"]]  # how features are pooled (models.pooling); null = auto
+    model_args: Optional[dict[str, Any]]  # keyword arguments of timm.create_model (img_size, patch_size, depth, reg_tokens, ...)
+
+
+@dataclass
+class Lora:
+    r: Annotated[int, Bounds(ge=1, noun="a rank")]
+    alpha: Annotated[float, Bounds(gt=0)]
+    dropout: Annotated[float, Bounds(ge=0, lt=1, noun="a probability")]
+    target_modules: Union[Literal["auto"], list[str], str]  # auto = per family (models.lora); names, suffixes or a regex
 
 
 @dataclass
 class Finetune:
-    mode: Literal["frozen", "full", "gradual"]
+    mode: Literal["frozen", "full", "gradual", "lora"]
     head_dropout: Annotated[float, Bounds(ge=0, lt=1, noun="a probability")]
     backbone_lr_factor: Annotated[float, Bounds(ge=0, note="the backbone's lr = optimizer.lr x this")]
     unfreeze_at_epoch: Optional[Annotated[int, Bounds(ge=0, noun="an epoch number")]]
@@ -64,6 +74,7 @@ class Finetune:
     cutmix: Optional[float]
     ema_decay: Optional[float]
     layer_decay: Optional[float]
+    lora: Optional[Lora]  # mode=lora (finetune=lora)
 
 
 @dataclass
