@@ -72,8 +72,9 @@ def test_option_composes_and_instantiates(tmp_path, group, option):
 
     datamodule = instantiate(cfg.data)
     assert isinstance(datamodule, ImageClassificationDataModule)
-    backbone = create_backbone(**{**OmegaConf.to_container(cfg.backbone, resolve=True), "weights": "none"})
-    assert backbone(torch.zeros(1, 3, 64, 64)).shape == (1, backbone.num_features)
+    # 112 px: a size every family takes (a multiple of 14 and 16 patches); vision transformers are built for it
+    backbone = create_backbone(**{**OmegaConf.to_container(cfg.backbone, resolve=True), "weights": "none", "input_size": 112})
+    assert backbone(torch.zeros(1, 3, 112, 112)).shape == (1, backbone.num_features)
     optimizer = instantiate(cfg.optimizer)(params=[torch.nn.Parameter(torch.zeros(1))])
     if cfg.scheduler.get("_target_"):
         at_run = {"total_steps": 100, "epochs": 10} if cfg.scheduler.get("interval") == "step" else {}  # from the trainer

@@ -11,13 +11,21 @@ from torch import nn
 from transferlab.core.errors import ConfigError
 from transferlab.core.safe_load import read_checkpoint
 from transferlab.data.preprocessing import Preprocessing
+from transferlab.models.pooling import TokenPool, pooled_features
+
+PRETRAINED = ("pretrained", "imagenet")  # backbone.weights: the weight tag's own pretrained weights (imagenet: the old word)
 
 
 class Backbone(nn.Module):
-    """`forward(images) -> features [N, num_features]`; `imagenet_head(features) -> ImageNet logits`."""
+    """`forward(images) -> features [N, num_features]`; `imagenet_head(features) -> ImageNet logits`.
+
+    `pool` (backbone.pool, models.pooling): None = the body's own pooling, else a TokenPool over its tokens;
+    `tag`: the pretrained weight's tag (timm's `lvd142m`, `openai`, ...) where the library names one;
+    `categories`: the class names of `imagenet_head` (ImageNet-1k, ImageNet-21k, ... whatever the weight's head has)."""
 
     body: nn.Module
     imagenet_head: Optional[nn.Module]
+    pool: Optional[TokenPool]
 
     def __init__(
         self,
@@ -28,6 +36,8 @@ class Backbone(nn.Module):
         categories: Optional[list[str]],
         name: str,
         source: str,
+        pool: Optional[TokenPool] = None,
+        tag: Optional[str] = None,
     ) -> None:
         super().__init__()
         self.body = body
@@ -35,15 +45,16 @@ class Backbone(nn.Module):
         self.num_features = num_features
         self.preprocessing = preprocessing
         self.categories = categories
-        self.name, self.source = name, source
+        self.name, self.source, self.tag = name, source, tag
+        self.pool = pool
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
-        return self.body(images)
+        return pooled_features(self.body, self.pool, images)
 
     def imagenet_logits(self, images: torch.Tensor) -> torch.Tensor:
         if self.imagenet_head is None:
             raise ValueError(f"backbone {self.name} has no ImageNet classifier")
-        return self.imagenet_head(self.body(images))
+        return self.imagenet_head(self.body(images))  # the body's own pooling: what its classifier was trained on
 
 
 # Prefixes that wrappers put before a model's own parameter names: DataParallel / DDP, Lightning modules,
@@ -86,7 +97,7 @@ def load_state_dict_file(model: nn.Module, path: str) -> None:
     `.safetensors`, `.pth`, `.pt`, `.bin` or a checkpoint holding one; wrapper prefixes are removed."""
     file = Path(path).expanduser()
     if not file.is_file():
-        raise ConfigError(f"backbone.weights: {file} is not a file; use imagenet, none, bundled or a .safetensors / .pth state_dict path")
+        raise ConfigError(f"backbone.weights: {file} is not a file; use pretrained, none, bundled or a .safetensors / .pth state_dict path")
     expected = set(model.state_dict())
     state = matching_keys(read_state_dict(file), expected)
     missing = sorted(expected - set(state))

@@ -15,6 +15,7 @@ from torchvision.transforms.v2 import functional as TF
 
 from transferlab.data.preprocessing import Preprocessing
 from transferlab.models.backbone import Backbone
+from transferlab.models.pooling import pooled_features
 
 
 class MemberView(nn.Module):
@@ -22,7 +23,7 @@ class MemberView(nn.Module):
 
     def __init__(self, member: Backbone) -> None:
         super().__init__()
-        self.body = member.body
+        self.body, self.pool = member.body, member.pool  # the pool has no weights: the state_dict's names stay
         prep = member.preprocessing
         self.resize, self.crop, self.interpolation = prep.resize_size, prep.input_size, prep.interpolation
         self.register_buffer("mean", torch.tensor(prep.mean).view(1, 3, 1, 1), persistent=False)
@@ -32,7 +33,7 @@ class MemberView(nn.Module):
         mode = TF.InterpolationMode.BICUBIC if self.interpolation == "bicubic" else TF.InterpolationMode.BILINEAR
         view = carrier if carrier.shape[-1] == self.resize else TF.resize(carrier, [self.resize, self.resize], interpolation=mode, antialias=True)
         view = TF.center_crop(view, [self.crop, self.crop])
-        return self.body((view - self.mean) / self.std)
+        return pooled_features(self.body, self.pool, (view - self.mean) / self.std)
 
 
 class EnsembleBody(nn.Module):

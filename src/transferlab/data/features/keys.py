@@ -78,9 +78,11 @@ def describe(backbone: Any, inputs: Inputs, precision: str, digest: str, version
 
     `backbone`: anything with `name` and `source` (models.backbone.Backbone); `digest`: weights_digest of its body;
     `versions`: library_versions() unless given (a test varies them without touching an installed library)."""
+    pool = getattr(getattr(backbone, "pool", None), "kind", None)  # backbone.pool over tokens; absent: the model's own
     return {
         "backbone": backbone.name,
         "source": backbone.source,
+        **({"pool": pool} if pool else {}),
         "weights_sha256": digest,
         "transform": repr(inputs.transform),
         "decode_size": inputs.decode_size,

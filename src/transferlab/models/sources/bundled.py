@@ -8,8 +8,9 @@ differently and gives wrong logits) after renaming keys.
 from __future__ import annotations
 
 import importlib
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, Optional
 
 import torch
 from torch import nn
@@ -95,9 +96,11 @@ class BundledSource(BackboneSource):
     def names(self) -> frozenset[str]:
         return frozenset(BUNDLED)
 
-    def build(self, name: str, weights: str) -> Backbone:
+    def build(self, name: str, weights: str, model_args: Mapping[str, Any], input_size: Optional[int]) -> Backbone:
         import timm
 
+        if model_args:
+            raise ConfigError(f"backbone.model_args: the bundled weights fit {name} as built by default; remove backbone.model_args")
         model = timm.create_model(name, pretrained=False)
         load_bundled(name, model)
         return as_backbone(model, name)

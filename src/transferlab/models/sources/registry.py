@@ -6,7 +6,8 @@ import in `__init__.py`; `transferlab.models.backbones.create_backbone` then fin
 
 from __future__ import annotations
 
-from typing import Optional
+from collections.abc import Mapping
+from typing import Any, Optional
 
 from transferlab.core.errors import ConfigError
 from transferlab.models.backbone import Backbone
@@ -24,8 +25,10 @@ class BackboneSource:
         """The model names this source can build."""
         raise NotImplementedError
 
-    def build(self, name: str, weights: str) -> Backbone:
-        """`weights`: imagenet | none | a state_dict file (| this source's `selected_by_weights` value)."""
+    def build(self, name: str, weights: str, model_args: Mapping[str, Any], input_size: Optional[int]) -> Backbone:
+        """`weights`: pretrained (imagenet) | none | a state_dict file (| this source's `selected_by_weights` value);
+        `model_args`: the library's own keyword arguments for the model (backbone.model_args); `input_size`: the size
+        the model will see, for models whose architecture depends on it (a vision transformer's position embedding)."""
         raise NotImplementedError
 
 
@@ -46,6 +49,6 @@ def download_failed(name: str, exc: Exception) -> ConfigError:
     """The line for pretrained weights that could not be downloaded (no network, no hub access), with offline choices."""
     offline = ", ".join(sorted(n for s in SOURCES.values() if s.selected_by_weights for n in s.names()))
     return ConfigError(
-        f"backbone.weights=imagenet: could not download the pretrained weights of {name} ({type(exc).__name__}: {exc}); "
+        f"backbone.weights=pretrained: could not download the pretrained weights of {name} ({type(exc).__name__}: {exc}); "
         f"use backbone.weights=none, a local state_dict path, or an offline backbone ({offline} with weights=bundled)"
     )

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import functools
+from collections.abc import Mapping
+from typing import Any, Optional
 
 from torch import nn
 
 from transferlab.core.errors import ConfigError
 from transferlab.data.preprocessing import Preprocessing
-from transferlab.models.backbone import Backbone, load_state_dict_file
+from transferlab.models.backbone import PRETRAINED, Backbone, load_state_dict_file
 from transferlab.models.sources.registry import BackboneSource, download_failed, register
 
 
@@ -22,15 +24,17 @@ class TorchvisionSource(BackboneSource):
 
         return frozenset(torchvision.models.list_models(module=torchvision.models))
 
-    def build(self, name: str, weights: str) -> Backbone:
+    def build(self, name: str, weights: str, model_args: Mapping[str, Any], input_size: Optional[int]) -> Backbone:
         import torchvision
 
         default_weights = torchvision.models.get_model_weights(name).DEFAULT
         try:
-            model = torchvision.models.get_model(name, weights=default_weights if weights == "imagenet" else None)
+            model = torchvision.models.get_model(name, weights=default_weights if weights in PRETRAINED else None, **model_args)
         except OSError as exc:  # URLError is an OSError
             raise download_failed(name, exc) from exc
-        if weights not in ("imagenet", "none"):
+        except (TypeError, ValueError) as exc:
+            raise ConfigError(f"backbone.model_args: torchvision's {name} does not take {dict(model_args)} ({exc})") from None
+        if weights not in (*PRETRAINED, "none"):
             load_state_dict_file(model, weights)
         # The last Linear layer is the ImageNet classifier: cut it out, keep it beside the body.
         parent_name, linear = "", None
