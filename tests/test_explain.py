@@ -212,6 +212,13 @@ def test_target_layer_is_the_last_convolutional_stage_of_any_family():
     for name, source, expected in (("resnet18", "torchvision", "layer4"), ("vgg16", "torchvision", "features"), ("resnet18", "timm", "layer4")):
         body = create_backbone(name, weights="none", source=source).body
         assert target_layer(body, 64, None) == expected, name
+    # token models: the patch tokens entering the last block (its output's patch tokens never reach a class token)
     vit = create_backbone("vit_tiny_patch16_224", weights="none", source="timm").body
-    with pytest.raises(ConfigError, match="no layer with a spatial output; class activation maps need a convolutional backbone"):
-        target_layer(vit, 224, None)
+    assert target_layer(vit, 224, None) == "blocks.11.norm1"
+    swin = create_backbone("swin_tiny_patch4_window7_224", weights="none", source="timm").body
+    assert target_layer(swin, 224, None) == "layers.3"  # the last stage's tokens, channels-last [1, 7, 7, 768]
+    with pytest.raises(
+        ConfigError,
+        match=r"'blocks.11.attn.k_norm' is not a layer with one token per patch .*did you mean: .*blocks.11.norm1.*valid: .*blocks.11, blocks, norm",
+    ):
+        target_layer(vit, 224, "blocks.11.attn.k_norm")

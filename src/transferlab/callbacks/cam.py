@@ -31,7 +31,7 @@ class ClassActivationMaps(pl.Callback):
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         if stage == "fit":
             backbone = as_classifier(pl_module).backbone
-            self.layer = target_layer(backbone.body, backbone.preprocessing.input_size, self.layer, "callbacks.cam.target_layer")
+            self.layer = target_layer(backbone, backbone.preprocessing.input_size, self.layer, "callbacks.cam.target_layer")
 
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if self.every_n_epochs > 0 and (trainer.current_epoch + 1) % self.every_n_epochs == 0:

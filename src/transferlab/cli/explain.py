@@ -24,7 +24,7 @@ from transferlab.cli.predict import collect_inputs
 from transferlab.core.errors import DataError
 from transferlab.core.files import write_json
 from transferlab.core.hardware import resolve_device
-from transferlab.insight.cam import CamExplainer, body_of, overlay, target_layer
+from transferlab.insight.cam import CamExplainer, backbone_of, body_of, overlay, target_layer
 from transferlab.insight.pixels import build_pixel_classifier, load_pixels
 from transferlab.training.artifacts import print_config_tree, write_skipped
 from transferlab.training.builders import container
@@ -45,7 +45,7 @@ def explain(cfg: DictConfig) -> dict[str, Any]:
     model = build_pixel_classifier(container(cfg.backbone), cfg.ckpt_path).to(device)
     target = None if cfg.target is None else model.resolve_target(cfg.target)
     body = body_of(model)
-    layer = target_layer(body, model.input_size, cfg.target_layer)
+    layer = target_layer(backbone_of(model), model.input_size, cfg.target_layer)
     explainer = CamExplainer(model, body, layer, str(cfg.method), int(cfg.batch_size))
     files = collect_inputs(cfg.input)
     if not files:

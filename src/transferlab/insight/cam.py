@@ -1,9 +1,12 @@
-"""Class activation maps (Grad-CAM, Grad-CAM++, Score-CAM) of any convolutional backbone, by pytorch-grad-cam.
+"""Class activation maps (Grad-CAM, Grad-CAM++, Score-CAM) of any backbone, by pytorch-grad-cam.
 
 The model is an insight.pixels.PixelClassifier (pixels in [0, 1], normalisation inside), so a map lies over
-exactly the crop the model saw. The target layer is picked as feature maps pick theirs: the module with a
-spatial (4-d) output that finishes last, i.e. the final convolutional stage (`bn2` of an EfficientNet, `layer4`
-of a ResNet, the end of `features` of a VGG); a name given instead is checked before any work is done.
+exactly the crop the model saw. The target layer of a convolutional network is picked as feature maps pick
+theirs: the module with a spatial (4-d) output that finishes last, i.e. the final convolutional stage (`bn2` of an
+EfficientNet, `layer4` of a ResNet, the end of `features` of a VGG). A token model's (ViT, DINOv2, CLIP, Swin) is
+its last block's patch tokens (insight.tokens), put back on the patch grid by a `reshape_transform`: the map is
+computed on the grid and upsampled to the input crop, so its file has the same shape as a CNN's. A name given
+instead is checked before any work is done.
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ from torch import nn
 
 from transferlab.core.errors import ConfigError, close_matches, require_packages
 from transferlab.insight.feature_maps import module_outputs
+from transferlab.insight.tokens import ToGrid, default_cam_layer, layout_of, pools_patch_tokens, token_layers
 
 METHODS = ("gradcam", "gradcam++", "scorecam")
 
@@ -32,25 +36,35 @@ def spatial_layers(body: nn.Module, size: int) -> list[str]:
     return list(reversed(dict.fromkeys(reversed(names))))  # a module run twice counts where it last finished
 
 
-def body_of(model: nn.Module) -> nn.Module:
-    """The backbone body inside a PixelClassifier (a checkpoint's or an ImageNet one)."""
+def backbone_of(model: nn.Module) -> Any:
+    """The Backbone inside a PixelClassifier (a checkpoint's or an ImageNet one)."""
     logits: Any = model.logits
-    backbone = logits.classifier.backbone if hasattr(logits, "classifier") else logits.backbone
-    body: nn.Module = backbone.body
+    return logits.classifier.backbone if hasattr(logits, "classifier") else logits.backbone
+
+
+def body_of(model: nn.Module) -> nn.Module:
+    """The backbone body inside a PixelClassifier."""
+    body: nn.Module = backbone_of(model).body
     return body
 
 
-def target_layer(body: nn.Module, size: int, name: Optional[str], key: str = "target_layer") -> str:
-    """The given layer, checked, or the last spatial one; a wrong name fails listing the valid ones."""
-    layers = spatial_layers(body, size)
+def target_layer(backbone: Any, size: int, name: Optional[str], key: str = "target_layer") -> str:
+    """The given layer of the `backbone` (a Backbone, or a bare body), checked, or the default one (the last
+    spatial layer; a token model's last patch tokens, insight.tokens); a wrong name fails listing the valid ones."""
+    body: nn.Module = getattr(backbone, "body", backbone)
+    tokens = layout_of(body).kind != "conv"
+    layers = token_layers(body, size) if tokens else spatial_layers(body, size)
     if not layers:
-        raise ConfigError(f"{key}: {type(body).__name__} has no layer with a spatial output; class activation maps need a convolutional backbone")
+        raise ConfigError(
+            f"{key}: {type(body).__name__} has no layer with a spatial output or one token per patch; no class activation map can be drawn"
+        )
     if name is None:
-        return layers[-1]
+        return default_cam_layer(layers, pools_patch_tokens(backbone) if body is not backbone else False) if tokens else layers[-1]
     if name not in layers:
         shown = layers[-8:]
+        what = "one token per patch" if tokens else "a spatial output"
         raise ConfigError(
-            f"{key}: {name!r} is not a layer with a spatial output in the backbone{close_matches(name, layers)}; "
+            f"{key}: {name!r} is not a layer with {what} in the backbone{close_matches(name, layers)}; "
             f"valid: {', '.join(shown)}" + (f" (and {len(layers) - len(shown)} earlier ones)" if len(layers) > len(shown) else "")
         )
     return name
@@ -71,7 +85,9 @@ class CamExplainer:
     def __init__(self, model: nn.Module, body: nn.Module, layer: str, method: str, batch_size: int = 32) -> None:
         """`model`: pixels -> logits (PixelClassifier); `body`: the backbone module that holds `layer`."""
         self.model, self.layer, self.method = model, layer, method
-        self.cam = _cam_class(method)(model=model, target_layers=[dict(body.named_modules())[layer]])
+        layout = layout_of(body)
+        self.to_grid = ToGrid(layout, (0, 0)) if layout.kind != "conv" else None
+        self.cam = _cam_class(method)(model=model, target_layers=[dict(body.named_modules())[layer]], reshape_transform=self.to_grid)
         self.cam.batch_size = batch_size  # Score-CAM: masked copies scored per forward pass
 
     def __call__(self, pixels: torch.Tensor, targets: Sequence[int]) -> np.ndarray:
@@ -79,6 +95,8 @@ class CamExplainer:
 
         device = next(self.model.parameters()).device
         inputs = pixels.detach().to(device).float().requires_grad_(True)  # gradients reach the layer when every weight is frozen
+        if self.to_grid is not None:
+            self.to_grid.size = (int(pixels.shape[-2]), int(pixels.shape[-1]))
         with torch.enable_grad():
             maps = self.cam(input_tensor=inputs, targets=[ClassifierOutputTarget(int(t)) for t in targets])
         return np.nan_to_num(np.asarray(maps, dtype=np.float32)).clip(0, 1)

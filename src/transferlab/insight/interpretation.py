@@ -19,7 +19,7 @@ import torch
 
 from transferlab.core.errors import ConfigError, MissingPackage
 from transferlab.core.plotting import pyplot, save_figure
-from transferlab.insight.cam import CamExplainer, body_of, overlay, target_layer
+from transferlab.insight.cam import CamExplainer, backbone_of, body_of, overlay, target_layer
 from transferlab.insight.pixels import PixelClassifier, load_pixels
 
 log = logging.getLogger(__name__)
@@ -52,7 +52,7 @@ def render_top_losses(
     predicted = [int(probs[i].argmax()) for i in chosen]
     maps: Optional[np.ndarray] = None
     try:
-        explainer = CamExplainer(model, body, target_layer(body, model.input_size, None), method)
+        explainer = CamExplainer(model, body, target_layer(backbone_of(model), model.input_size, None), method)
     except (ConfigError, MissingPackage) as exc:  # a ViT (no spatial maps), or pytorch-grad-cam not installed
         log.warning("Top losses without class activation maps: %s", exc)
     else:

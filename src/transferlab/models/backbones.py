@@ -11,7 +11,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 from collections.abc import Mapping, Sequence
-from typing import Any, Optional
+from typing import Any, Optional, cast
 
 from transferlab.core.errors import ConfigError, close_matches
 from transferlab.models.backbone import Backbone
@@ -70,16 +70,18 @@ def create_backbone(
         )
     chosen = resolve_source(name, source, weights)
     backbone = chosen.build(name, weights, dict(model_args or {}), input_size)
+    if backbone.tag and "." not in name:  # the library's default weight for the name: recorded by its tag
+        backbone.name = f"{name}.{backbone.tag}"
     kind = chosen_pool(name, backbone.body, pool)
     if kind is not None:
         backbone.pool = TokenPool(kind, layout_of(backbone.body).prefix)
-        backbone.num_features = pooled_width(int(getattr(backbone.body, "num_features")), kind)
+        backbone.num_features = pooled_width(int(cast(Any, backbone.body).num_features), kind)
     backbone.preprocessing = backbone.preprocessing.resized(input_size)
     if crop_pct is not None:
         backbone.preprocessing = dataclasses.replace(backbone.preprocessing, crop_pct=float(crop_pct))
     log.info(
         "Backbone %s (%s, weights=%s%s): %d features (pool %s), input %d px",
-        name,
+        backbone.name,
         chosen.name,
         weights,
         f", tag {backbone.tag}" if backbone.tag else "",

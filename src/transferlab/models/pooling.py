@@ -19,7 +19,7 @@ register tokens), then one token per image patch, row by row. Swin ends in a map
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Literal, Optional
+from typing import Any, Literal, Optional, cast
 
 import torch
 from torch import nn
@@ -52,7 +52,7 @@ def layout_of(model: nn.Module) -> Layout:
         patch = getattr(model.patch_embed, "patch_size", (16, 16))
         patch = (int(patch), int(patch)) if isinstance(patch, int) else (int(patch[0]), int(patch[1]))
         has_class = bool(getattr(model, "cls_token", None) is not None)
-        return Layout("tokens", int(model.num_prefix_tokens), patch, has_class)
+        return Layout("tokens", int(cast(Any, model).num_prefix_tokens), patch, has_class)
     return Layout("conv")
 
 
@@ -69,9 +69,7 @@ def chosen_pool(name: str, model: nn.Module, requested: Optional[str]) -> Option
     if layout.kind != "tokens":
         if requested == "avg":
             return None  # a CNN's (and Swin's) own pooling is the global average
-        raise ConfigError(
-            f"backbone.pool={requested}: {name} is not a token model (its output is a feature map); use backbone.pool=avg or auto"
-        )
+        raise ConfigError(f"backbone.pool={requested}: {name} is not a token model (its output is a feature map); use backbone.pool=avg or auto")
     if not hasattr(model, "forward_features"):
         raise ConfigError(f"backbone.pool={requested}: {name} has no forward_features (only timm models); use backbone.pool=auto")
     if requested in ("cls", "cls_mean") and not layout.class_token:
@@ -108,7 +106,7 @@ def pooled_features(body: nn.Module, pool: Optional[TokenPool], images: torch.Te
         out: torch.Tensor = body(images)
         return out
     norm = getattr(body, "fc_norm", None)
-    return pool(getattr(body, "forward_features")(images), norm if isinstance(norm, nn.Module) and not isinstance(norm, nn.Identity) else None)
+    return pool(cast(Any, body).forward_features(images), norm if isinstance(norm, nn.Module) and not isinstance(norm, nn.Identity) else None)
 
 
 def pooled_width(width: int, kind: Optional[str]) -> int:

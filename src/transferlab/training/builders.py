@@ -86,7 +86,7 @@ def log_run_config(loggers: list[Logger], cfg: DictConfig) -> None:
 def new_model(cfg: DictConfig, backbone: Any, datamodule: ImageClassificationDataModule) -> TransferClassifier:
     """The classifier of a run; its hyper-parameters go into every checkpoint, credentials masked."""
     return TransferClassifier(
-        backbone=redact(container(cfg.backbone)),
+        backbone=redact({**container(cfg.backbone), **({"name": backbone.name} if getattr(backbone, "tag", None) else {})}),  # the weight tag
         class_names=datamodule.class_names,
         finetune=redact(container(cfg.finetune)),
         optimizer=redact(container(cfg.optimizer)),

@@ -17,6 +17,7 @@ from transferlab.callbacks.feature_cache import FeatureCache
 from transferlab.core.hardware import choose_flag, choose_precision, detect, on_gpu
 from transferlab.models.backbone import is_convolutional
 from transferlab.models.classifier import TransferClassifier
+from transferlab.models.pooling import layout_of
 
 log = logging.getLogger(__name__)
 
@@ -38,6 +39,13 @@ def resolve_precision(cfg: DictConfig) -> str:
     return f"precision {chosen}"
 
 
+def layout_words(body: Any, conv: bool) -> str:
+    """Why channels_last is on or off: a token model (ViT, Swin) keeps its tokens in a layout NHWC does not help."""
+    if layout_of(body).kind != "conv":
+        return f"a token model ({type(body).__name__}): NHWC does not speed up attention"
+    return "convolutional backbone" if conv else "no convolutions in the backbone"
+
+
 def apply_performance(
     cfg: DictConfig, model: TransferClassifier, datamodule: Any, precision_note: str, cache: Optional[FeatureCache] = None
 ) -> list[pl.Callback]:
@@ -51,7 +59,7 @@ def apply_performance(
     notes = [
         precision_note,
         f"channels_last {'on' if channels_last else 'off'}"
-        + (f" (auto: {'convolutional' if conv else 'no convolutions in the'} backbone)" if str(perf.channels_last) == "auto" else ""),
+        + (f" (auto: {layout_words(model.backbone.body, conv)})" if str(perf.channels_last) == "auto" else ""),
         f"compile {'on' if compile_backbone else 'off'}",
     ]
     workers = datamodule.workers()
