@@ -31,8 +31,12 @@ class WeightEMA(WeightAveraging):
         self.decay = float(decay)
 
         def average(averaged: torch.Tensor, current: torch.Tensor, updates: torch.Tensor) -> torch.Tensor:
-            d = warmed_up_decay(self.decay, updates).to(averaged.dtype) if averaged.is_floating_point() else None
-            return averaged * d + current * (1.0 - d) if d is not None else current  # integer buffers: the latest
+            if not averaged.is_floating_point():
+                return current  # integer buffers: the latest
+            d = warmed_up_decay(self.decay, updates).to(averaged.dtype)
+            # The average of a weight that never moved is that weight, to the bit (a*d + a*(1-d) can be off by an ulp):
+            # frozen weights (finetune=lora's base, a frozen backbone) stay bit-identical.
+            return torch.where(averaged == current, current, averaged * d + current * (1.0 - d))
 
         super().__init__(use_buffers=True, avg_fn=average)
 

@@ -3,7 +3,9 @@
 Every exported format is loaded back and run on sample inputs (batches of 1, 3 and 8: the ONNX batch axis is
 dynamic) and must give the checkpoint's own fp32 logits to TOLERANCE, else the export fails with one line and
 the output folder keeps what it had. Files are written in a staging folder inside the output and moved into
-place at the end, so a failed or interrupted export never leaves a package whose files disagree.
+place at the end, so a failed or interrupted export never leaves a package whose files disagree. A finetune=lora
+checkpoint's adapters are merged into their layers first (models.lora.merge, checked against the adapted model to
+TOLERANCE as well): the package is a plain model, config.json's `lora` says what was merged.
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ from torch import nn
 from transferlab.core.errors import DataError, ResourceError, require_packages
 from transferlab.core.files import write_json
 from transferlab.data.stored_splits import write_csv
-from transferlab.models import package
+from transferlab.models import lora, package
 from transferlab.models.classifier import TransferClassifier, load_checkpoint
 from transferlab.models.package_card import model_card
 
@@ -106,6 +108,17 @@ def _checked(name: str, difference: float) -> float:
     return difference
 
 
+def merge_adapters(model: TransferClassifier, network: InferenceNetwork, inputs: list[torch.Tensor], expected: list[torch.Tensor]) -> dict[str, Any]:
+    """finetune=lora: fold the adapters into their layers (a package is a plain model), checked against the adapted
+    model's logits to TOLERANCE; {} for any other model."""
+    layers = lora.merge(model)
+    if not layers:
+        return {}
+    with torch.inference_mode():
+        difference = _checked("model with merged LoRA adapters", largest_difference(expected, [network(x) for x in inputs]))
+    return {"merged_layers": layers, "max_abs_diff": difference, "finetune": dict(model.hparams["finetune"]["lora"])}
+
+
 def export_package(ckpt_path: str, output: Path, fmt: str, opset: int) -> dict[str, Any]:
     """Write the package into `output` (created; an earlier package there is replaced); returns its config.json."""
     if fmt not in FORMATS:
@@ -120,6 +133,9 @@ def export_package(ckpt_path: str, output: Path, fmt: str, opset: int) -> dict[s
     inputs = sample_inputs(size)
     with torch.inference_mode():
         expected = [network(x) for x in inputs]
+    merged = merge_adapters(model, network, inputs, expected)
+    if merged:
+        hparams = {**hparams, "finetune": dict(model.hparams["finetune"])}  # finetune.lora.merged: rebuilt as a plain model
     output.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=".export-", dir=output))
     try:
@@ -160,6 +176,8 @@ def export_package(ckpt_path: str, output: Path, fmt: str, opset: int) -> dict[s
                 diff = largest_difference(expected, torchscript_logits(staging / package.TORCHSCRIPT, inputs))
             formats["torchscript"] = {"file": package.TORCHSCRIPT, "kind": "torch.jit.trace", "max_abs_diff": _checked("TorchScript", diff)}
         config["formats"] = formats
+        if merged:
+            config["lora"] = merged
         config["export_check"] = {"tolerance": TOLERANCE, "batches": list(CHECK_BATCHES), "inputs": "seeded standard normal, float32"}
         write_json(staging / package.CONFIG, config)
         (staging / package.CARD).write_text(model_card(config))

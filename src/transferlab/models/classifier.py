@@ -27,7 +27,7 @@ from torchmetrics.classification import MulticlassAccuracy
 from transferlab.core.errors import DataError, TrainingDiverged
 from transferlab.core.safe_load import read_checkpoint
 from transferlab.data.preprocessing import Preprocessing
-from transferlab.models import package
+from transferlab.models import lora, package
 from transferlab.models.backbones import Backbone, create_backbone
 from transferlab.models.evaluation import classification_metrics, gather_in_order
 from transferlab.models.optimization import parameter_groups
@@ -72,6 +72,7 @@ class TransferClassifier(pl.LightningModule):
         self.tta = "none"  # test-time augmentation of the test step (models.tta); a runtime choice, not a hyper-parameter
         if self.mode in ("frozen", "gradual"):
             self.freeze_backbone()
+        lora.attach(self.backbone, finetune)  # finetune=lora: adapters in the body, the rest of the backbone frozen
 
         self.register_buffer("temperature", torch.ones(()))  # 1 = uncalibrated; set by training.calibration
         self.calibration: dict[str, Any] = {}  # how the temperature was chosen (training.calibration), kept in checkpoints
@@ -110,6 +111,8 @@ class TransferClassifier(pl.LightningModule):
         super().train(mode)
         if self.backbone_frozen:
             self.backbone.eval()  # Lightning calls .train() every epoch; keep the frozen backbone in eval
+        elif self.mode == "lora":
+            lora.train_adapters_only(self.backbone, mode)  # the base (BatchNorm statistics) stays in eval
         return self
 
     # -- runtime ---------------------------------------------------------------------------------------
@@ -149,6 +152,10 @@ class TransferClassifier(pl.LightningModule):
             checkpoint["transferlab_splits"] = self.split_table
         if self.calibration:
             checkpoint["transferlab_calibration"] = dict(self.calibration)
+        lora.shrink_checkpoint(self.hparams["finetune"], self.hparams["backbone"], checkpoint)  # adapters + head + base record
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        lora.restore_base(self, checkpoint)  # an adapter-only LoRA checkpoint gets the live (hash-checked) base back
 
     def imagenet_logits(self, images: torch.Tensor) -> torch.Tensor:
         """The backbone's own ImageNet classifier (visualisation and attacks use it)."""
@@ -244,7 +251,7 @@ class TransferClassifier(pl.LightningModule):
     def configure_optimizers(self) -> Any:
         """Only trainable parameters, grouped by models.optimization (backbone at lr x backbone_lr_factor, layer decay);
         a scheduler with `interval: step` is stepped per optimiser step and told the run's total steps."""
-        groups = parameter_groups(self.head, self.backbone.body, dict(self.hparams), backbone_trains=self.mode == "full")
+        groups = parameter_groups(self.head, self.backbone.body, dict(self.hparams), backbone_trains=self.mode in ("full", "lora"))
         optimizer = instantiate(dict(self.hparams["optimizer"]))(params=groups)
         sched_cfg = dict(self.hparams["scheduler"] or {})
         if not sched_cfg.get("_target_"):
@@ -276,8 +283,7 @@ def load_checkpoint(path: str | Path) -> tuple[TransferClassifier, dict[str, Any
         hparams["class_names"], hparams["backbone"]["name"]  # noqa: B018 - what every transferlab checkpoint holds
     except (KeyError, TypeError) as exc:
         raise DataError(f"ckpt_path: {path} is not a transferlab checkpoint (no {exc} in its hyper_parameters)") from None
-    hparams["backbone"] = {**hparams["backbone"], "weights": "none"}
-    model = TransferClassifier(**hparams)
+    model = lora.rebuild(TransferClassifier, hparams, ckpt)  # weights=none, or a LoRA checkpoint's recorded base
     state = dict(ckpt["state_dict"])
     state.setdefault("temperature", torch.ones(()))  # checkpoints from before calibration existed
     model.load_state_dict(state, strict=True)

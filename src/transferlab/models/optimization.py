@@ -5,6 +5,8 @@
   from the top), so the early, general layers move least. timm backbones are split into layers by their own
   group_matcher (timm.optim.param_groups_layer_decay, which also exempts biases and norms from weight decay); any
   other backbone by its top-level modules, in order.
+- Only parameters that require gradients join a group: with finetune=lora the backbone's are its adapters alone
+  (models.lora freezes the rest), so the adapters are the backbone group, at lr x backbone_lr_factor.
 - A scheduler node with `interval: step` (conf/scheduler/warmup_cosine.yaml) is stepped every optimiser step and is
   given the run's total step count; any other steps once per epoch.
 """

@@ -50,7 +50,7 @@ def model_card(config: Mapping[str, Any]) -> str:
         "## Data",
         f"- Dataset: `{data.get('_target_') or '?'}`, root `{data.get('root') or '-'}`, task `{data.get('task') or '-'}`; seed {config.get('seed')}.",
         f"- Classes: {shown_classes}.",
-        f"- Backbone: `{backbone.get('name')}` ({backbone.get('source')}), fine-tuning mode `{config.get('finetune_mode')}`.",
+        f"- Backbone: `{backbone.get('name')}` ({backbone.get('source')}), fine-tuning mode `{config.get('finetune_mode')}`{merged_note(config)}.",
         "",
         "## Metrics",
     ]
@@ -106,3 +106,9 @@ def model_card(config: Mapping[str, Any]) -> str:
         "",
     ]
     return "\n".join(lines)
+
+
+def merged_note(config: Mapping[str, Any]) -> str:
+    """finetune=lora: the package's weights have its adapters merged in (a plain model, no peft needed)."""
+    merged = config.get("lora") or {}
+    return f" (LoRA rank {merged['finetune'].get('r')} on {merged['merged_layers']} layers, merged into the weights)" if merged else ""
