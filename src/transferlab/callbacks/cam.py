@@ -54,6 +54,7 @@ class ClassActivationMaps(pl.Callback):
         with inspecting(pl_module):
             model = trained_classifier(classifier)
             explainer = CamExplainer(model, classifier.backbone.body, str(self.layer), self.method)
+            self.method = explainer.method  # auto, resolved for this backbone
             try:
                 probs = model.probabilities(pixels).cpu()
                 truth = [int(labels[str(files[i])]) for i in chosen]

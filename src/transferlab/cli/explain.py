@@ -54,7 +54,7 @@ def explain(cfg: DictConfig) -> dict[str, Any]:
     stems = output_stems(files, root)
     log.info(
         "%s of %d image(s): %s, layer %s%s",
-        cfg.method,
+        explainer.method,
         len(files),
         model.name,
         layer,
@@ -62,7 +62,7 @@ def explain(cfg: DictConfig) -> dict[str, Any]:
     )
     skipped: dict[str, str] = {}
     rows = []
-    step = 1 if cfg.method == "scorecam" else max(1, int(cfg.batch_size))
+    step = 1 if explainer.method == "scorecam" else max(1, int(cfg.batch_size))
     for start in range(0, len(files), step):
         batch, names, pixels = [], [], []
         for file, stem in zip(files[start : start + step], stems[start : start + step]):
@@ -91,7 +91,7 @@ def explain(cfg: DictConfig) -> dict[str, Any]:
     if skipped:
         write_skipped(out_dir / "skipped_images.csv", skipped)
         log.warning("%d file(s) could not be read (nothing was deleted); list in %s", len(skipped), out_dir / "skipped_images.csv")
-    summary = {"model": model.name, "method": str(cfg.method), "layer": layer, "images": len(rows), "skipped": len(skipped)}
+    summary = {"model": model.name, "method": explainer.method, "layer": layer, "images": len(rows), "skipped": len(skipped)}
     write_json(out_dir / "explain.json", summary)
     log.info("Wrote %d map(s) to %s (explain.csv: path, target, prob)", len(rows), out_dir)
     return summary

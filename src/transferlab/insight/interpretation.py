@@ -53,6 +53,7 @@ def render_top_losses(
     maps: Optional[np.ndarray] = None
     try:
         explainer = CamExplainer(model, body, target_layer(backbone_of(model), model.input_size, None), method)
+        method = explainer.method
     except (ConfigError, MissingPackage) as exc:  # a ViT (no spatial maps), or pytorch-grad-cam not installed
         log.warning("Top losses without class activation maps: %s", exc)
     else:

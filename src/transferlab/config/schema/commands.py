@@ -168,7 +168,7 @@ class Explain:
     ckpt_path: Optional[str]
     input: str
     target: Optional[Union[str, int]]
-    method: Literal["gradcam", "gradcam++", "scorecam"]
+    method: Literal["auto", "gradcam", "gradcam++", "hirescam", "scorecam"]
     target_layer: Optional[str]
     image_weight: float
     batch_size: Count

@@ -116,7 +116,7 @@ class Tune:
 class Interpret:
     enabled: bool
     top_losses: int
-    cam_method: Literal["gradcam", "gradcam++", "scorecam"]
+    cam_method: Literal["auto", "gradcam", "gradcam++", "hirescam", "scorecam"]
     most_confused: int
     embedding: Literal["tsne", "pca", "none"]
     max_points: int
