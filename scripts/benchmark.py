@@ -5,6 +5,7 @@
     python scripts/benchmark.py --device cuda --sections finetune,precision,peak   # on a GPU machine
     python scripts/benchmark.py --check    # ... and exit 1 when a target is missed
     python scripts/benchmark.py --check --from benchmark.json   # only evaluate the targets of an earlier run
+    python scripts/benchmark.py --sections lora   # LoRA vs full fine-tuning: trainable parameters, peak memory, s/step
 
 Prints a markdown table and writes benchmark.json. Its top-level keys are stable (other tooling reads them):
 frozen_speedup, frozen_speedup_cache, frozen_speedup_bf16, frozen_speedup_workers, frozen_acc_baseline,
@@ -20,7 +21,7 @@ our full decode; `decode_draft_speedup` our reduced (draft) decode on large JPEG
 run are meaningful on a shared machine.
 
 The sections are the `bench` package beside this file, one module each (bench/frozen.py, finetune.py, precision.py,
-accuracy.py, decode.py, peak.py, probe.py, predict.py, fill.py), listed in one table (bench/__init__.py: the run,
+accuracy.py, decode.py, peak.py, probe.py, predict.py, fill.py, lora.py), listed in one table (bench/__init__.py: the run,
 the markdown rows and the targets of each); the command line is bench/cli.py.
 """
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Callable, Optional
 
-from . import accuracy, decode, fill, finetune, frozen, peak, precision, predict, probe
+from . import accuracy, decode, fill, finetune, frozen, lora, peak, precision, predict, probe
 from .common import Context, Row, fmt, meets
 
 __all__ = ["SECTIONS", "NAMES", "Context", "Section", "check", "markdown", "run_sections", "summary", "targets"]
@@ -36,6 +36,7 @@ SECTIONS = (
     Section("probe", probe.run, probe.rows, probe.KEYS),
     Section("predict", predict.run, predict.rows, predict.KEYS),
     Section("fill", fill.run, fill.rows, fill.KEYS),
+    Section("lora", lora.run, lora.rows, lora.KEYS),
 )
 NAMES = tuple(s.name for s in SECTIONS)
 HEADER = ["| measurement | baseline | transferlab | ratio | target |", "|---|---|---|---|---|"]

@@ -147,10 +147,14 @@ def attach(backbone: nn.Module, finetune: Mapping[str, Any]) -> list[str]:
     )
     inject_adapter_in_model(config, body)
     backbone.requires_grad_(False)
-    layers = lora_layers(body)
+    layers: list[Any] = lora_layers(body)  # peft LoraLayer modules
     for layer in layers:
         for name, part in layer.named_children():
             part.requires_grad_(name.startswith(ADAPTER) and name != "lora_dropout")
+        # Under autocast the adapter runs in the autocast dtype like its layer; peft's cast of the input to the adapter
+        # weights' float32 would copy every adapted layer's input (time and memory) for the same result. (Outside
+        # autocast input and weights share their dtype and nothing is cast either way.)
+        layer.cast_input_dtype_enabled = False
     if len(layers) != len(targets):
         raise RuntimeError(f"peft adapted {len(layers)} layers of {model}, {len(targets)} were chosen; report the peft version")
     train_adapters_only(backbone, True)  # Lightning keeps each module's mode as it finds it: the base starts in eval
