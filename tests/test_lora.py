@@ -28,6 +28,7 @@ VIT = [
     "backbone.source=timm",
     "backbone.model_args={img_size:64}",
 ]
+LORA = {"r": 8, "alpha": 16, "dropout": 0.05, "target_modules": "auto"}
 QUICK = ["+trainer.limit_train_batches=1", "+trainer.limit_val_batches=1", "interpret.enabled=false"]
 
 
@@ -173,3 +174,8 @@ def test_auto_targets_follow_the_family():
     assert "conv_head" in chosen and not any("conv_dw" in t or t == "conv_stem" for t in chosen)
     attention = torch.nn.Sequential(torch.nn.MultiheadAttention(16, 2), torch.nn.Linear(16, 16))
     assert lora.adaptable_layers(attention).keys() == {"1"}  # MultiheadAttention reads out_proj's weight directly
+    assert lora.settings({"mode": "full"}) is None and lora.settings({"mode": "lora", "lora": {**LORA, "merged": True}}) is None
+    with pytest.raises(
+        ConfigError, match=r"^finetune.lora: finetune.mode=lora needs the adapter's r, alpha, dropout and target_modules; use finetune=lora$"
+    ):
+        lora.settings({"mode": "lora"})
