@@ -11,7 +11,10 @@ autocast, channels_last; a plain PyTorch loop, so the figures are about data fee
   (c) the same with data.decode=gpu (workers read bytes; batched decode_jpeg and the augmentation on the device,
       in the datamodule's on_after_batch_transfer hook);
 and reports (b)/(a) and (c)/(a) (target >= 0.9), the loaders alone (no training step: what they can deliver),
-and how far the device decode's eval tensors are from the CPU path's (grey levels). The files are ~5,000 JPEGs
+and how far the device decode's eval tensors are from the CPU path's (grey levels); then (d) ViT-B/16 (timm,
+weights=none: the cost does not depend on the weights) at 224 px, bf16-mixed, full fine-tuning against finetune=lora
+side by side (scripts/bench/lora.py: trainable parameters, s/step, peak memory; quick: ViT-Ti/16 at 64 px).
+The files are ~5,000 JPEGs
 built from the shared photos by scripts/synthetic_photos.py into a temporary folder. Writes JSON (--out) and a
 markdown table beside it (.md); prints the hardware.
 """
@@ -190,6 +193,18 @@ def markdown(result: dict[str, Any]) -> str:
         f"max {result['agreement']['max_grey_levels']} grey levels, p99 {result['agreement']['p99_grey_levels']}, "
         f"mean {result['agreement']['mean_grey_levels']}; device decoder: {result['agreement']['device_decoder']}.",
     ]
+    v = result.get("vit_lora")
+    if v:
+        lines += [
+            "",
+            f"(d) {v['model']} at {v['input_size']} px, batch {v['batch']}, {v['precision']}: full fine-tuning vs finetune=lora",
+            "",
+            "| | full | LoRA | LoRA / full |",
+            "| --- | ---: | ---: | ---: |",
+            f"| trainable parameters | {v['full']['trainable']:,} | {v['lora']['trainable']:,} | {v['trainable_fraction']:.3f} |",
+            f"| s/step | {v['full']['step_s']:.3f} | {v['lora']['step_s']:.3f} | {1 / v['step_speedup']:.2f} |",
+            f"| peak MB ({v['lora']['peak_kind']}) | {v['full']['peak_mb']:.0f} | {v['lora']['peak_mb']:.0f} | {v['peak_fraction'] or 0:.2f} |",
+        ]
     return "\n".join(lines) + "\n"
 
 
@@ -242,6 +257,11 @@ def main(argv: list[str] | None = None) -> int:
                 flush=True,
             )
             del dm
+        from bench import lora
+
+        vit = ("vit_tiny_patch16_224", 64, 4, 2, 1) if quick else ("vit_base_patch16_224", 224, 64, 20, 5)
+        vit_lora = lora.compare(vit[0], "none", vit[1], vit[2], vit[3], vit[4], device, bf16=bf16)
+        print(f"(d) {vit[0]}: LoRA {vit_lora['step_speedup']:.2f}x faster per step, peak x {vit_lora['peak_fraction']}", flush=True)
         files = sorted(root.rglob("*.jpg"))[: 16 if quick else 256]
         result: dict[str, Any] = {
             "ratio_cpu": img_s["decode_cpu"] / img_s["synthetic"],
@@ -249,6 +269,7 @@ def main(argv: list[str] | None = None) -> int:
             "target": 0.9,
             "img_s": img_s,
             "agreement": agreement(files, prep, device),
+            "vit_lora": vit_lora,
             "settings": {
                 "device": str(device),
                 "batch": batch,
