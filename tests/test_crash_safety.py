@@ -99,7 +99,7 @@ def test_ctrl_c_exits_130_with_one_line_saying_what_was_kept(tiny_folder, tmp_pa
     proc = start_cli(f"data.root={tiny_folder}", *DETERMINISTIC, f"hydra.run.dir={out}", *pause(1, 1, marker), log=log)
     wait_for(marker, proc, log)
     os.killpg(proc.pid, signal.SIGINT)
-    assert proc.wait(60) == 130, log.read_text()[-3000:]
+    assert proc.wait(180) == 130, log.read_text()[-3000:]  # an upper bound for a hang, not a speed check (a loaded 2-core CI)
     text = log.read_text()
     last = text.strip().splitlines()[-1]
     assert (

@@ -64,7 +64,7 @@ class FeatureMaps(pl.Callback):
         every_n_epochs: int,
         at_end: bool,
         seed: int,
-        attention_rollout: bool = False,
+        attention_rollout: bool,
     ) -> None:
         """`layers`: module names inside the backbone (null = one per output stride in `strides`; a token model: as
         many evenly spaced blocks); when: before training (`at_start`), every n epochs, after training (`at_end`;
@@ -134,6 +134,11 @@ class FeatureMaps(pl.Callback):
                 captions += [f"{paths[i].name} (principal components)" for i in chosen]
             log_images(trainer.loggers, f"feature_maps/{layer}", files, step=trainer.global_step, captions=captions)
             written += files
+        if attention is None and layout.kind == "tokens":
+            log.info(
+                "Feature maps: no attention maps for %s (no class token, or attention that is not timm's plain Attention)",
+                type(backbone.body).__name__,
+            )
         if attention is not None:
             kind = "rolled out over every block" if self.attention_rollout else "last block"
             written += [

@@ -124,7 +124,7 @@ def package_config(
         "logits_are_calibrated": bool(calibrated),
         "input": {"name": "images", "dtype": "float32", "layout": "NCHW", "normalised": True, "channels": "RGB"},
         "output": {"name": "logits", "meaning": "logits / temperature; softmax gives the class probabilities"},
-        "backbone": {k: hparams["backbone"].get(k) for k in ("name", "source", "input_size")},
+        "backbone": {k: hparams["backbone"].get(k) for k in ("name", "source", "weights", "input_size", "pool")},
         "finetune_mode": (hparams.get("finetune") or {}).get("mode"),
         "data": {k: (run.get("data") or {}).get(k) for k in ("_target_", "root", "task", "val_fraction", "test_fraction")},
         "seed": run.get("seed"),

@@ -50,7 +50,8 @@ def model_card(config: Mapping[str, Any]) -> str:
         "## Data",
         f"- Dataset: `{data.get('_target_') or '?'}`, root `{data.get('root') or '-'}`, task `{data.get('task') or '-'}`; seed {config.get('seed')}.",
         f"- Classes: {shown_classes}.",
-        f"- Backbone: `{backbone.get('name')}` ({backbone.get('source')}), fine-tuning mode `{config.get('finetune_mode')}`{merged_note(config)}.",
+        f"- Backbone: `{backbone.get('name')}` ({backbone.get('source')}; weights `{backbone.get('weights')}`, pool `{backbone.get('pool') or 'auto'}`), "
+        f"fine-tuning mode `{config.get('finetune_mode')}`{merged_note(config)}.",
         "",
         "## Metrics",
     ]
