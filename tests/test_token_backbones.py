@@ -196,7 +196,9 @@ def test_every_command_runs_with_a_token_backbone(registers, evidence, command, 
             f"paths.cache_dir={tmp_path / 'cache'}",
             f"hydra.run.dir={tmp_path}",
         )
-        assert (tmp_path / "audit.json").is_file()
+        found = json.loads((tmp_path / "audit.json").read_text())
+        assert (found["images"], found["classes"]) == (144, 3)  # 48 per class
+        assert np.load(tmp_path / "features.npy", mmap_mode="r").shape == (144, 2 * 192)  # cls_mean: class + mean patch token
 
 
 def export_predict_and_serve_agree(ckpt: Path, probes: Path, tmp_path: Path) -> None:

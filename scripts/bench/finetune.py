@@ -8,9 +8,8 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 
-from .common import LITE0, Context, Row, Target, at, autocast, make_classifier, sync, tensor_batches
+from .common import LITE0, Context, Row, Target, at, make_classifier, sync, tensor_batches, train_step
 
 
 def raw_steps(model: Any, batches: list, warmup: int, device: torch.device, bf16: bool) -> float:
@@ -22,13 +21,7 @@ def raw_steps(model: Any, batches: list, warmup: int, device: torch.device, bf16
         if i == warmup:
             sync(device)
             started = time.perf_counter()
-        x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-        with autocast(device, bf16):
-            logits = model(x)
-        loss = F.cross_entropy(logits.float(), y)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
+        train_step(model, optimizer, x.to(device, non_blocking=True), y.to(device, non_blocking=True), device, bf16)
     sync(device)
     return (time.perf_counter() - started) / (len(batches) - warmup)
 

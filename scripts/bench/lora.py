@@ -18,9 +18,8 @@ import time
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 
-from .common import LITE0, Context, Row, autocast, sync
+from .common import LITE0, Context, Row, sync, train_step
 
 LORA = {"r": 8, "alpha": 16, "dropout": 0.05, "target_modules": "auto"}  # conf/finetune/lora.yaml's
 FACTOR = {"full": 0.1, "lora": 1.0}  # finetune.backbone_lr_factor of conf/finetune/full.yaml and lora.yaml
@@ -80,12 +79,7 @@ def one_side(name: str, weights: str, mode: str, size: int, batch: int, steps: i
         for i in range(warmup + steps):
             sync(device)
             started = time.perf_counter()
-            with autocast(device, bf16):
-                logits = model(images)
-            loss = F.cross_entropy(logits.float(), labels)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
+            train_step(model, optimizer, images, labels, device, bf16)
             sync(device)
             if i >= warmup:
                 times.append(time.perf_counter() - started)

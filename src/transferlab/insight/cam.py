@@ -97,10 +97,9 @@ class CamExplainer:
         """`model`: pixels -> logits (PixelClassifier); `body`: the backbone module that holds `layer`; `method`: one of
         METHODS (`auto` resolved here: `self.method` is what runs)."""
         self.model, self.layer, self.method = model, layer, resolved_method(method, body)
-        method = self.method
         layout = layout_of(body)
         self.to_grid = ToGrid(layout, (0, 0)) if layout.kind != "conv" else None
-        self.cam = _cam_class(method)(model=model, target_layers=[dict(body.named_modules())[layer]], reshape_transform=self.to_grid)
+        self.cam = _cam_class(self.method)(model=model, target_layers=[dict(body.named_modules())[layer]], reshape_transform=self.to_grid)
         self.cam.batch_size = batch_size  # Score-CAM: masked copies scored per forward pass
 
     def __call__(self, pixels: torch.Tensor, targets: Sequence[int]) -> np.ndarray:

@@ -46,7 +46,7 @@ class Layout:
 
 def layout_of(model: nn.Module) -> Layout:
     """The output layout of a timm / torchvision model, from the attributes timm gives every token model."""
-    if getattr(model, "output_fmt", None) == "NHWC" or str(getattr(model, "output_fmt", "")).endswith("NHWC"):
+    if str(getattr(model, "output_fmt", "")).endswith("NHWC"):  # "NHWC", or timm's Format enum
         return Layout("nhwc")
     if hasattr(model, "num_prefix_tokens") and hasattr(model, "patch_embed"):
         patch = getattr(model.patch_embed, "patch_size", (16, 16))
