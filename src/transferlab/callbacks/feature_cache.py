@@ -126,7 +126,7 @@ class FeatureCache(pl.Callback):
         measured = sum(fill.key_seconds.values())
         for split in store_splits:
             split_keys = [image_key(path) for path, _ in datamodule.splits[split]]
-            datamodule.feature_sets[split] = FeatureDataset(store, split_keys, [label for _, label in datamodule.splits[split]])
+            datamodule.feature_sets[split] = FeatureDataset(store, split_keys, [datamodule.target(label) for _, label in datamodule.splits[split]])
             computed = sum(k in computed_keys for k in split_keys)
             # This rank's time per computed image, scaled to the whole fill's wall time (under DDP: both ranks' work)
             share = sum(fill.key_seconds.get(k, 0.0) for k in dict.fromkeys(split_keys)) / measured if measured else 0.0

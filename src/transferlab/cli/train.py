@@ -11,6 +11,7 @@ from omegaconf import DictConfig
 
 from transferlab.cli.app import Command
 from transferlab.core.context import is_global_zero
+from transferlab.data.labels import task_metric
 from transferlab.models.backbones import create_backbone
 from transferlab.training.artifacts import print_config_tree
 from transferlab.training.builders import build_datamodule, container
@@ -34,7 +35,8 @@ def train(cfg: DictConfig) -> Optional[float]:
         metrics = cross_validate(cfg, backbone, datamodule, precision_note)
     else:
         metrics = fit_and_test(cfg, backbone, datamodule, precision_note, ckpt_path=ckpt_path).metrics
-    return metrics.get(cfg.optimized_metric) if cfg.optimized_metric else None
+    objective = task_metric(cfg.optimized_metric, datamodule.multilabel)  # val/acc_best stands for val/map there
+    return metrics.get(objective) if objective else None
 
 
 command = Command("train", train)

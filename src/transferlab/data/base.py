@@ -25,6 +25,7 @@ from transferlab.core.hardware import default_workers, usable_cores
 from transferlab.data.gpu_decode import DECODE_CHOICES, DeviceDecoding, EncodedImageDataset
 from transferlab.data.images import ImageDataset, Sample, decode_all
 from transferlab.data.integrity import scan_images
+from transferlab.data.labels import Label, check_task, counts, target
 from transferlab.data.preprocessing import Preprocessing
 from transferlab.data.sampling import (
     EpochBalancedSampler,
@@ -74,9 +75,17 @@ class ImageClassificationDataModule(DeviceDecoding, pl.LightningDataModule):
         sampler: str,
         exclude: Optional[str],
         decode: Literal["cpu", "gpu"],
+        task: str,
     ) -> None:
-        """Every value comes from the dataset's YAML (conf/data/_base.yaml and the option extending it)."""
+        """Every value comes from the dataset's YAML (conf/data/_base.yaml and the option extending it); `task`:
+        single (one class per image) or multilabel (a set of labels per image: data.labels)."""
         super().__init__()
+        self.multilabel = check_task(task)
+        if self.multilabel and sampler == "balanced":
+            raise ConfigError(
+                "data.sampler=balanced: draws classes equally often, which a multi-label image (several labels) cannot be; "
+                "use data.class_weights=balanced (a pos_weight per label in the loss) with data.task=multilabel"
+            )
         for key, value in (("val_fraction", val_fraction), ("test_fraction", test_fraction)):
             if not isinstance(value, (int, float)) or not 0 <= value < 1 or val_fraction + test_fraction >= 1:
                 raise ConfigError(
@@ -150,7 +159,7 @@ class ImageClassificationDataModule(DeviceDecoding, pl.LightningDataModule):
                 f"(each is listed with its reason above); expected {self.layout}"
             )
         test_fraction = 0.0 if official_test is not None else self.test_fraction
-        splits = hash_split(pool, self.split_key, self.val_fraction, test_fraction, self.split_seed)
+        splits = hash_split(pool, self.split_key, self.val_fraction, test_fraction, self.split_seed)  # labels.members: per label
         require_training_images(found.class_names, found.samples, pool, splits["train"], self.root)
         self.class_names, self.pool = found.class_names, pool
         self.usable = pool + (official_test or [])
@@ -174,11 +183,20 @@ class ImageClassificationDataModule(DeviceDecoding, pl.LightningDataModule):
         self._decoded.clear()
         if not announce:
             return
-        log.info("Data: %s classes; %s", len(self.class_names), ", ".join(f"{k} {len(v)}" for k, v in splits.items()))
-        counts = np.bincount([label for _, label in splits["train"]], minlength=len(self.class_names))
-        ratio = counts.max() / max(counts.min(), 1)
-        shown = ", ".join(f"{name} {n}" for name, n in zip(self.class_names, counts.tolist()))
-        log.info("Training images per class: %s", shown if len(self.class_names) <= 12 else f"{counts.min()} to {counts.max()}")
+        kind = "labels (multi-label)" if self.multilabel else "classes"
+        log.info("Data: %s %s; %s", len(self.class_names), kind, ", ".join(f"{k} {len(v)}" for k, v in splits.items()))
+        found = counts([label for _, label in splits["train"]], len(self.class_names))
+        ratio = found.max() / max(found.min(), 1)
+        shown = ", ".join(f"{name} {n}" for name, n in zip(self.class_names, found.tolist()))
+        log.info("Training images per %s: %s", kind[:5], shown if len(self.class_names) <= 12 else f"{found.min()} to {found.max()}")
+        if self.multilabel:
+            unlabelled = {split: sum(1 for _, label in samples if not label) for split, samples in splits.items()}
+            if any(unlabelled.values()):
+                log.info(
+                    "Images with none of the labels (kept: they are negatives for every label): %s",
+                    ", ".join(f"{k} {n}" for k, n in unlabelled.items()),
+                )
+            return
         if ratio > 1.5 and self.class_weights == "none" and self.sampler == "random":
             log.warning(
                 "Class imbalance: the largest class has %.1fx the images of the smallest; accuracy favours the large "
@@ -190,6 +208,9 @@ class ImageClassificationDataModule(DeviceDecoding, pl.LightningDataModule):
         """Per-class weights for the training loss (data.class_weights=balanced), from the training split."""
         if self.class_weights != "balanced":
             return None
+        if self.multilabel:  # BCE's pos_weight: each label's negatives / positives among the training images
+            positives = counts([label for _, label in self.splits["train"]], len(self.class_names)).astype(float)
+            return [float((len(self.splits["train"]) - p) / p) if p else 1.0 for p in positives]
         return balanced_loss_weights([label for _, label in self.splits["train"]], len(self.class_names))
 
     def _usable(self, samples: list[Sample]) -> list[Sample]:
@@ -227,7 +248,20 @@ class ImageClassificationDataModule(DeviceDecoding, pl.LightningDataModule):
             raise RuntimeError("datamodule.preprocessing must be set (from the backbone) before loaders are built")
         augment = self.augment if train else None
         transform = self.preprocessing.train_transform(augment) if train else self.preprocessing.eval_transform()
-        return ImageDataset(samples, transform, self.preprocessing.decode_size(augment))
+        return ImageDataset(samples, transform, self.preprocessing.decode_size(augment), num_labels=self.num_labels)
+
+    @property
+    def num_labels(self) -> Optional[int]:
+        """K for a multi-label task (loaders yield multi-hot vectors), None for a single-label one (class indices)."""
+        return len(self.class_names) if self.multilabel else None
+
+    def target(self, label: Label) -> Any:
+        """What a loader yields for `label` (data.labels.target)."""
+        return target(label, self.num_labels)
+
+    def ignore_mask(self, samples: Sequence[Sample]) -> Optional[np.ndarray]:
+        """[N, K] 1 = counted, 0 = left out of the metrics for that label (Pascal VOC's `difficult`), or None."""
+        return None
 
     def image_dataset(self, split: str, train: bool = False) -> ImageDataset:
         dataset = self.samples_dataset(self.splits[split], train)

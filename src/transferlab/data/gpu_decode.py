@@ -57,7 +57,7 @@ class EncodedItem(NamedTuple):
     EXIF orientation (1 = upright; only meaningful for bytes)."""
 
     image: torch.Tensor
-    label: int
+    label: Any  # a class index, or a multi-hot vector (data.labels.target)
     orientation: int = 1
 
 
@@ -86,7 +86,7 @@ def collate_encoded(items: Sequence[EncodedItem], train: bool = False) -> Encode
     """Keep the variable-length tensors as a list (the default collate would try to stack them)."""
     return EncodedBatch(
         images=[item.image for item in items],
-        labels=torch.tensor([item.label for item in items], dtype=torch.long),
+        labels=torch.stack([torch.as_tensor(item.label) for item in items]) if items else torch.zeros(0, dtype=torch.long),
         orientations=[item.orientation for item in items],
         train=train,
     )
@@ -104,7 +104,7 @@ class EncodedImageDataset(Dataset):
         return len(self.images)
 
     def __getitem__(self, index: int) -> EncodedItem:
-        label = self.images.samples[index][1]
+        label = self.images.target(index)
         if self.images.decoded is not None:
             return EncodedItem(self.images.decoded[index], label)
         path = self.images.samples[index][0]

@@ -24,8 +24,9 @@ from PIL import Image, ImageOps
 from torch.utils.data import Dataset
 
 from transferlab.core.errors import DataError
+from transferlab.data.labels import Label, target
 
-Sample = tuple[Path, int]  # (image file, class index)
+Sample = tuple[Path, Label]  # (image file, class index or label set: data.labels)
 
 
 Source = str | Path | bytes  # a file, or an image's bytes (an upload to transferlab-serve)
@@ -215,9 +216,16 @@ class ImageDataset(Dataset):
     """(transformed image, label); decodes at no less than `min_short_side` px, or takes pre-decoded images."""
 
     def __init__(
-        self, samples: Sequence[Sample], transform: Any, min_short_side: Optional[int] = None, decoded: Optional[list[torch.Tensor]] = None
+        self,
+        samples: Sequence[Sample],
+        transform: Any,
+        min_short_side: Optional[int] = None,
+        decoded: Optional[list[torch.Tensor]] = None,
+        num_labels: Optional[int] = None,
     ) -> None:
+        """`num_labels`: K of a multi-label task (labels yielded as multi-hot vectors), None for class indices."""
         self.samples = list(samples)
+        self.num_labels = num_labels
         self.transform = transform
         self.min_short_side = min_short_side
         self.decoded = decoded
@@ -232,9 +240,13 @@ class ImageDataset(Dataset):
         except Exception as exc:
             raise DataError(f"{path}: cannot be read any more ({exc}); it passed the integrity scan, so it changed during the run") from exc
 
-    def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
+    def target(self, index: int) -> Any:
+        """The image's class index, or its multi-hot label vector (data.labels.target)."""
+        return target(self.samples[index][1], self.num_labels)
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, Any]:
         image = self.decoded[index] if self.decoded is not None else self.decode(index)
-        return self.transform(image), self.samples[index][1]
+        return self.transform(image), self.target(index)
 
 
 def decode_all(dataset: ImageDataset, workers: int) -> list[torch.Tensor]:

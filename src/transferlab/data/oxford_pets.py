@@ -41,9 +41,14 @@ class OxfordPetsDataModule(ImageClassificationDataModule):
 
     def __init__(self, *, task: Literal["breeds", "species"], **kwargs: Any) -> None:
         """`task` and the rest: conf/data/oxford_pets.yaml."""
+        if task == "multilabel":
+            raise ConfigError(
+                "data.task=multilabel: Oxford-IIIT Pet has one animal (one breed) per photo; use data.task=breeds or species here, "
+                "or data=image_index with a labels column for multi-label images"
+            )
         if task not in ("breeds", "species"):
             raise ConfigError(f"data.task: expected breeds or species, got {task!r}{close_matches(str(task), ['breeds', 'species'])}")
-        super().__init__(**kwargs)
+        super().__init__(**kwargs, task="single")  # data.task names the pets' labelling (breeds | species): one class each
         self.task = task
 
     def _images_dir(self) -> Optional[Path]:

@@ -27,6 +27,7 @@ import numpy as np
 
 from transferlab.core.errors import DataError
 from transferlab.data.images import Sample
+from transferlab.data.labels import label_set, members
 
 log = logging.getLogger(__name__)
 
@@ -56,15 +57,13 @@ def hash_split(
     bands = {"test": (0.0, test_fraction), "val": (test_fraction, test_fraction + val_fraction), "train": (test_fraction + val_fraction, 1.0)}
     units = [hash_unit(key_of(Path(path)), seed) for path, _ in samples]
     chosen = ["test" if u < test_fraction else "val" if u < test_fraction + val_fraction else "train" for u in units]
-    by_class: dict[int, list[int]] = {}
-    for i, (_, label) in enumerate(samples):
-        by_class.setdefault(label, []).append(i)
+    by_class = members([label for _, label in samples])  # a multi-label image counts for each of its labels
     moved = 0
-    for members in by_class.values():
-        needed = ["train"] + [s for s, f in (("test", test_fraction), ("val", val_fraction)) if f > 0 and len(members) >= 3]
+    for held in by_class.values():
+        needed = ["train"] + [s for s, f in (("test", test_fraction), ("val", val_fraction)) if f > 0 and len(held) >= 3]
         for split in needed:
-            counts = {s: sum(1 for i in members if chosen[i] == s) for s in SPLITS}
-            donors = [i for i in members if counts[chosen[i]] > 1 or chosen[i] not in needed]
+            counts = {s: sum(1 for i in held if chosen[i] == s) for s in SPLITS}
+            donors = [i for i in held if counts[chosen[i]] > 1 or chosen[i] not in needed]
             if counts[split] or not donors:
                 continue
             low, high = bands[split]
@@ -79,13 +78,13 @@ def hash_split(
 def require_training_images(
     class_names: Sequence[str], files: Sequence[Sample], usable: Sequence[Sample], train: Sequence[Sample], root: Path
 ) -> None:
-    """Every class needs a usable training image; otherwise one line naming the class (and how many more)."""
-    present = {label for _, label in train}
+    """Every class (label) needs a usable training image; otherwise one line naming it (and how many more)."""
+    present = {one for _, label in train for one in label_set(label)}
     empty = [i for i in range(len(class_names)) if i not in present]
     if not empty:
         return
-    found = sum(1 for _, label in files if label == empty[0])
-    refused = found - sum(1 for _, label in usable if label == empty[0])
+    found = sum(1 for _, label in files if empty[0] in label_set(label))
+    refused = found - sum(1 for _, label in usable if empty[0] in label_set(label))
     raise DataError(
         f"data.root: class {class_names[empty[0]]!r} has no usable training images under {root} ({found} file(s) found, {refused} refused); "
         f"expected at least one image per class: add images or remove the class"

@@ -18,8 +18,6 @@ from typing import Any, Optional
 
 import lightning.pytorch as pl
 import torch
-import torch.nn.functional as F
-from hydra.utils import instantiate
 from torch import nn
 from torchmetrics import MaxMetric, MeanMetric
 from torchmetrics.classification import MulticlassAccuracy
@@ -29,10 +27,11 @@ from transferlab.core.safe_load import read_checkpoint
 from transferlab.data.preprocessing import Preprocessing
 from transferlab.models import lora, package
 from transferlab.models.backbones import Backbone, create_backbone
-from transferlab.models.evaluation import classification_metrics, gather_in_order
-from transferlab.models.optimization import parameter_groups
+from transferlab.models.evaluation import gather_in_order
+from transferlab.models.optimization import optimizers_and_schedule
 from transferlab.models.regularization import batch_mixer
-from transferlab.models.tta import combine_views, views
+from transferlab.models.tasks import make_task
+from transferlab.models.tta import views
 
 
 class TransferClassifier(pl.LightningModule):
@@ -50,10 +49,12 @@ class TransferClassifier(pl.LightningModule):
         run: Optional[Mapping[str, Any]] = None,
         loss_weights: Optional[Sequence[float]] = None,
         prebuilt_backbone: Optional[Backbone] = None,
+        task: str = "single",
     ) -> None:
         """`backbone`: {name, weights, source, input_size}; `optimizer`/`scheduler`: Hydra `_partial_` nodes;
         `run`: the data config, seed and precision of the run, so eval can rebuild the same test split;
-        `loss_weights`: one per class for the training loss (data.class_weights=balanced), or None."""
+        `loss_weights`: one per class for the training loss (data.class_weights=balanced; multi-label: BCE's
+        pos_weight per label), or None; `task`: single (softmax over the classes) or multilabel (a sigmoid per label)."""
         super().__init__()
         self.save_hyperparameters(ignore=["prebuilt_backbone"])
         self.backbone: Backbone = prebuilt_backbone if prebuilt_backbone is not None else create_backbone(**backbone)
@@ -65,8 +66,9 @@ class TransferClassifier(pl.LightningModule):
         dropout = float(finetune["head_dropout"])
         self.head = nn.Sequential(nn.Dropout(dropout), nn.Linear(self.backbone.num_features, num_classes))
         self.mode = finetune["mode"]
-        self.label_smoothing = float(finetune.get("label_smoothing") or 0.0)  # training loss only
-        self.mixer = batch_mixer(finetune.get("mixup"), finetune.get("cutmix"), num_classes)  # training images only
+        weights = torch.tensor(list(loss_weights), dtype=torch.float32) if loss_weights is not None else None
+        self.task = make_task(task, finetune, weights)  # models.tasks: loss, probabilities, metrics
+        self.mixer = batch_mixer(finetune.get("mixup"), finetune.get("cutmix"), num_classes, self.task.multilabel)  # training images only
         self.backbone_frozen = False
         self.channels_last = False
         self.tta = "none"  # test-time augmentation of the test step (models.tta); a runtime choice, not a hyper-parameter
@@ -74,16 +76,17 @@ class TransferClassifier(pl.LightningModule):
             self.freeze_backbone()
         lora.attach(self.backbone, finetune)  # finetune=lora: adapters in the body, the rest of the backbone frozen
 
-        self.register_buffer("temperature", torch.ones(()))  # 1 = uncalibrated; set by training.calibration
+        # 1 = uncalibrated; set by training.calibration (multi-label: one temperature per label)
+        self.register_buffer("temperature", torch.ones(num_classes) if self.task.multilabel else torch.ones(()))
         self.calibration: dict[str, Any] = {}  # how the temperature was chosen (training.calibration), kept in checkpoints
+        self.thresholds: dict[str, float] = {}  # multi-label decisions: label -> threshold on its calibrated probability
+        self.metric_masks: dict[str, Any] = {}  # split -> [N, K] pairs the metrics count (Pascal VOC's difficult), or none
         self.split_table: Optional[dict[str, Any]] = None  # the run's stored train / val / test files (data.stored_splits)
-        weights = torch.tensor(list(loss_weights), dtype=torch.float32) if loss_weights is not None else None
-        self.register_buffer("loss_weights", weights, persistent=False)  # rebuilt from the hyper-parameters
 
         # Training-step metrics without input checks: each check is a GPU->CPU sync that stalls every step.
         self.train_loss = MeanMetric(nan_strategy="disable")
         self.val_loss, self.test_loss = MeanMetric(), MeanMetric()
-        self.train_acc = MulticlassAccuracy(num_classes, average="micro", validate_args=False)
+        self.train_acc = MulticlassAccuracy(num_classes, average="micro", validate_args=False)  # single-label only
         self.val_acc = MulticlassAccuracy(num_classes, average="micro")
         self.val_acc_best = MaxMetric()
         self.val_acc_best.persistent(True)  # survives resuming, so val/acc_best covers the whole run
@@ -144,7 +147,8 @@ class TransferClassifier(pl.LightningModule):
         of the image itself; cached features have no views."""
         shown = views(inputs, tta) if inputs.ndim == 4 else [inputs]
         raw = [self(view).float() for view in shown]
-        return torch.stack([combine_views(raw, float(self.temperature)), combine_views(raw, 1.0), raw[0]], dim=1)
+        calibrated = self.task.combine_views(raw, self.temperature)
+        return torch.stack([calibrated, self.task.combine_views(raw, torch.ones_like(self.temperature)), raw[0]], dim=1)
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         """The run's stored split and how it was calibrated travel with every checkpoint (plain containers)."""
@@ -152,6 +156,8 @@ class TransferClassifier(pl.LightningModule):
             checkpoint["transferlab_splits"] = self.split_table
         if self.calibration:
             checkpoint["transferlab_calibration"] = dict(self.calibration)
+        if self.thresholds:  # multi-label decisions (training.calibration)
+            checkpoint["transferlab_thresholds"] = dict(self.thresholds)
         lora.shrink_checkpoint(self.hparams["finetune"], self.hparams["backbone"], checkpoint)  # adapters + head + base record
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
@@ -168,11 +174,12 @@ class TransferClassifier(pl.LightningModule):
         if self.mixer is not None and inputs.ndim == 4:  # mixup / cutmix: images only (not cached features)
             inputs, targets = self.mixer(inputs, labels)
         logits = self(inputs).float()
-        loss = F.cross_entropy(logits, targets, weight=self.loss_weights, label_smoothing=self.label_smoothing)
+        loss = self.task.loss(logits, targets)
         self.train_loss(loss)
-        self.train_acc(logits, labels)
         self.log("train/loss", self.train_loss, on_step=True, on_epoch=True, prog_bar=True)
-        self.log("train/acc", self.train_acc, on_step=False, on_epoch=True, prog_bar=True)
+        if not self.task.multilabel:
+            self.train_acc(logits, labels)
+            self.log("train/acc", self.train_acc, on_step=False, on_epoch=True, prog_bar=True)
         return loss
 
     def on_train_epoch_end(self) -> None:
@@ -195,12 +202,12 @@ class TransferClassifier(pl.LightningModule):
         inputs, labels = batch
         evaluated = self.evaluate(inputs, "none")
         logits = evaluated[:, 0]
-        loss = F.cross_entropy(logits, labels)
-        self.val_loss(loss, weight=len(labels))
-        self.val_acc(logits, labels)
+        self.val_loss(self.task.nll(logits, labels), weight=len(labels))
         curve = self.trainer.state.fn == "fit"  # the selected checkpoint's validation after fit adds no curve point
         self.log("val/loss", self.val_loss, on_epoch=True, prog_bar=True, logger=curve)
-        self.log("val/acc", self.val_acc, on_epoch=True, prog_bar=True, logger=curve)
+        if not self.task.multilabel:  # multi-label: val/map, from every image's logits at the epoch's end
+            self.val_acc(logits, labels)
+            self.log("val/acc", self.val_acc, on_epoch=True, prog_bar=True, logger=curve)
         self._batches["val"].append((evaluated.detach().cpu(), labels.detach().cpu()))
 
     def on_validation_epoch_start(self) -> None:
@@ -209,16 +216,16 @@ class TransferClassifier(pl.LightningModule):
     def on_validation_epoch_end(self) -> None:
         if self.trainer.sanity_checking:
             return
-        self.val_acc_best(self.val_acc.compute())
         selected = self.trainer.state.fn == "validate"  # the selected checkpoint's validation (training.calibration)
-        self.log("val/acc_best", self.val_acc_best.compute(), sync_dist=True, prog_bar=True, logger=not selected)
+        if not self.task.multilabel:
+            self.val_acc_best(self.val_acc.compute())
+            self.log("val/acc_best", self.val_acc_best.compute(), sync_dist=True, prog_bar=True, logger=not selected)
         self._log_metrics("val", per_class=selected, skip=("acc",), logger=not selected)
 
     def test_step(self, batch: Any, batch_idx: int) -> None:
         inputs, labels = batch
         evaluated = self.evaluate(inputs, self.tta)
-        loss = F.cross_entropy(evaluated[:, 0], labels)
-        self.test_loss(loss, weight=len(labels))
+        self.test_loss(self.task.nll(evaluated[:, 0], labels), weight=len(labels))
         self.log("test/loss", self.test_loss, on_epoch=True)
         self._batches["test"].append((evaluated.detach().cpu(), labels.detach().cpu()))
 
@@ -227,6 +234,8 @@ class TransferClassifier(pl.LightningModule):
 
     def on_test_epoch_end(self) -> None:
         found = self._log_metrics("test", per_class=True)
+        if self.task.multilabel:
+            return
         for name in self.class_names:  # the per-class accuracy is the class's recall
             self.log(f"test/acc_class/{name}", found[f"recall/{name}"], sync_dist=False)
         logits, labels = self.outputs["test"]
@@ -236,33 +245,23 @@ class TransferClassifier(pl.LightningModule):
 
     def _log_metrics(self, split: str, per_class: bool, skip: tuple[str, ...] = (), logger: bool = True) -> dict[str, float]:
         """Gather the split's logits from every rank (in dataset order), keep them in `outputs`, log their metrics."""
-        evaluated, labels = gather_in_order(self._batches[split], (3, len(self.class_names)))
+        label_shape = (len(self.class_names),) if self.task.multilabel else ()
+        evaluated, labels = gather_in_order(self._batches[split], (3, len(self.class_names)), label_shape)
         self._batches[split] = []
         logits = evaluated[:, 0]
         self.outputs[split] = (logits, labels)
         self.uncalibrated[split], self.plain_raw[split] = evaluated[:, 1], evaluated[:, 2]
-        found = classification_metrics(logits, labels, self.class_names, per_class=per_class)
+        thresholds = [self.thresholds.get(name, 0.5) for name in self.class_names]
+        found = self.task.metrics(logits, labels, self.class_names, per_class, thresholds=thresholds, mask=self.metric_masks.get(split))
         for key, value in found.items():
             if key not in skip:  # identical on every rank: no further reduction
-                self.log(f"{split}/{key}", value, sync_dist=False, prog_bar=key == "acc", logger=logger)
+                self.log(f"{split}/{key}", value, sync_dist=False, prog_bar=key in ("acc", "map"), logger=logger)
         return found
 
     # -- optimisation ------------------------------------------------------------------------------------
     def configure_optimizers(self) -> Any:
-        """Only trainable parameters, grouped by models.optimization (backbone at lr x backbone_lr_factor, layer decay);
-        a scheduler with `interval: step` is stepped per optimiser step and told the run's total steps."""
-        groups = parameter_groups(self.head, self.backbone.body, dict(self.hparams), backbone_trains=self.mode in ("full", "lora"))
-        optimizer = instantiate(dict(self.hparams["optimizer"]))(params=groups)
-        sched_cfg = dict(self.hparams["scheduler"] or {})
-        if not sched_cfg.get("_target_"):
-            return optimizer
-        interval = str(sched_cfg.get("interval", "epoch"))
-        if interval == "step":
-            steps, epochs = int(self.trainer.estimated_stepping_batches), int(self.trainer.max_epochs or 1)
-            scheduler = instantiate(sched_cfg)(optimizer=optimizer, total_steps=steps, epochs=epochs)
-        else:
-            scheduler = instantiate(sched_cfg)(optimizer=optimizer)
-        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": interval, "monitor": "val/loss"}}
+        """Only trainable parameters, grouped and scheduled by models.optimization."""
+        return optimizers_and_schedule(self.head, self.backbone.body, dict(self.hparams), self.mode in ("full", "lora"), self.trainer)
 
 
 def load_checkpoint(path: str | Path) -> tuple[TransferClassifier, dict[str, Any]]:
@@ -274,7 +273,7 @@ def load_checkpoint(path: str | Path) -> tuple[TransferClassifier, dict[str, Any
         hparams["backbone"] = {**hparams["backbone"], "weights": "none"}
         model = TransferClassifier(**hparams)
         package.load_weights(model, path)
-        model.calibration = dict(config.get("calibration") or {})
+        model.calibration, model.thresholds = dict(config.get("calibration") or {}), dict(config.get("thresholds") or {})
         model.split_table = package.read_split_table(path)
         return model.eval(), hparams
     ckpt = read_checkpoint(path)
@@ -288,7 +287,7 @@ def load_checkpoint(path: str | Path) -> tuple[TransferClassifier, dict[str, Any
     state.setdefault("temperature", torch.ones(()))  # checkpoints from before calibration existed
     model.load_state_dict(state, strict=True)
     model.split_table = ckpt.get("transferlab_splits")
-    model.calibration = dict(ckpt.get("transferlab_calibration") or {})
+    model.calibration, model.thresholds = dict(ckpt.get("transferlab_calibration") or {}), dict(ckpt.get("transferlab_thresholds") or {})
     return model.eval(), hparams
 
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
-from typing import Any, Optional
+from typing import Any, Optional, Union
 
 import torch
 import torch.nn.functional as F
@@ -27,12 +27,14 @@ class Calibration:
     """How a temperature was chosen: what metrics.json (`calibration/*`), checkpoints and config.json record."""
 
     method: str  # temperature | none
-    rule: str  # fitted | capped_at_laplace_accuracy | no_held_out_images | none
-    temperature: float
+    rule: str  # fitted | capped_at_laplace_accuracy | no_held_out_images | none (multi-label: the rules' counts)
+    temperature: Union[float, list[float]]  # multi-label: one per label
     held_out_images: int
-    held_out_errors: int
-    fitted_temperature: Optional[float] = None  # what the fit wanted, before the rule
+    held_out_errors: int  # multi-label: wrong label decisions at 0.5
+    fitted_temperature: Optional[Union[float, list[float]]] = None  # what the fit wanted, before the rule
     fitted_on: str = ""
+    thresholds: Optional[list[float]] = None  # multi-label: each label's decision threshold on its calibrated probability
+    threshold_rule: str = ""  # multi-label: f1 (max F1 on the held-out images) | fixed
 
     @property
     def calibrated(self) -> bool:
@@ -40,12 +42,15 @@ class Calibration:
         return self.method == "temperature" and self.held_out_images > 0
 
     def metrics(self) -> dict[str, Any]:
-        return {
+        found = {
             "calibration/temperature": self.temperature,
             "calibration/rule": self.rule,
             "calibration/held_out_errors": self.held_out_errors,
             "calibration/held_out_images": self.held_out_images,
         }
+        if self.thresholds is not None:
+            found.update({"thresholds/rule": self.threshold_rule, "thresholds/values": self.thresholds})
+        return found
 
     def record(self) -> dict[str, Any]:
         return {**asdict(self), "calibrated": self.calibrated}
@@ -147,18 +152,21 @@ def reliability_bins(probs: torch.Tensor, labels: torch.Tensor, bins: int = ECE_
     return found
 
 
-def gather_in_order(batches: list[tuple[torch.Tensor, torch.Tensor]], shape: tuple[int, ...]) -> tuple[torch.Tensor, torch.Tensor]:
-    """This rank's (values [N, *shape], labels), or under DDP every rank's, put back in dataset order: rank r of n
-    evaluated images r, r+n, r+2n, ... (data.sampling.EvaluationShardSampler)."""
+def gather_in_order(
+    batches: list[tuple[torch.Tensor, torch.Tensor]], shape: tuple[int, ...], label_shape: tuple[int, ...] = ()
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """This rank's (values [N, *shape], labels [N, *label_shape]: class indices, or multi-hot rows), or under DDP every
+    rank's, put back in dataset order: rank r of n evaluated images r, r+n, r+2n, ... (data.sampling.EvaluationShardSampler)."""
+    label_type = torch.float32 if label_shape else torch.long
     logits = torch.cat([b[0] for b in batches]) if batches else torch.zeros(0, *shape)
-    labels = torch.cat([b[1] for b in batches]) if batches else torch.zeros(0, dtype=torch.long)
+    labels = torch.cat([b[1] for b in batches]) if batches else torch.zeros(0, *label_shape, dtype=label_type)
     if not (torch.distributed.is_available() and torch.distributed.is_initialized()) or torch.distributed.get_world_size() == 1:
         return logits, labels
     world = torch.distributed.get_world_size()
     shards: list[Any] = [None] * world
     torch.distributed.all_gather_object(shards, (logits, labels))
     total = sum(len(shard[1]) for shard in shards)
-    all_logits, all_labels = torch.zeros(total, *shape), torch.zeros(total, dtype=torch.long)
+    all_logits, all_labels = torch.zeros(total, *shape), torch.zeros(total, *label_shape, dtype=label_type)
     for rank, (shard_logits, shard_labels) in enumerate(shards):
         all_logits[rank::world], all_labels[rank::world] = shard_logits, shard_labels
     return all_logits, all_labels

@@ -4,6 +4,11 @@ all of them, as scikit-learn's LogisticRegressionCV does) or on the validation s
 
 The objective is scikit-learn's `LogisticRegression(C=C)` (lbfgs, multinomial): C x the summed cross-entropy +
 1/2 ||W||^2 (the bias is not penalised), so the two give the same head (tests/test_linear_probe.py).
+
+Multi-label targets (multi-hot rows [N, K]) make it one-vs-rest: K binary logistic regressions, C x the summed binary
+cross-entropy + 1/2 ||W||^2, separable by label, so one L-BFGS solves all K at once (scikit-learn's
+OneVsRestClassifier(LogisticRegression(C=C)) gives the same heads); `class_weights` are then BCE's pos_weight.
+C (one for every label) is chosen by the pooled out-of-fold mAP, on folds stratified across labels (data.folds).
 """
 
 from __future__ import annotations
@@ -13,9 +18,13 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Optional
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from sklearn.model_selection import StratifiedKFold
+
+from transferlab.data.folds import multilabel_folds
+from transferlab.models.multilabel_metrics import average_precision
 
 
 @dataclass
@@ -46,7 +55,9 @@ def fit_logistic(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(weight [K, D], bias [K]) minimising C * sum(w_y CE) + ||W||^2 / 2, in float64, by L-BFGS with strong Wolfe
     steps; `class_weights` w as scikit-learn's `class_weight` (each image's loss times its class's weight)."""
-    x, y = features.detach().double().cpu(), labels.detach().long().cpu().clone()
+    binary = labels.ndim == 2  # multi-hot rows: one-vs-rest
+    x = features.detach().double().cpu()
+    y = labels.detach().cpu().clone().double() if binary else labels.detach().long().cpu().clone()
     w = class_weights.double().cpu() if class_weights is not None else None
     basis = row_space(x)  # the minimiser's weights lie in the span of the training rows: solve there, exactly
     x = x @ basis
@@ -65,7 +76,13 @@ def fit_logistic(
 
     def closure() -> torch.Tensor:
         optimizer.zero_grad()
-        loss = scale * (c * F.cross_entropy(x @ weight.T + bias, y, weight=w, reduction="sum") + 0.5 * (weight**2).sum())
+        logits = x @ weight.T + bias
+        data = (
+            F.binary_cross_entropy_with_logits(logits, y, pos_weight=w, reduction="sum")
+            if binary
+            else F.cross_entropy(logits, y, weight=w, reduction="sum")
+        )
+        loss = scale * (c * data + 0.5 * (weight**2).sum())
         loss.backward()
         return loss
 
@@ -125,9 +142,12 @@ class ProbeFit:
 
 
 def _score(logits: torch.Tensor, labels: torch.Tensor) -> tuple[float, float]:
-    """(accuracy, NLL): C is chosen by accuracy, ties broken by the lower NLL."""
+    """(accuracy, NLL): C is chosen by accuracy, ties broken by the lower NLL; multi-label: (mAP, mean BCE)."""
     if not len(labels):
         return 0.0, 0.0
+    if labels.ndim == 2:
+        ap = average_precision(logits.double().sigmoid().numpy(), labels.numpy())
+        return float(np.nanmean(ap)) if np.isfinite(ap).any() else 0.0, float(F.binary_cross_entropy_with_logits(logits.double(), labels.double()))
     return float((logits.argmax(dim=-1) == labels).double().mean()), float(F.cross_entropy(logits, labels.long()))
 
 
@@ -149,11 +169,12 @@ def select_on_val(
     grid: Sequence[float] = C_GRID,
 ) -> ProbeFit:
     """The C with the best accuracy on the validation features (ties: lower NLL), fitted on the training ones."""
+    score = "val_map" if val[1].ndim == 2 else "val_acc"
     rows = [
-        dict(zip(("C", "val_acc", "val_nll"), (c, *_score(logits, val[1]))))
+        dict(zip(("C", score, "val_nll"), (c, *_score(logits, val[1]))))
         for c, logits in zip(sorted(grid), _path(train, val[0], num_classes, standardize, class_weights, sorted(grid)))
     ]
-    best = max(rows, key=lambda row: (row["val_acc"], -row["val_nll"]))
+    best = max(rows, key=lambda row: (row[score], -row["val_nll"]))
     return ProbeFit(*_final(train, num_classes, standardize, class_weights, best["C"]), best["C"], rows)
 
 
@@ -176,15 +197,18 @@ def select_by_cv(
     for row, g in enumerate(group.tolist()):
         first.setdefault(g, row)
     image_labels = y[[first[int(g)] for g in images]]
-    k = max(2, min(folds, int(torch.bincount(image_labels).max())))
-    splitter = StratifiedKFold(n_splits=k, shuffle=True, random_state=seed)
     grid = sorted(grid)
     held = torch.zeros(len(grid), len(images), num_classes, dtype=torch.float64)
     position = {int(g): i for i, g in enumerate(images)}
     image_of_row = torch.tensor([position[int(g)] for g in group])
-    with warnings.catch_warnings():  # "the least populated class has only n members": handled by stratification
-        warnings.simplefilter("ignore", UserWarning)
-        split = list(splitter.split(images.numpy(), image_labels.numpy()))
+    if image_labels.ndim == 2:  # multi-label: folds stratified across labels (iterative stratification)
+        split = multilabel_folds(image_labels.numpy().round().astype(np.int64), max(2, min(folds, len(images))), seed)
+    else:
+        k = max(2, min(folds, int(torch.bincount(image_labels).max())))
+        splitter = StratifiedKFold(n_splits=k, shuffle=True, random_state=seed)
+        with warnings.catch_warnings():  # "the least populated class has only n members": handled by stratification
+            warnings.simplefilter("ignore", UserWarning)
+            split = list(splitter.split(images.numpy(), image_labels.numpy()))
     for _, held_images in split:
         held_rows = torch.isin(image_of_row, torch.from_numpy(held_images))
         paths = _path((x[~held_rows], y[~held_rows]), x[held_rows], num_classes, standardize, class_weights, grid)
@@ -192,7 +216,8 @@ def select_by_cv(
             per_image = torch.zeros(len(images), num_classes, dtype=torch.float64).index_add_(0, image_of_row[held_rows], logits)
             counts = torch.bincount(image_of_row[held_rows], minlength=len(images)).clamp_min(1).double()
             held[i, held_images] = (per_image / counts[:, None])[held_images]
-    rows = [dict(zip(("C", "cv_acc", "cv_nll"), (c, *_score(held[i], image_labels)))) for i, c in enumerate(grid)]
-    best = max(range(len(grid)), key=lambda i: (rows[i]["cv_acc"], -rows[i]["cv_nll"]))
+    score = "cv_map" if image_labels.ndim == 2 else "cv_acc"
+    rows = [dict(zip(("C", score, "cv_nll"), (c, *_score(held[i], image_labels)))) for i, c in enumerate(grid)]
+    best = max(range(len(grid)), key=lambda i: (rows[i][score], -rows[i]["cv_nll"]))
     weight, bias = _final(train, num_classes, standardize, class_weights, grid[best])
     return ProbeFit(weight, bias, grid[best], rows, (held[best].float(), image_labels))

@@ -53,6 +53,24 @@ def parameter_groups(head: nn.Module, backbone_body: nn.Module, hparams: dict[st
     return groups + [{"params": [p for p in backbone_body.parameters() if p.requires_grad], "lr": backbone_lr}]
 
 
+def optimizers_and_schedule(head: nn.Module, body: nn.Module, hparams: dict[str, Any], backbone_trains: bool, trainer: Any) -> Any:
+    """Lightning's configure_optimizers value: the optimiser over `parameter_groups`, and the scheduler (a scheduler
+    with `interval: step` is stepped per optimiser step and told the run's total steps)."""
+    from hydra.utils import instantiate
+
+    optimizer = instantiate(dict(hparams["optimizer"]))(params=parameter_groups(head, body, hparams, backbone_trains=backbone_trains))
+    sched_cfg = dict(hparams["scheduler"] or {})
+    if not sched_cfg.get("_target_"):
+        return optimizer
+    interval = str(sched_cfg.get("interval", "epoch"))
+    if interval == "step":
+        steps, epochs = int(trainer.estimated_stepping_batches), int(trainer.max_epochs or 1)
+        scheduler = instantiate(sched_cfg)(optimizer=optimizer, total_steps=steps, epochs=epochs)
+    else:
+        scheduler = instantiate(sched_cfg)(optimizer=optimizer)
+    return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": interval, "monitor": "val/loss"}}
+
+
 class WarmupCosine(torch.optim.lr_scheduler.LRScheduler):
     """Per step: linear warm-up from warmup_start x lr over `warmup_epochs`, then cosine decay to min_ratio x lr at
     the last step. One factor for every group (head, backbone, decayed layers keep their ratios), including groups

@@ -20,6 +20,7 @@ from typing import Any, Optional
 import yaml
 
 from transferlab.core.errors import DataError
+from transferlab.data.labels import task_metric
 from transferlab.sweeps.records import read_job_record
 
 PER_CLASS = re.compile(r"/(acc_class|precision|recall)/")  # one column per class: in the job's own metrics.json only
@@ -133,7 +134,8 @@ def _sweep_settings(jobs: list[Job]) -> tuple[str, str, Optional[set[str]]]:
     """(optimised metric, direction, log-scale parameters) from the jobs' saved Hydra configs."""
     for job in jobs:
         config, hydra = _yaml(job.path / ".hydra" / "config.yaml") or {}, _yaml(job.path / ".hydra" / "hydra.yaml") or {}
-        metric = config.get("optimized_metric")
+        multilabel = ((config.get("data") or {}).get("task")) == "multilabel"
+        metric = task_metric(config.get("optimized_metric"), multilabel)  # a multi-label sweep optimises val/map
         if metric:
             sweeper = (hydra.get("hydra") or {}).get("sweeper") or {}
             direction = sweeper.get("direction")

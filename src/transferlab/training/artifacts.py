@@ -28,6 +28,7 @@ from transferlab.data.images import Sample
 from transferlab.models.classifier import TransferClassifier, as_classifier
 from transferlab.models.evaluation import calibration_metrics, reliability_bins
 from transferlab.training.loggers import log_final_metrics, log_run_files
+from transferlab.training.multilabel_files import PER_LABEL, multilabel_test, write_per_label
 from transferlab.training.run_report import interpret_run, write_report
 
 log = logging.getLogger(__name__)
@@ -136,24 +137,37 @@ def test_and_report(
     """Test (the given checkpoint, or the model as it is), then write metrics.json (with intervals: core.statistics),
     test_predictions.csv, the test report, the interpretation (`interpret`: conf/interpret/, seeded with `seed`) and
     report.html. Every key of metrics.json goes to the loggers too; the caller finishes them."""
+    model.metric_masks["test"] = datamodule.ignore_mask(datamodule.splits["test"])  # Pascal VOC's difficult, else None
     trainer.test(model, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=True if ckpt_path else None)
     metrics = {**extra, **to_float_dict({k: v for k, v in trainer.callback_metrics.items() if k.startswith(("test/", "adv/"))})}
     tested = as_classifier(trainer.lightning_module)
     logits, labels = tested.outputs["test"]
-    probs = logits.softmax(dim=-1)
     uncalibrated = tested.uncalibrated["test"]  # the same views, without the temperature (models.tta.combine_views)
-    before = uncalibrated.softmax(dim=-1) if float(tested.temperature) != 1.0 else None
-    if before is not None:
-        metrics.update({f"test/{k}_before_calibration": v for k, v in calibration_metrics(uncalibrated, labels, len(tested.class_names)).items()})
-    metrics.update(test_intervals(probs, labels))
+    if tested.task.multilabel:
+        thresholds = [tested.thresholds.get(name, 0.5) for name in tested.class_names]
+        found = multilabel_test(
+            out_dir, datamodule.splits["test"], tested.class_names, logits, uncalibrated, labels, thresholds,
+            tested.metric_masks["test"], seed, trainer.is_global_zero, trainer.loggers,
+        )  # fmt: skip
+        metrics.update(found)
+        probs = logits.sigmoid()
+    else:
+        probs = logits.softmax(dim=-1)
+        before = uncalibrated.softmax(dim=-1) if float(tested.temperature) != 1.0 else None
+        if before is not None:
+            metrics.update({f"test/{k}_before_calibration": v for k, v in calibration_metrics(uncalibrated, labels, len(tested.class_names)).items()})
+        metrics.update(test_intervals(probs, labels))
     if trainer.is_global_zero:
         write_json(out_dir / "metrics.json", metrics)
-        write_predictions(out_dir / "test_predictions.csv", datamodule.splits["test"], tested.class_names, probs)
-        write_test_report(out_dir, tested.class_names, tested.test_confusion_matrix, trainer.loggers)
-        write_reliability_diagram(out_dir / "reliability_diagram.png", probs, labels, before, trainer.loggers)
+        if tested.task.multilabel:
+            write_per_label(out_dir / PER_LABEL, metrics, tested.class_names, thresholds)
+        else:
+            write_predictions(out_dir / "test_predictions.csv", datamodule.splits["test"], tested.class_names, probs)
+            write_test_report(out_dir, tested.class_names, tested.test_confusion_matrix, trainer.loggers)
+            write_reliability_diagram(out_dir / "reliability_diagram.png", probs, labels, before, trainer.loggers)
         if datamodule.skipped:
             write_skipped(out_dir / "skipped_images.csv", datamodule.skipped)
-        if interpret and interpret.get("enabled"):
+        if interpret and interpret.get("enabled") and not tested.task.multilabel:
             interpret_run(out_dir, tested, datamodule, probs, interpret, seed)
         write_report(out_dir, metrics, f"Run report: {out_dir.name}")
         log.info("Results in %s: %s (report.html)", out_dir, summary_line(metrics))
@@ -182,7 +196,18 @@ def announce_skipped(datamodule: ImageClassificationDataModule, out_dir: Path) -
 def summary_line(metrics: dict[str, Any]) -> str:
     """`test/acc 0.919 [0.865, 0.973], test/balanced_acc ...`: the headline figures, each with its interval."""
     parts = []
-    for key in ("val/acc", "test/acc", "test/balanced_acc", "test/macro_f1", "test/acc_top3", "test/ece"):
+    for key in (
+        "val/acc",
+        "val/map",
+        "test/acc",
+        "test/balanced_acc",
+        "test/macro_f1",
+        "test/acc_top3",
+        "test/map",
+        "test/f1_micro",
+        "test/f1_macro",
+        "test/ece",
+    ):
         value, interval = metrics.get(key), metrics.get(f"{key}_ci95")
         if isinstance(value, (int, float)):
             parts.append(f"{key} {value:.3f}" + (f" [{interval[0]:.3f}, {interval[1]:.3f}]" if interval else ""))

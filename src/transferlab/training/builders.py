@@ -8,6 +8,7 @@ from typing import Any
 import lightning.pytorch as pl
 from hydra.errors import InstantiationException
 from hydra.utils import instantiate
+from lightning.pytorch.callbacks import EarlyStopping, ModelCheckpoint
 from lightning.pytorch.loggers import Logger
 from omegaconf import DictConfig, OmegaConf
 
@@ -18,6 +19,7 @@ from transferlab.callbacks.unfreeze import GradualUnfreeze
 from transferlab.core.errors import ConfigError, TransferlabError, one_line
 from transferlab.core.redaction import redact
 from transferlab.data.base import ImageClassificationDataModule
+from transferlab.data.labels import task_metric
 from transferlab.models.classifier import TransferClassifier
 from transferlab.training.checkpointing import AtomicCheckpointIO
 from transferlab.training.loggers import flat_hparams
@@ -94,6 +96,7 @@ def new_model(cfg: DictConfig, backbone: Any, datamodule: ImageClassificationDat
         run=redact({"data": container(cfg.data), "seed": cfg.seed, "precision": str(cfg.trainer.get("precision"))}),
         loss_weights=datamodule.loss_weights(),
         prebuilt_backbone=backbone,
+        task="multilabel" if datamodule.multilabel else "single",
     )
 
 
@@ -104,6 +107,9 @@ def fit_callbacks(
     and gradual unfreezing when the head trains by epochs. Test-time augmentation needs the test images' pixels,
     so the feature cache leaves the test split to them."""
     callbacks = instantiate_group(cfg.callbacks, "callbacks") + apply_performance(cfg, model, datamodule, precision_note, cache)
+    for callback in callbacks:  # a multi-label run selects and stops on val/map (data.labels.task_metric)
+        if isinstance(callback, (ModelCheckpoint, EarlyStopping)) and callback.monitor:
+            callback.monitor = task_metric(callback.monitor, datamodule.multilabel)
     if prune:
         callbacks += pruning_callbacks()  # a trial of an Optuna sweep
     model.tta = str(cfg.get("tta") or "none")

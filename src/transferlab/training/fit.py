@@ -96,12 +96,12 @@ def fit_and_test(
         write_csv(out_dir / SPLITS_FILE, model.split_table)
     trainer = build_fit_trainer(cfg, model, datamodule, precision_note, probe, refit, cache, prune=not fold and refit is None)
     if probe is not None:
-        fitted = solve_the_probe(trainer, model, datamodule, probe, out_dir, str(cfg.calibration), refit)
+        fitted = solve_the_probe(trainer, model, datamodule, probe, out_dir, str(cfg.calibration), refit, cfg.get("threshold", "f1"))
     elif refit is not None:
         fitted = refit_by_epochs(trainer, model, datamodule, refit, out_dir)
     else:
         fitted = train_by_epochs(cfg, trainer, model, datamodule, ckpt_path)
-        fitted.metrics.update(validate_and_calibrate(trainer, model, datamodule, fitted.checkpoint, str(cfg.calibration)))
+        fitted.metrics.update(validate_and_calibrate(trainer, model, datamodule, fitted.checkpoint, str(cfg.calibration), cfg.get("threshold", "f1")))
     metrics = {**fitted.metrics, "selection/protocol": selection_protocol(probe, refit, bool(datamodule.splits.get("val")))}
     metrics.update(best_checkpoint=fitted.checkpoint, epochs=fitted.epochs)
     if fitted.probe is not None:
@@ -191,6 +191,7 @@ def solve_the_probe(
     out_dir: Path,
     method: str,
     refit: Optional[Refit],
+    threshold: Any = "f1",
 ) -> Fitted:
     """Fill the feature cache (the Trainer's fit runs no batch), solve the head, save it, and calibrate it on the
     inner folds' held-out logits (select_c=cv), the validation images (select_c=val) or the refit's out-of-fold ones."""
@@ -203,12 +204,14 @@ def solve_the_probe(
     if refit is not None:
         return Fitted(best, epochs, refit.epochs, refit.calibration.metrics(), fit)
     if probe.select == "val":
-        return Fitted(best, epochs, epochs + 1, validate_and_calibrate(trainer, model, datamodule, best, method), fit)
+        return Fitted(best, epochs, epochs + 1, validate_and_calibrate(trainer, model, datamodule, best, method, threshold), fit)
     assert fit.held_out is not None  # select_by_cv keeps the held-out logits at the chosen C
     raw, labels = fit.held_out
-    found, calibration = held_out_metrics(raw, labels, datamodule.class_names, method, "held-out training images (inner folds)")
+    mask = datamodule.ignore_mask(datamodule.splits["train"])
+    found, calibration = held_out_metrics(raw, labels, datamodule.class_names, method, "held-out training images (inner folds)", threshold, mask)
     set_calibration(trainer, model, best, calibration)
-    return Fitted(best, epochs, epochs + 1, {**found, **calibration.metrics(), "val/acc_best": found["val/acc"]}, fit)
+    best_key = {} if datamodule.multilabel else {"val/acc_best": found["val/acc"]}
+    return Fitted(best, epochs, epochs + 1, {**found, **calibration.metrics(), **best_key}, fit)
 
 
 def test_and_write(

@@ -55,7 +55,8 @@ def feature_matrix(dataset: Any) -> tuple[torch.Tensor, torch.Tensor, torch.Tens
         rows.append(value)
         labels += [label] * len(value)
         images += [image] * len(value)
-    return torch.from_numpy(np.concatenate(rows)), torch.tensor(labels), torch.tensor(images)
+    targets = torch.stack(labels) if labels and isinstance(labels[0], torch.Tensor) else torch.tensor(labels)  # multi-hot rows
+    return torch.from_numpy(np.concatenate(rows)), targets, torch.tensor(images)
 
 
 def solve_probe(model: TransferClassifier, feature_sets: dict[str, Any], settings: ProbeSettings) -> ProbeFit:
@@ -65,8 +66,13 @@ def solve_probe(model: TransferClassifier, feature_sets: dict[str, Any], setting
             "finetune.head_solver=lbfgs (the default probe) needs the frozen-feature cache: set performance.feature_cache.enabled=true, "
             "or finetune.head_solver=sgd to train the head by epochs on images"
         )
+    if model.task.multilabel and str(model.hparams["finetune"].get("loss") or "auto") == "asl":
+        raise ConfigError(
+            "finetune.loss=asl: the lbfgs probe is a convex logistic fit (one-vs-rest, binary cross-entropy); "
+            "train the head by epochs with finetune.head_solver=sgd to use the asymmetric loss"
+        )
     x, y, images = feature_matrix(feature_sets["train"])
-    weights = model.loss_weights.cpu() if model.loss_weights is not None else None
+    weights = torch.tensor(model.hparams["loss_weights"], dtype=torch.float32) if model.hparams.get("loss_weights") else None
     classes = len(model.class_names)
     grid = (settings.c,) if settings.c is not None else C_GRID
     if settings.select == "cv":

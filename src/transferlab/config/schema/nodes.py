@@ -75,6 +75,10 @@ class Finetune:
     ema_decay: Optional[float]
     layer_decay: Optional[float]
     lora: Optional[Lora]  # mode=lora (finetune=lora)
+    loss: Optional[Literal["auto", "ce", "bce", "asl"]]  # models.tasks: auto = ce (single-label) | bce (multi-label)
+    asl_gamma_neg: Optional[Annotated[float, Bounds(ge=0)]]
+    asl_gamma_pos: Optional[Annotated[float, Bounds(ge=0)]]
+    asl_clip: Optional[Annotated[float, Bounds(ge=0, lt=1)]]
 
 
 @dataclass

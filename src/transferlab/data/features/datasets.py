@@ -20,14 +20,14 @@ class FeatureDataset(Dataset):
 
     `rows` ([(memory-mapped array, row)] in key order) and `labels` are read by training code directly."""
 
-    def __init__(self, store: FeatureStore, keys: Sequence[str], labels: Sequence[int]) -> None:
+    def __init__(self, store: FeatureStore, keys: Sequence[str], labels: Sequence[Any]) -> None:
         self.rows = store.rows(keys)
         self.labels = list(labels)
 
     def __len__(self) -> int:
         return len(self.rows)
 
-    def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, Any]:
         array, row = self.rows[index]
         value = array[row]
         if value.ndim == 2:  # [views, D]

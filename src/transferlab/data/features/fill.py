@@ -104,7 +104,8 @@ def fill_features(
     Batches hold `batch_size // views` images (the backbone sees about `batch_size` inputs either way). The run's
     random stream is left as if nothing had been computed. Interrupted (Ctrl-C, an error), the finished rows are
     stored and the interruption note says how many."""
-    dataset: Dataset = ImageDataset(samples, inputs.transform, inputs.decode_size)
+    unlabelled = [(path, 0) for path, _ in samples]  # features do not depend on labels (single or label sets)
+    dataset: Dataset = ImageDataset(unlabelled, inputs.transform, inputs.decode_size)
     if inputs.views:
         dataset = ViewsDataset(dataset, keys, inputs.views, int(inputs.seed or 0))
     gpu = extractor.device.type == "cuda"
