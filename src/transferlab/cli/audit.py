@@ -21,6 +21,7 @@ from transferlab.config.paths import config_dir
 from transferlab.core.errors import ConfigError, require_packages
 from transferlab.core.files import write_json
 from transferlab.core.hardware import resolve_device, usable_cores
+from transferlab.data.labels import class_index
 from transferlab.data.splits import split_key
 from transferlab.data.stored_splits import assignment
 from transferlab.insight.audit import EXCLUDE_KINDS, AuditResult, AuditSettings, exclusions, run_audit, summary, write_exclude, write_tables
@@ -58,7 +59,7 @@ def audit(cfg: DictConfig) -> dict[str, Any]:
     labels = np.array([label for _, label, _ in samples], dtype=np.int64)
     features = pooled_features(
         backbone,
-        [(p, int(label)) for p, label, _ in samples],
+        [(p, class_index(label)) for p, label, _ in samples],
         out_dir / "features.npy",
         cache_dir=cfg.data.cache_dir if cfg.feature_cache else None,
         device=resolve_device(cfg.device),

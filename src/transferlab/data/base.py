@@ -7,7 +7,6 @@ for the smallest example.
 
 from __future__ import annotations
 
-import functools
 import logging
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -18,22 +17,18 @@ import lightning.pytorch as pl
 import numpy as np
 import torch
 from filelock import FileLock
-from torch.utils.data import DataLoader, Dataset, Sampler
+from torch.utils.data import DataLoader, Dataset
 
 from transferlab.core.errors import ConfigError, DataError
-from transferlab.core.hardware import default_workers, usable_cores
+from transferlab.core.hardware import usable_cores
 from transferlab.data.gpu_decode import DECODE_CHOICES, DeviceDecoding, EncodedImageDataset
 from transferlab.data.images import ImageDataset, Sample, decode_all
 from transferlab.data.integrity import scan_images
-from transferlab.data.labels import Label, check_task, counts, target
+from transferlab.data.labels import Label, check_task, class_index, counts, target
+from transferlab.data.loading import EpochLoaders
 from transferlab.data.preprocessing import Preprocessing
 from transferlab.data.sampling import (
-    EpochBalancedSampler,
-    EpochDataLoader,
-    EpochRandomSampler,
-    EvaluationShardSampler,
     balanced_loss_weights,
-    epoch_seed,
 )
 from transferlab.data.splits import drop_excluded, hash_split, require_training_images, split_key
 from transferlab.data.stored_splits import build_table
@@ -50,8 +45,9 @@ class Discovered:
     test_samples: Optional[list[Sample]] = None
 
 
-class ImageClassificationDataModule(DeviceDecoding, pl.LightningDataModule):
-    """Base class. `preprocessing` (from the backbone) must be set before setup(). DeviceDecoding: data.decode=gpu."""
+class ImageClassificationDataModule(EpochLoaders, DeviceDecoding, pl.LightningDataModule):
+    """Base class. `preprocessing` (from the backbone) must be set before setup(). EpochLoaders: the DataLoaders;
+    DeviceDecoding: data.decode=gpu."""
 
     layout = "a folder with the images"  # what data.root must hold, for error messages
 
@@ -211,7 +207,7 @@ class ImageClassificationDataModule(DeviceDecoding, pl.LightningDataModule):
         if self.multilabel:  # BCE's pos_weight: each label's negatives / positives among the training images
             positives = counts([label for _, label in self.splits["train"]], len(self.class_names)).astype(float)
             return [float((len(self.splits["train"]) - p) / p) if p else 1.0 for p in positives]
-        return balanced_loss_weights([label for _, label in self.splits["train"]], len(self.class_names))
+        return balanced_loss_weights([class_index(label) for _, label in self.splits["train"]], len(self.class_names))
 
     def _usable(self, samples: list[Sample]) -> list[Sample]:
         if not samples:
@@ -231,17 +227,6 @@ class ImageClassificationDataModule(DeviceDecoding, pl.LightningDataModule):
         return [s for s in samples if str(s[0]) in good]
 
     # -- loaders -------------------------------------------------------------------------------------
-    def _on_gpu(self) -> bool:
-        trainer = self.trainer
-        return trainer.strategy.root_device.type == "cuda" if trainer is not None else torch.cuda.is_available()
-
-    def workers(self) -> int:
-        """data.num_workers, with `auto` = derived from the cores this process may use (hardware.default_workers)."""
-        if self.num_workers != "auto":
-            return int(self.num_workers)
-        trainer = self.trainer
-        return default_workers(trainer.num_devices if trainer is not None else 1, gpu=self._on_gpu())
-
     def samples_dataset(self, samples: Sequence[Sample], train: bool = False) -> ImageDataset:
         """Training (augmented) or evaluation images of any (path, label) list, decoded at the size they need."""
         if self.preprocessing is None:
@@ -272,37 +257,6 @@ class ImageClassificationDataModule(DeviceDecoding, pl.LightningDataModule):
                 log.info("Image cache: %d %s images decoded at %d px short side", len(dataset), split, dataset.min_short_side)
             dataset.decoded = self._decoded[cache_key]
         return dataset
-
-    def loader(self, dataset: Dataset, train: bool, workers: Optional[int] = None) -> DataLoader:
-        """Shuffling by (run seed, epoch): the order depends neither on worker settings nor on resuming."""
-        workers = self.workers() if workers is None else workers
-        on_gpu = self._on_gpu()
-        pin = on_gpu if self.pin_memory == "auto" else bool(self.pin_memory)
-        run_seed = torch.initial_seed()  # what seed_everything(cfg.seed) set
-        sampler: Optional[Sampler] = EpochRandomSampler(dataset, run_seed) if train else None  # type: ignore[arg-type]
-        if train and self.sampler == "balanced":  # under DDP, Lightning shards it (DistributedSamplerWrapper)
-            sampler = EpochBalancedSampler([label for _, label in self.splits["train"]], run_seed)
-        if not train and torch.distributed.is_available() and torch.distributed.is_initialized():
-            sampler = EvaluationShardSampler(dataset)  # each image evaluated exactly once across ranks
-        # Deterministic mode: workers are started per epoch, so their seeds follow the epoch's (EpochDataLoader).
-        persistent = not torch.are_deterministic_algorithms_enabled()
-        extra: dict[str, Any] = (
-            {"persistent_workers": persistent, "prefetch_factor": self.prefetch_factor or (4 if on_gpu else 2)} if workers > 0 else {}
-        )
-        if train:
-            extra["epoch_state"] = functools.partial(self._epoch_state, run_seed)
-        extra["collate_fn"] = getattr(dataset, "collate", None)  # EncodedImageDataset (data.decode=gpu) brings its own
-        return (EpochDataLoader if train else DataLoader)(
-            dataset, batch_size=self.batch_size, sampler=sampler, num_workers=workers, pin_memory=pin, drop_last=False, **extra
-        )
-
-    def _epoch_state(self, run_seed: int) -> Optional[tuple[int, int]]:
-        """(the epoch about to be trained, its seed): Lightning's own count, restored from a checkpoint on resume."""
-        trainer = self.trainer
-        if trainer is None:
-            return None
-        epoch = trainer.fit_loop.epoch_progress.current.processed  # type: ignore[attr-defined]
-        return epoch, epoch_seed(run_seed, epoch, trainer.global_rank)
 
     def image_loader(self, split: str) -> DataLoader:
         """Images even when features are cached (adversarial evaluation needs pixels)."""

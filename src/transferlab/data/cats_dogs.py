@@ -8,7 +8,7 @@ from typing import Any, Optional
 from transferlab.core.errors import DataError
 from transferlab.data.base import Discovered, ImageClassificationDataModule
 from transferlab.data.download import download_file, safe_extract_zip
-from transferlab.data.images import list_files
+from transferlab.data.images import Sample, list_files
 
 CLASS_DIRS = ("Cat", "Dog")
 
@@ -40,5 +40,5 @@ class CatsDogsDataModule(ImageClassificationDataModule):
         pet_images = self._pet_images()
         if pet_images is None:
             raise DataError(f"data.root: {self.root} has no PetImages/Cat and PetImages/Dog; set data.root or data.download=true")
-        samples = [(p, label) for label, name in enumerate(CLASS_DIRS) for p in list_files(pet_images / name)]
+        samples: list[Sample] = [(p, label) for label, name in enumerate(CLASS_DIRS) for p in list_files(pet_images / name)]
         return Discovered(class_names=[name.lower() for name in CLASS_DIRS], samples=samples)

@@ -19,7 +19,7 @@ from sklearn.model_selection import StratifiedKFold
 
 from transferlab.core.errors import ConfigError
 from transferlab.data.images import Sample
-from transferlab.data.labels import counts, multi_hot
+from transferlab.data.labels import class_index, counts, multi_hot
 from transferlab.data.splits import stratified_split
 
 
@@ -46,7 +46,7 @@ def fold_splits(pool: Sequence[Sample], class_names: Sequence[str], folds: int, 
     """[{train, val, test}] per fold; the same folds for the same (images, K, seed), whatever else the run changes."""
     if any(isinstance(label, tuple) for _, label in pool):
         return _multilabel_fold_splits(pool, class_names, folds, seed, val_fraction)
-    labels = [label for _, label in pool]
+    labels = [class_index(label) for _, label in pool]
     counts = Counter(labels)
     smallest, count = min(((class_names[c], n) for c, n in counts.items()), key=lambda item: item[1])
     if folds < 2 or count < folds:

@@ -33,6 +33,13 @@ def label_set(label: Label) -> tuple[int, ...]:
     return label if isinstance(label, tuple) else (int(label),)
 
 
+def class_index(label: Label) -> int:
+    """The class of a single-label sample (a label set here is a bug of the caller: single-label code only)."""
+    if isinstance(label, tuple):
+        raise TypeError("a label set where a single class was expected (data.task=multilabel reached single-label code)")
+    return int(label)
+
+
 def target(label: Label, num_labels: int | None) -> Union[int, torch.Tensor]:
     """What a loader yields: the class index (single-label, `num_labels` None) or the multi-hot vector [K]."""
     if num_labels is None:

@@ -27,7 +27,7 @@ import numpy as np
 
 from transferlab.core.errors import DataError
 from transferlab.data.images import Sample
-from transferlab.data.labels import label_set, members
+from transferlab.data.labels import class_index, label_set, members
 
 log = logging.getLogger(__name__)
 
@@ -114,7 +114,7 @@ def stratified_split(labels: Sequence[int], val_fraction: float, test_fraction: 
 
 def legacy_splits(pool: Sequence[Sample], val_fraction: float, test_fraction: float, seed: int) -> dict[str, list[Sample]]:
     """The split of checkpoints that predate stored splits: stratified_split over the pool, as it was made then."""
-    train, val, test = stratified_split([label for _, label in pool], val_fraction, test_fraction, seed)
+    train, val, test = stratified_split([class_index(label) for _, label in pool], val_fraction, test_fraction, seed)
     return {name: [pool[i] for i in indices] for name, indices in (("train", train), ("val", val), ("test", test))}
 
 

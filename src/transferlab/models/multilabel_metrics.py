@@ -32,6 +32,12 @@ def _array(values: Any) -> np.ndarray:
     return np.asarray(values, dtype=np.float64)
 
 
+def _cuts(thresholds: Any) -> np.ndarray:
+    """Thresholds [K] for every image, or [N, K] per image (out-of-fold predictions: each fold's own)."""
+    cuts = _array(thresholds)
+    return cuts if cuts.ndim == 2 else cuts.reshape(1, -1)
+
+
 def _inputs(probs: Any, targets: Any, mask: Any = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(probs, targets in {0, 1}, mask in {0, 1}) as float64 [N, K]; no mask counts every pair."""
     p, y = _array(probs), _array(targets)
@@ -155,7 +161,7 @@ def multilabel_metrics(probs: Any, targets: Any, thresholds: Any, names: Sequenc
         return {}
     if per_label and len(names) != p.shape[1]:
         raise ValueError(f"{len(names)} names for {p.shape[1]} labels")
-    predicted = (p >= _array(thresholds).reshape(1, -1)).astype(np.float64)
+    predicted = (p >= _cuts(thresholds)).astype(np.float64)
     tp, fp, fn = (a.sum(axis=0) for a in _counts(predicted, y, m))
     scores = _f1_scores(tp, fp, fn)
     ap = average_precision(p, y, m)
@@ -219,7 +225,7 @@ def multilabel_intervals(
     images = int((m.sum(axis=1) > 0).sum())
     if images == 0:
         return {}
-    predicted = (p >= _array(thresholds).reshape(1, -1)).astype(np.float64)
+    predicted = (p >= _cuts(thresholds)).astype(np.float64)
     parts = _counts(predicted, y, m)
     rng = np.random.default_rng(seed)
     chunk = max(1, CHUNK_VALUES // len(p))

@@ -25,6 +25,7 @@ from transferlab.core.redaction import redact
 from transferlab.core.statistics import metric_intervals, proportion_interval
 from transferlab.data.base import ImageClassificationDataModule
 from transferlab.data.images import Sample
+from transferlab.data.labels import class_index
 from transferlab.models.classifier import TransferClassifier, as_classifier
 from transferlab.models.evaluation import calibration_metrics, reliability_bins
 from transferlab.training.loggers import log_final_metrics, log_run_files
@@ -100,7 +101,7 @@ def write_predictions(path: Path, samples: list[Sample], class_names: list[str],
         writer.writerow(["path", "label", "predicted", *(f"prob_{name}" for name in class_names)])
         for (image, label), row in zip(samples, probs.tolist()):
             best = max(range(len(row)), key=row.__getitem__)
-            writer.writerow([str(image), class_names[label], class_names[best], *(f"{p:.6f}" for p in row)])
+            writer.writerow([str(image), class_names[class_index(label)], class_names[best], *(f"{p:.6f}" for p in row)])
 
 
 def write_reliability_diagram(path: Path, probs: torch.Tensor, labels: torch.Tensor, before: torch.Tensor | None, loggers: list[Logger]) -> None:

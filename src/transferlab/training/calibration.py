@@ -68,7 +68,7 @@ def held_out_metrics(
     found["val/loss"] = found["val/nll"]  # of the selected checkpoint, not of the last epoch (cross-entropy = NLL)
     calibration = choose_temperature(raw, labels, method, what)
     if calibration.calibrated:
-        after = calibration_metrics(raw / calibration.temperature, labels, len(class_names))
+        after = calibration_metrics(raw / float(calibration.temperature), labels, len(class_names))  # type: ignore[arg-type]
         for key in ("ece", "nll"):
             found[f"val/{key}_before_calibration"], found[f"val/{key}"] = found[f"val/{key}"], after[key]
         log.info(
@@ -89,10 +89,7 @@ def held_out_metrics(
 
 def set_calibration(trainer: pl.Trainer, model: TransferClassifier, ckpt_path: Optional[str], calibration: Calibration) -> None:
     """In the model, and in the checkpoint file (rewritten atomically by the trainer's checkpoint IO, on rank 0)."""
-    model.temperature.copy_(torch.as_tensor(calibration.temperature, dtype=model.temperature.dtype))
-    model.calibration = calibration.record()
-    if calibration.thresholds is not None:
-        model.thresholds = dict(zip(model.class_names, calibration.thresholds))
+    apply_calibration(model, calibration)
     if not ckpt_path:
         return
     if trainer.is_global_zero:
@@ -103,3 +100,11 @@ def set_calibration(trainer: pl.Trainer, model: TransferClassifier, ckpt_path: O
             checkpoint["transferlab_thresholds"] = dict(model.thresholds)
         trainer.strategy.checkpoint_io.save_checkpoint(checkpoint, ckpt_path)
     trainer.strategy.barrier("calibration")
+
+
+def apply_calibration(model: TransferClassifier, calibration: Calibration) -> None:
+    """The temperature (one per label for a multi-label model), its record and the label thresholds, in the model."""
+    model.temperature.copy_(torch.as_tensor(calibration.temperature, dtype=model.temperature.dtype))
+    model.calibration = calibration.record()
+    if calibration.thresholds is not None:
+        model.thresholds = dict(zip(model.class_names, calibration.thresholds))

@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 import lightning.pytorch as pl
+import numpy as np
 import torch
 from omegaconf import DictConfig, open_dict
 
@@ -32,6 +33,7 @@ from transferlab.core.files import write_json
 from transferlab.core.statistics import INTERVAL_METHODS, fold_test_to_train, mean_std_interval, metric_intervals
 from transferlab.data.base import ImageClassificationDataModule
 from transferlab.data.folds import fold_splits
+from transferlab.data.labels import multi_hot
 from transferlab.data.stored_splits import FILE as SPLITS_FILE
 from transferlab.data.stored_splits import build_table, write_csv
 from transferlab.models.backbone import Backbone
@@ -39,7 +41,9 @@ from transferlab.models.evaluation import choose_temperature, classification_met
 from transferlab.training.artifacts import print_config_tree, summary_line, write_predictions
 from transferlab.training.builders import instantiate_group
 from transferlab.training.fit import Refit, fit_and_test
+from transferlab.training.label_decisions import multilabel_held_out
 from transferlab.training.loggers import finish_loggers, log_final_metrics, log_run_files, resolve_logger_config
+from transferlab.training.multilabel_files import out_of_fold_figures, write_label_predictions
 from transferlab.training.performance import feature_cache
 from transferlab.training.run_report import write_report
 
@@ -66,6 +70,7 @@ def cross_validate(cfg: DictConfig, backbone: Backbone, datamodule: ImageClassif
     row = {str(path): i for i, (path, _) in enumerate(pool)}
     oof_logits = torch.zeros(len(pool), len(names))
     raw_logits = torch.zeros(len(pool), len(names))
+    oof_cuts = np.full((len(pool), len(names)), 0.5)  # multi-label: each fold's thresholds on its out-of-fold images
     fold_metrics, fold_results, epochs = [], [], []
     cache = feature_cache(cfg, cfg.performance.feature_cache)  # one for all folds: each image's features computed once
     for k, fold in enumerate(splits):
@@ -81,14 +86,20 @@ def cross_validate(cfg: DictConfig, backbone: Backbone, datamodule: ImageClassif
         logits, _ = model.outputs["test"]
         where = [row[str(path)] for path, _ in fold["test"]]
         oof_logits[where], raw_logits[where] = logits, model.plain_raw["test"]
+        oof_cuts[where] = [model.thresholds.get(name, 0.5) for name in names]
         fold_metrics.append({key: value for key, value in metrics.items() if isinstance(value, (int, float)) and not isinstance(value, bool)})
         fold_results.append(metrics)
         epochs.append(fitted.selected_epochs)
 
-    labels = torch.tensor([label for _, label in pool])
-    oof: dict[str, Any] = dict(classification_metrics(oof_logits, labels, names, per_class=True))
-    intervals = metric_intervals(labels.tolist(), oof_logits.argmax(dim=-1).tolist(), len(names))
-    oof.update({f"{name}_ci95": interval for name, interval in intervals.items()})
+    mask = datamodule.ignore_mask(pool)
+    if datamodule.multilabel:
+        labels = torch.from_numpy(multi_hot([label for _, label in pool], len(names))).float()
+        oof = out_of_fold_figures(oof_logits, labels, names, oof_cuts, mask, int(cfg.seed))
+    else:
+        labels = torch.tensor([label for _, label in pool])
+        oof = dict(classification_metrics(oof_logits, labels, names, per_class=True))
+        intervals = metric_intervals(labels.tolist(), oof_logits.argmax(dim=-1).tolist(), len(names))
+        oof.update({f"{name}_ci95": interval for name, interval in intervals.items()})
     summary = summarise(fold_metrics, folds)
     summary.update(k=folds, split_seed=datamodule.split_seed, selected_epochs=epochs, oof=oof, images=len(pool))
     summary["intervals"] = {"folds": FOLD_INTERVAL, "oof": INTERVAL_METHODS}
@@ -103,12 +114,17 @@ def cross_validate(cfg: DictConfig, backbone: Backbone, datamodule: ImageClassif
 
     if cfg.cv.refit:
         refit_epochs = int(round(statistics.median(epochs)))
-        calibration = choose_temperature(raw_logits, labels, str(cfg.calibration), "out-of-fold images")
+        if datamodule.multilabel:  # a temperature and a threshold per label, on the out-of-fold logits
+            calibration = multilabel_held_out(
+                raw_logits, labels, names, str(cfg.calibration), "out-of-fold images", cfg.get("threshold", "f1"), mask
+            )[1]
+        else:
+            calibration = choose_temperature(raw_logits, labels, str(cfg.calibration), "out-of-fold images")
         log.info(
-            "Refit on all %d non-test images: %d epochs (median selected by the folds), temperature %.3f (%s)",
+            "Refit on all %d non-test images: %d epochs (median selected by the folds), temperature %s (%s)",
             len(pool),
             refit_epochs,
-            calibration.temperature,
+            calibration.temperature if isinstance(calibration.temperature, list) else f"{calibration.temperature:.3f}",
             calibration.rule,
         )
         datamodule.use_splits({"train": pool, "val": [], "test": official_test})
@@ -126,11 +142,19 @@ def cross_validate(cfg: DictConfig, backbone: Backbone, datamodule: ImageClassif
     if is_global_zero():
         if not cfg.cv.refit:  # the refit writes its own (the same table)
             write_csv(run_dir / SPLITS_FILE, build_table(datamodule.root, {"train": pool, "test": official_test}, datamodule.cache_dir))
-        write_predictions(run_dir / OOF, pool, names, oof_logits.softmax(dim=-1))
+        if datamodule.multilabel:
+            write_label_predictions(run_dir / OOF, pool, names, oof_logits.sigmoid(), oof_cuts)
+        else:
+            write_predictions(run_dir / OOF, pool, names, oof_logits.softmax(dim=-1))
         write_json(run_dir / SUMMARY, summary)
         write_json(run_dir / "metrics.json", result)
         write_report(run_dir, result, f"Run report: {run_dir.name} ({folds}-fold cross-validation, out-of-fold test figures)")
-        log.info("Cross-validation (%d folds) in %s: %s", folds, run_dir, fold_line(summary, "val/acc") + "; out-of-fold " + summary_line(result))
+        log.info(
+            "Cross-validation (%d folds) in %s: %s",
+            folds,
+            run_dir,
+            fold_line(summary, "val/map" if datamodule.multilabel else "val/acc") + "; out-of-fold " + summary_line(result),
+        )
     if loggers is None:  # no refit: the summary gets a logger run of its own, named after the run folder
         resolve_logger_config(cfg.get("logger"), run_name=run_dir.name, task_name=str(cfg.task_name), tags=list(cfg.get("tags") or []))
         loggers = instantiate_group(cfg.logger, "logger")
@@ -140,7 +164,10 @@ def cross_validate(cfg: DictConfig, backbone: Backbone, datamodule: ImageClassif
     return result
 
 
-RATES = re.compile(r"/(acc|acc_best|acc_top3|balanced_acc|macro_f1|ece)(_before_calibration)?$|/(precision|recall|acc_class)/")
+RATES = re.compile(
+    r"/(acc|acc_best|acc_top3|balanced_acc|macro_f1|ece|map|f1_micro|f1_macro|precision_micro|recall_micro|precision_macro|recall_macro|subset_acc|hamming_loss)"
+    r"(_before_calibration)?$|/(precision|recall|acc_class|ap|f1|ece)/"
+)
 LOSSES = re.compile(r"/(nll|loss)(_before_calibration)?$")
 FOLD_INTERVAL = "Nadeau-Bengio corrected resampled t over the folds (variance (1/K + 1/(K-1)) s^2: their training sets overlap)"
 

@@ -34,7 +34,7 @@ from transferlab.models.evaluation import Calibration
 from transferlab.models.linear_probe import ProbeFit
 from transferlab.training.artifacts import announce_skipped, test_and_report
 from transferlab.training.builders import build_trainer, fit_callbacks, instantiate_group, log_run_config, new_model
-from transferlab.training.calibration import held_out_metrics, set_calibration, validate_and_calibrate
+from transferlab.training.calibration import apply_calibration, held_out_metrics, set_calibration, validate_and_calibrate
 from transferlab.training.loggers import finish_loggers, log_final_metrics, resolve_logger_config
 from transferlab.training.lr_find import find_learning_rate
 from transferlab.training.probe import ProbeSettings, probe_settings, solve_probe
@@ -230,8 +230,7 @@ def test_and_write(
 
 
 def apply_refit_calibration(model: TransferClassifier, refit: Refit) -> None:
-    model.temperature.fill_(refit.calibration.temperature)
-    model.calibration = refit.calibration.record()
+    apply_calibration(model, refit.calibration)
     model.hparams["run"] = {**model.hparams["run"], "refit": True}
 
 

@@ -64,7 +64,7 @@ def multilabel_held_out(
         [float(t) for t in temperatures],
         images,
         errors,
-        [float(t) for t in fitted] if fitted is not None else None,
+        [None if not np.isfinite(t) else float(t) for t in fitted] if fitted is not None else None,  # type: ignore[misc]
         what,
         thresholds=[float(t) for t in chosen],
         threshold_rule="fixed" if fixed is not None else "f1",

@@ -28,12 +28,13 @@ PR_CURVES = "precision_recall.png"
 
 
 def predicted_sets(probs: np.ndarray, thresholds: Sequence[float], names: Sequence[str]) -> list[str]:
-    """Each row's labels at or over their threshold, `;`-joined (blank: none)."""
-    over = np.asarray(probs) >= np.asarray(thresholds, dtype=np.float64)[None, :]
+    """Each row's labels at or over their threshold ([K], or [N, K]: each image's own), `;`-joined (blank: none)."""
+    cuts = np.asarray(thresholds, dtype=np.float64)
+    over = np.asarray(probs) >= (cuts if cuts.ndim == 2 else cuts[None, :])
     return [SEPARATOR.join(name for name, on in zip(names, row) if on) for row in over]
 
 
-def write_label_predictions(path: Path, samples: Sequence[Sample], names: Sequence[str], probs: torch.Tensor, thresholds: Sequence[float]) -> None:
+def write_label_predictions(path: Path, samples: Sequence[Sample], names: Sequence[str], probs: torch.Tensor, thresholds: Any) -> None:
     """One row per test image: path, labels (true set), predicted (set over threshold), prob_<label>..."""
     if len(samples) != len(probs):
         raise RuntimeError(f"{len(probs)} predictions for {len(samples)} images: the evaluation lost or repeated images")
@@ -107,4 +108,14 @@ def multilabel_test(
     if write:
         write_label_predictions(out_dir / "test_predictions.csv", samples, names, probs, thresholds)
         write_pr_curves(out_dir / PR_CURVES, probs.numpy(), truth, names, mask, loggers)
+    return found
+
+
+def out_of_fold_figures(
+    logits: torch.Tensor, targets: torch.Tensor, names: Sequence[str], cuts: np.ndarray, mask: Optional[np.ndarray], seed: int
+) -> dict[str, Any]:
+    """A cross-validation's out-of-fold metrics (each image predicted once, at its fold's thresholds), with intervals."""
+    probs, truth = logits.double().sigmoid().numpy(), targets.numpy()
+    found: dict[str, Any] = dict(ml.multilabel_metrics(probs, truth, cuts, list(names), per_label=True, mask=mask))
+    found.update(ml.multilabel_intervals(probs, truth, cuts, seed=seed, mask=mask))
     return found
