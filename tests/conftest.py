@@ -399,6 +399,40 @@ def wait_for_http(url: str, proc: subprocess.Popen, log: Path, timeout: float = 
     raise AssertionError(f"{url} did not answer within {timeout:.0f} s: {log.read_text()[-3000:]}")
 
 
+# The multi-label runs the suite shares: canvases of 1 to 3 shared photos (tests/canvases.py), labelled with the
+# species (and, second task, the breeds) they hold; frozen bundled Lite0 + the one-vs-rest probe.
+CANVAS_RUN = [
+    "data=image_index",
+    "data.task=multilabel",
+    "backbone=tf_efficientnet_lite0",
+    "finetune=frozen",
+    "callbacks.progress_bar=null",
+    "trainer.enable_progress_bar=false",
+    "seed=1",
+]
+
+
+@pytest.fixture(scope="session")
+def canvas_runs(tmp_path_factory) -> dict[str, Path]:
+    """{"canvases": the canvas folder, "species" / "breeds": the two runs, "two_animals": a held-out cat beside a
+    held-out dog}: built and trained once per session (the first worker to need them; the others wait and reuse)."""
+    from canvases import write_canvases, write_two_animal_canvas
+    from filelock import FileLock
+
+    require_shared()
+    root = session_root(tmp_path_factory)
+    found = {"canvases": root / "canvases", "two_animals": root / "canvases" / "two_animals.jpg"}
+    with FileLock(str(root / "canvases.lock")):
+        for task in ("species", "breeds"):
+            found[task] = out = root / f"canvas_{task}"
+            if not (out / "metrics.json").is_file():
+                index = write_canvases(found["canvases"], seed=0, task=task)
+                run("train", *CANVAS_RUN, f"data.root={found['canvases']}", f"data.index={index}", f"hydra.run.dir={out}")
+        if not found["two_animals"].is_file():
+            write_two_animal_canvas(found["two_animals"], seed=0)
+    return found
+
+
 @pytest.fixture(scope="session")
 def species_package(species_run, tmp_path_factory) -> Path:
     """The species run's best checkpoint exported as a model package (format=all), once per test session."""

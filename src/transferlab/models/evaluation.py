@@ -35,6 +35,7 @@ class Calibration:
     fitted_on: str = ""
     thresholds: Optional[list[float]] = None  # multi-label: each label's decision threshold on its calibrated probability
     threshold_rule: str = ""  # multi-label: f1 (max F1 on the held-out images) | fixed
+    labels: Optional[list[str]] = None  # multi-label: the label of each temperature and threshold
 
     @property
     def calibrated(self) -> bool:
@@ -42,15 +43,19 @@ class Calibration:
         return self.method == "temperature" and self.held_out_images > 0
 
     def metrics(self) -> dict[str, Any]:
-        found = {
-            "calibration/temperature": self.temperature,
+        """metrics.json's calibration keys; a multi-label model's per label (`calibration/temperature/<label>`,
+        `threshold/<label>`), so every logger receives plain numbers."""
+        found: dict[str, Any] = {
             "calibration/rule": self.rule,
             "calibration/held_out_errors": self.held_out_errors,
             "calibration/held_out_images": self.held_out_images,
         }
-        if self.thresholds is not None:
-            found.update({"thresholds/rule": self.threshold_rule, "thresholds/values": self.thresholds})
-        return found
+        if not isinstance(self.temperature, list):
+            return {"calibration/temperature": self.temperature, **found}
+        names = self.labels or [str(i) for i in range(len(self.temperature))]
+        found.update({f"calibration/temperature/{name}": t for name, t in zip(names, self.temperature)})
+        found.update({f"threshold/{name}": t for name, t in zip(names, self.thresholds or [])})
+        return {**found, "threshold/rule": self.threshold_rule}
 
     def record(self) -> dict[str, Any]:
         return {**asdict(self), "calibrated": self.calibrated}

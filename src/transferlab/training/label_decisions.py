@@ -68,6 +68,7 @@ def multilabel_held_out(
         what,
         thresholds=[float(t) for t in chosen],
         threshold_rule="fixed" if fixed is not None else "f1",
+        labels=list(names),
     )
     if not images:
         return {}, calibration
