@@ -8,6 +8,11 @@ own `test` split is the official test list when it has one; `train` (and `valida
 stable split and cross-validation use. An image's split is hashed from `<class>/<its original file name>` (the
 row index when it has none), as an image folder's `<class>/<file>`: the same photos get the same split whether they
 come as a folder or as a dataset, and a new version of the dataset (a new fingerprint) moves none of the old ones.
+
+With data.task=multilabel the label column is a sequence per image: `Sequence(ClassLabel(...))` (the ClassLabel's
+names are the labels) or a sequence of strings (the names found, sorted); an empty sequence is an image with none of
+the labels. A plain class-label column is allowed too (each image a set of one). A sequence column with
+data.task=single stops with one line: reading only one of an image's labels would drop the rest silently.
 """
 
 from __future__ import annotations
@@ -20,13 +25,22 @@ from typing import Any, Optional
 
 from filelock import FileLock
 
-from transferlab.core.errors import DataError, require_packages
+from transferlab.core.errors import ConfigError, DataError, require_packages
 from transferlab.core.files import write_json
 from transferlab.data.base import Discovered, ImageClassificationDataModule, Sample
+from transferlab.data.labels import Label
 
 log = logging.getLogger(__name__)
 
 TEST_SPLITS, POOL_SPLITS = ("test",), ("train", "validation", "valid", "val")
+SEQUENCES = ("Sequence", "List", "LargeList")  # datasets' list features (Sequence is List since datasets 4)
+
+
+def item_feature(feature: Any) -> Optional[Any]:
+    """The feature of a sequence column's items (`Sequence(ClassLabel(...))` -> the ClassLabel), None for a plain column."""
+    if isinstance(feature, (list, tuple)):
+        return feature[0] if feature else None
+    return feature.feature if type(feature).__name__ in SEQUENCES else None
 
 
 class HfDatasetDataModule(ImageClassificationDataModule):
@@ -66,8 +80,17 @@ class HfDatasetDataModule(ImageClassificationDataModule):
                 f"not {self.image_column!r} and {self.label_column!r}; set them, e.g. data.label_column=labels"
             )
         feature = split.features[self.label_column]
-        names = getattr(feature, "names", None)
-        return list(names) if names else sorted({str(v) for v in split[self.label_column]})
+        inner = item_feature(feature)
+        if inner is not None and not self.multilabel:
+            raise ConfigError(
+                f"data.label_column: {self.label_column!r} of {self.path} holds a list of labels per image (a multi-label dataset); "
+                f"set data.task=multilabel"
+            )
+        names = getattr(inner if inner is not None else feature, "names", None)
+        if names:
+            return list(names)
+        values = split[self.label_column]
+        return sorted({str(v) for row in values for v in (row or [])} if inner is not None else {str(v) for v in values if v is not None})
 
     def discover(self) -> Discovered:
         import datasets
@@ -82,13 +105,13 @@ class HfDatasetDataModule(ImageClassificationDataModule):
             done = store / "samples.json"
             if done.is_file():
                 stored = json.loads(done.read_text())
-                samples = {k: [(Path(p), int(y)) for p, y, *_ in v] for k, v in stored.items()}
+                samples = {k: [(Path(p), self._stored_label(y)) for p, y, *_ in v] for k, v in stored.items()}
                 self.keys = {str(p): rest[0] for v in stored.values() for p, _, *rest in v if rest}  # stores before keys: none
             else:
                 for split in known:
                     rows = found[split].cast_column(self.image_column, datasets.Image(decode=False))
                     samples[split] = self._write(rows, store / split, class_names)
-                write_json(done, {k: [[str(p), y, self.keys[str(p)]] for p, y in v] for k, v in samples.items()})
+                write_json(done, {k: [[str(p), list(y) if isinstance(y, tuple) else y, self.keys[str(p)]] for p, y in v] for k, v in samples.items()})
         test = [s for split in TEST_SPLITS if split in samples for s in samples[split]] or None
         pool = [s for split in known if split not in TEST_SPLITS for s in samples[split]]
         if not pool and test:  # only a test split: it becomes the pool of the stratified split
@@ -101,13 +124,19 @@ class HfDatasetDataModule(ImageClassificationDataModule):
         folder.mkdir(parents=True, exist_ok=True)
         index = {name: i for i, name in enumerate(class_names)}
         found: list[Sample] = []
+        feature = rows.features[self.label_column]
+        inner = item_feature(feature)
+        by_name = not getattr(inner if inner is not None else feature, "names", None)  # strings, not ClassLabel indices
         for i, row in enumerate(rows):
-            image, label = row[self.image_column] or {}, row[self.label_column]
-            if label is None or (isinstance(label, int) and label < 0):  # unlabelled rows (ClassLabel -1): nothing to learn
+            image, value = row[self.image_column] or {}, row[self.label_column]
+            if value is None or (isinstance(value, int) and value < 0):  # unlabelled rows (ClassLabel -1): nothing to learn
                 continue
-            label = int(label) if getattr(rows.features[self.label_column], "names", None) else index[str(label)]
+            values = list(value) if inner is not None else [value]
+            found_labels = sorted({index[str(v)] if by_name else int(v) for v in values if v is not None and not (isinstance(v, int) and v < 0)})
+            label: Label = tuple(found_labels) if self.multilabel else found_labels[0]
             source = Path(image["path"]) if image.get("path") else None
-            key = f"{class_names[label]}/{source.name if source else f'{i:07d}'}"
+            first = f"{class_names[found_labels[0]]}/" if found_labels else ""  # as image_folder names it: the first label's folder
+            key = f"{first}{source.name if source else f'{i:07d}'}"
             if image.get("bytes") is None and source is not None and source.is_file():
                 found.append((source, label))
                 self.keys[str(source)] = key
@@ -117,6 +146,11 @@ class HfDatasetDataModule(ImageClassificationDataModule):
             found.append((file, label))
             self.keys[str(file)] = key
         return found
+
+    def _stored_label(self, value: Any) -> Label:
+        """A label from samples.json (a class index, or a list: a label set), as data.task reads it."""
+        labels = tuple(int(v) for v in value) if isinstance(value, list) else (int(value),)
+        return labels if self.multilabel else labels[0]  # single: a plain column (a sequence one was refused), a set of one
 
     def split_key(self, path: Path) -> str:
         return self.keys.get(str(path)) or super().split_key(path)
