@@ -221,6 +221,8 @@ def _inside(bounds: Bounds) -> float:
     for edge in (bounds.ge, bounds.le):
         if edge is not None:
             return edge
+    if bounds.gt is not None and bounds.lt is not None:  # open at both ends: the middle
+        return (bounds.gt + bounds.lt) / 2
     return bounds.gt + 1 if bounds.gt is not None and bounds.lt is None else bounds.lt - 1  # type: ignore[operator]
 
 

@@ -24,6 +24,7 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf, open_dict
 from PIL import Image
 
+from canvases import write_voc_folder
 from conftest import read_metrics
 from transferlab import api
 from transferlab.config.paths import config_dir
@@ -88,7 +89,7 @@ def generated(tmp_path_factory) -> dict[str, Path]:
                 image.save(folder / f"{breed}_{i + 1}.jpg", quality=90)
     photo = root / "photo.jpg"
     Image.fromarray(rng.integers(0, 256, (480, 640, 3), dtype=np.uint8)).save(photo, quality=90)
-    return {**folders, "photo": photo}
+    return {**folders, "photo": photo, "voc2007": write_voc_folder(root / "voc")}
 
 
 @pytest.fixture(autouse=True)
@@ -156,6 +157,7 @@ def data_overrides(cfg: DictConfig, generated: dict[str, Path]) -> list[str]:
         "transferlab.data.oxford_pets.OxfordPetsDataModule": "pets",
         "transferlab.data.cats_dogs.CatsDogsDataModule": "cats_dogs",
         "transferlab.data.image_folder.ImageFolderDataModule": "image_folder",
+        "transferlab.data.voc2007.Voc2007DataModule": "voc2007",
     }.get(cfg.data._target_)
     assert layout, f"no generated folder for {cfg.data._target_}: add its layout to tests/test_presets.py"
     return [f"data.root={generated[layout]}", "data.download=false"]
@@ -183,6 +185,8 @@ def train_overrides(cfg: DictConfig, generated: dict[str, Path]) -> list[str]:
 
 def expected_metrics(cfg: DictConfig, classes: int) -> set[str]:
     """What the presets' documented results are read from, for this config."""
+    if cfg.data.get("task") == "multilabel":
+        return {"val/map", "test/map", "test/map_ci95", "test/f1_micro", "test/f1_macro", "test/ece", "test/nll", "epochs"}
     keys = {"val/acc", "test/acc", "test/acc_ci95", "test/balanced_acc", "test/ece", "test/nll", "epochs"}
     if classes > 3:
         keys.add("test/acc_top3")
@@ -213,7 +217,7 @@ def check_train(preset: str, cfg: DictConfig, result: api.Result) -> None:
     metrics = read_metrics(result.run_dir)
     missing = expected_metrics(cfg, classes) - set(metrics)
     assert not missing, f"{preset}: metrics.json lacks {sorted(missing)}"
-    assert 0.0 <= metrics["test/acc"] <= 1.0
+    assert 0.0 <= metrics["test/map" if cfg.data.get("task") == "multilabel" else "test/acc"] <= 1.0
     for name in ("ideal_class", "feature_maps"):
         node = cfg.callbacks.get(name)
         if node:

@@ -42,7 +42,7 @@ class Train:
     ckpt_path: Optional[str]
     optimized_metric: Optional[str]
     calibration: Literal["temperature", "none"]
-    threshold: Union[Literal["f1"], Annotated[float, Bounds(gt=0, lt=1, noun="a probability")]]  # multi-label decisions
+    threshold: Union[Literal["f1"], Annotated[float, Bounds(gt=0, lt=1, noun="a probability", example="0.5")]]  # multi-label decisions
     tta: Tta
     cv: CrossValidation
     tune: Tune
