@@ -10,6 +10,8 @@ that labels PIL images or files, from a checkpoint or a model package.
     >>> model = api.load(result.best_checkpoint)          # or a package folder from transferlab-export
     >>> model.predict([PIL.Image.open("cat.jpg")])[0].label
     'cat'
+    >>> api.load("models/species_tags").predict("cat_and_dog.jpg")[0].labels   # a multi-label model: the predicted set
+    ['cat', 'dog']
 """
 
 from __future__ import annotations
@@ -38,9 +40,15 @@ class Result:
 
 @dataclass
 class Prediction:
+    """One image's answer. Single-label: `label` is the class, `prob` its probability, `top` the top-k classes and
+    `labels` is `[label]`. Multi-label (`Model.multilabel`): `labels` is the predicted set, every label whose
+    calibrated probability is at or over its threshold (class order; empty when none is), `label` / `prob` the most
+    probable label whether or not it is in the set, `top` the top-k labels by their own (sigmoid) probability."""
+
     label: str
     prob: float
     top: list[tuple[str, float]] = field(default_factory=list)  # (label, probability), most probable first
+    labels: list[str] = field(default_factory=list)  # the predicted set (single-label: [label])
 
 
 def _run_dir(command: str, run_dir: Optional[Union[str, Path]], overrides: Sequence[str]) -> Path:
@@ -98,12 +106,15 @@ def run(command: str, overrides: Sequence[str] = (), run_dir: Optional[Union[str
 
 
 class Model:
-    """A trained classifier with its preprocessing: `predict(images)` for PIL images or image files."""
+    """A trained classifier with its preprocessing: `predict(images)` for PIL images or image files. `multilabel`:
+    the model answers with a set of labels (a sigmoid and a threshold per label, `thresholds`), not one class."""
 
     def __init__(self, predictor: Any) -> None:
         self.predictor = predictor
         self.class_names: list[str] = list(predictor.class_names)
         self.metadata: dict[str, Any] = predictor.metadata
+        self.multilabel: bool = bool(getattr(predictor, "multilabel", False))
+        self.thresholds: dict[str, float] = dict(zip(self.class_names, predictor.thresholds)) if self.multilabel else {}
         prep = predictor.preprocessing
         self._transform, self._decode_size = prep.eval_transform(), prep.decode_size()
 
@@ -117,7 +128,7 @@ class Model:
         return self._transform(decode_rgb(Path(image).expanduser(), self._decode_size))
 
     def probabilities(self, images: Sequence[ImageInput], batch_size: int = 32) -> torch.Tensor:
-        """[N, classes] calibrated probabilities, in the order of `images`."""
+        """[N, classes] calibrated probabilities, in the order of `images` (multi-label: each label's sigmoid)."""
         chunks = [
             self.predictor.probabilities(torch.stack([self._tensor(i) for i in images[s : s + batch_size]]))
             for s in range(0, len(images), batch_size)
@@ -125,14 +136,18 @@ class Model:
         return torch.cat(chunks) if chunks else torch.zeros(0, len(self.class_names))
 
     def predict(self, images: Union[ImageInput, Sequence[ImageInput]], topk: int = 3) -> list[Prediction]:
-        """One Prediction per image (a single image gives a list of one)."""
+        """One Prediction per image (a single image gives a list of one); a multi-label model's hold the predicted
+        set in `labels` (see Prediction)."""
         batch = [images] if isinstance(images, (Image.Image, str, Path)) else list(images)
         k = max(1, min(topk, len(self.class_names)))
+        probs = self.probabilities(batch)
+        sets = self.predictor.label_sets(probs) if self.multilabel else None
         found = []
-        for p in self.probabilities(batch):
+        for i, p in enumerate(probs):
             scores, top = p.topk(k)
             ranked = [(self.class_names[j], float(s)) for s, j in zip(scores, top.tolist())]
-            found.append(Prediction(label=ranked[0][0], prob=ranked[0][1], top=ranked))
+            chosen = sets[i] if sets is not None else [ranked[0][0]]
+            found.append(Prediction(label=ranked[0][0], prob=ranked[0][1], top=ranked, labels=chosen))
         return found
 
 

@@ -2,6 +2,10 @@
 
 Given a folder, every non-hidden file in it gets exactly one row: the unreadable, the non-images and the
 refused (decompression bombs) with their reason, so nothing is silently left out.
+
+Columns: a single-label model's `path,label,score,error,top1_label,top1_score,...` (top-k); a multi-label model's
+`path,labels,error,prob_<label>...`, where `labels` is the predicted set (each label whose calibrated probability
+is at or over its threshold, `;`-joined, blank for none) and every label's probability follows (topk unused).
 """
 
 from __future__ import annotations
@@ -21,7 +25,8 @@ from transferlab.core.errors import DataError
 from transferlab.core.hardware import default_workers
 from transferlab.core.progress import progress
 from transferlab.data.images import decode_rgb, describe_failure, list_files
-from transferlab.deploy.runtime import load_runtime
+from transferlab.data.labels import SEPARATOR
+from transferlab.deploy.runtime import Predictor, load_runtime
 
 log = logging.getLogger(__name__)
 
@@ -51,9 +56,35 @@ def collect_inputs(input_path: str) -> list[Path]:
     raise DataError(f"input: {path} is neither a file nor a folder")
 
 
+def header(predictor: Predictor, k: int) -> list[str]:
+    if predictor.multilabel:
+        return ["path", "labels", "error", *(f"prob_{name}" for name in predictor.class_names)]
+    return ["path", "label", "score", "error"] + [f"top{j}_{kind}" for j in range(1, k + 1) for kind in ("label", "score")]
+
+
+def rows(predictor: Predictor, k: int, paths: list[str], errors: list[str], probs: torch.Tensor) -> list[list[str]]:
+    """The CSV rows of one batch (header's columns); a file that could not be used gets blanks and its reason."""
+    names = predictor.class_names
+    found: list[list[str]] = []
+    if predictor.multilabel:
+        sets = predictor.label_sets(probs)
+        for path, err, chosen, p in zip(paths, errors, sets, probs.tolist()):
+            found.append(([path, "", err] + [""] * len(names)) if err else [path, SEPARATOR.join(chosen), "", *(f"{v:.6f}" for v in p)])
+        return found
+    scores, labels = probs.topk(k, dim=-1)
+    for path, err, s, top in zip(paths, errors, scores.tolist(), labels.tolist()):
+        if err:
+            found.append([path, "", "", err] + [""] * (2 * k))
+            continue
+        ranked = [v for j in range(k) for v in (names[top[j]], f"{s[j]:.6f}")]
+        found.append([path, names[top[0]], f"{s[0]:.6f}", ""] + ranked)
+    return found
+
+
 def predict(cfg: DictConfig) -> dict[str, Any]:
-    """One CSV row per input file: top-k labels and scores, or the reason the file could not be used; returns how
-    many were labelled and how fast (the labelling loop: decode, transform, forward, CSV)."""
+    """One CSV row per input file: top-k labels and scores (multi-label: the predicted set and every label's
+    probability), or the reason the file could not be used; returns how many were labelled and how fast (the
+    labelling loop: decode, transform, forward, CSV)."""
     predictor = load_runtime(str(cfg.ckpt_path), cfg.runtime, cfg.device, cfg.precision, cfg.channels_last, cfg.tta, cfg.threads)
     files = collect_inputs(cfg.input)
     if not files:
@@ -69,23 +100,16 @@ def predict(cfg: DictConfig) -> dict[str, Any]:
         persistent_workers=False,
         prefetch_factor=4 if workers else None,
     )
-    class_names = predictor.class_names
-    k = min(cfg.topk, len(class_names))  # topk >= 1: the schema's range
+    k = min(cfg.topk, len(predictor.class_names))  # topk >= 1: the schema's range
     output = Path(cfg.output).expanduser()
     output.parent.mkdir(parents=True, exist_ok=True)
     rows_ok, started = 0, time.perf_counter()
     with open(output, "w", newline="") as fh:
         writer = csv.writer(fh)
-        writer.writerow(["path", "label", "score", "error"] + [f"top{j}_{kind}" for j in range(1, k + 1) for kind in ("label", "score")])
+        writer.writerow(header(predictor, k))
         for indices, images, errors in progress(loader, len(files), "Labelling images", size=lambda batch: len(batch[0])):
-            scores, labels = predictor.probabilities(images).topk(k, dim=-1)
-            for i, err, s, top in zip(indices.tolist(), errors, scores.tolist(), labels.tolist()):
-                if err:
-                    writer.writerow([str(files[i]), "", "", err] + [""] * (2 * k))
-                    continue
-                ranked = [v for j in range(k) for v in (class_names[top[j]], f"{s[j]:.6f}")]
-                writer.writerow([str(files[i]), class_names[top[0]], f"{s[0]:.6f}", ""] + ranked)
-                rows_ok += 1
+            writer.writerows(rows(predictor, k, [str(files[i]) for i in indices.tolist()], list(errors), predictor.probabilities(images)))
+            rows_ok += sum(1 for err in errors if not err)
     seconds = time.perf_counter() - started
     log.info(
         "Wrote %s: %d image(s) labelled, %d not usable (their reason is in the error column); %.1f s, %.1f img/s with %d worker(s)",

@@ -78,6 +78,18 @@ def joined(label: Label, names: Sequence[str]) -> str:
     return SEPARATOR.join(names[i] for i in label_set(label))
 
 
+def over_thresholds(probs: np.ndarray, thresholds: Sequence[float]) -> np.ndarray:
+    """[N, K] booleans: each label's probability at or over its threshold ([K], or [N, K]: each image's own). One rule
+    for every place a label set is decided (test files, predict, serve, the API), so they cannot disagree at a tie."""
+    cuts = np.asarray(thresholds, dtype=np.float64)
+    return np.asarray(probs, dtype=np.float64) >= (cuts if cuts.ndim == 2 else cuts[None, :])
+
+
+def predicted_sets(probs: np.ndarray, thresholds: Sequence[float], names: Sequence[str]) -> list[str]:
+    """Each row's labels at or over their threshold, `;`-joined (blank: none)."""
+    return [SEPARATOR.join(name for name, on in zip(names, row) if on) for row in over_thresholds(probs, thresholds)]
+
+
 def parse_joined(text: str, index_of: dict[str, int], where: str) -> tuple[int, ...]:
     """The label set of a `;`-joined cell (blank: no labels); an unknown name is one line naming `where`."""
     found = set()

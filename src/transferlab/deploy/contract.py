@@ -32,9 +32,15 @@ class Prediction(BaseModel):
     prob: float = Field(ge=0, le=1, description="calibrated probability")
 
 
+LABELS = "multi-label models only: the predicted set, every label whose calibrated probability is at or over its threshold (class order; empty: none)"
+PROBABILITIES = "multi-label models only: every label's calibrated probability (its own sigmoid: they need not sum to 1)"
+
+
 class ImageResult(BaseModel):
     file: str = Field(description="the upload's file name (multipart) or `image N` (JSON, 1-based)")
     predictions: list[Prediction] = Field(description="top-k labels, most probable first")
+    labels: Optional[list[str]] = Field(None, description=LABELS)
+    probabilities: Optional[dict[str, float]] = Field(None, description=PROBABILITIES)
 
 
 class PredictAnswer(BaseModel):
@@ -42,6 +48,10 @@ class PredictAnswer(BaseModel):
     results: list[ImageResult] = Field(description="one entry per image, in request order")
     file: Optional[str] = Field(None, description="only when exactly one image was sent: results[0].file")
     predictions: Optional[list[Prediction]] = Field(None, description="only when exactly one image was sent: results[0].predictions")
+    labels: Optional[list[str]] = Field(None, description="only when exactly one image was sent: results[0].labels (multi-label models)")
+    probabilities: Optional[dict[str, float]] = Field(
+        None, description="only when exactly one image was sent: results[0].probabilities (multi-label models)"
+    )
 
 
 class Health(BaseModel):
@@ -56,6 +66,7 @@ class Health(BaseModel):
 class Metadata(BaseModel):
     model_config = ConfigDict(extra="allow")
     class_names: list[str]
+    task: str = Field("single", description="single (one class per image, softmax) or multilabel (a set of labels; `thresholds` per label)")
     runtime: dict[str, Any] = Field(description="how the model runs (runtime, device, precision, ...)")
     limits: dict[str, Any] = Field(description="the server's request limits (conf/serve.yaml)")
     version: str

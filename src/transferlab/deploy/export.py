@@ -1,8 +1,9 @@
 """Write a model package (models.package) from a checkpoint: safetensors, ONNX, TorchScript, config.json, card.
 
 Every exported format is loaded back and run on sample inputs (batches of 1, 3 and 8: the ONNX batch axis is
-dynamic) and must give the checkpoint's own fp32 logits to TOLERANCE, else the export fails with one line and
-the output folder keeps what it had. Files are written in a staging folder inside the output and moved into
+dynamic) and must give the checkpoint's own fp32 logits to TOLERANCE (a multi-label model's sigmoid probabilities
+too: what its label decisions are made on), else the export fails with one line and the output folder keeps what
+it had. Files are written in a staging folder inside the output and moved into
 place at the end, so a failed or interrupted export never leaves a package whose files disagree. A finetune=lora
 checkpoint's adapters are merged into their layers first (models.lora.merge, checked against the adapted model to
 TOLERANCE as well): the package is a plain model, config.json's `lora` says what was merged.
@@ -40,12 +41,14 @@ class ExportMismatch(ResourceError):
 
 
 class InferenceNetwork(nn.Module):
-    """What a package's model.onnx / model.pt compute: normalised images [N, 3, S, S] -> calibrated logits."""
+    """What a package's model.onnx / model.pt compute: normalised images [N, 3, S, S] -> calibrated logits (a
+    multi-label model's divided by each label's own temperature: the buffer is [K] then)."""
 
     def __init__(self, model: TransferClassifier) -> None:
         super().__init__()
         self.backbone, self.head = model.backbone, model.head
-        self.register_buffer("temperature", model.temperature.detach().clone().reshape(()))
+        temperature = model.temperature.detach().clone()
+        self.register_buffer("temperature", temperature if model.task.multilabel else temperature.reshape(()))
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         return self.head(self.backbone(images)) / self.temperature
@@ -58,6 +61,16 @@ def sample_inputs(size: int, seed: int = 0) -> list[torch.Tensor]:
 
 def largest_difference(expected: list[torch.Tensor], got: list[Any]) -> float:
     return max(float((torch.as_tensor(g).float() - e).abs().max()) for e, g in zip(expected, got))
+
+
+def checked_outputs(name: str, expected: list[torch.Tensor], got: list[Any], multilabel: bool) -> dict[str, float]:
+    """`max_abs_diff` of the logits, checked; a multi-label model's `max_abs_prob_diff` of the sigmoid probabilities
+    too (its decisions compare them with thresholds: the figure a consumer cares about)."""
+    found = {"max_abs_diff": _checked(name, largest_difference(expected, got))}
+    if multilabel:
+        probabilities = [torch.as_tensor(g).float().sigmoid() for g in got]
+        found["max_abs_prob_diff"] = _checked(name, largest_difference([e.sigmoid() for e in expected], probabilities), "probability")
+    return found
 
 
 def export_onnx(network: InferenceNetwork, file: Path, size: int, opset: int) -> None:
@@ -98,13 +111,13 @@ def torchscript_logits(file: Path, inputs: list[torch.Tensor]) -> list[torch.Ten
     return [loaded(x) for x in inputs]
 
 
-def _checked(name: str, difference: float) -> float:
+def _checked(name: str, difference: float, what: str = "logit") -> float:
     if not difference <= TOLERANCE:  # NaN fails too
         raise ExportMismatch(
             f"export: the {name} output differs from the checkpoint's by {difference:.2e} (> {TOLERANCE:g}); nothing was written. "
             f"Try another opset (opset=17) or format, and report the backbone if it persists"
         )
-    log.info("Checked %s: largest |logit difference| to the checkpoint %.2e on batches of %s", name, difference, CHECK_BATCHES)
+    log.info("Checked %s: largest |%s difference| to the checkpoint %.2e on batches of %s", name, what, difference, CHECK_BATCHES)
     return difference
 
 
@@ -128,6 +141,7 @@ def export_package(ckpt_path: str, output: Path, fmt: str, opset: int) -> dict[s
         require_packages("format=onnx (ONNX export and its check)", "export", "onnx", "onnxruntime")
     model, hparams = load_checkpoint(ckpt_path)
     model = model.float().eval()
+    multilabel = bool(model.task.multilabel)
     size = model.backbone.preprocessing.input_size
     network = InferenceNetwork(model).eval()
     inputs = sample_inputs(size)
@@ -140,41 +154,23 @@ def export_package(ckpt_path: str, output: Path, fmt: str, opset: int) -> dict[s
     staging = Path(tempfile.mkdtemp(prefix=".export-", dir=output))
     try:
         formats: dict[str, Any] = {"safetensors": {"file": package.WEIGHTS}}
-        metrics = package.run_metrics(ckpt_path)
-        config = package.package_config(
-            hparams,
-            model.backbone.preprocessing,
-            float(model.temperature),
-            metrics,
-            formats,
-            package.transferlab_version(),
-            model.calibration,
-            model.split_table,
-        )
+        config = package.model_config(model, hparams, package.run_metrics(ckpt_path), formats, package.transferlab_version())
         package.save_weights(model, staging / package.WEIGHTS)
         if model.split_table is not None:
             write_csv(staging / package.SPLITS, model.split_table)
         write_json(staging / package.CONFIG, config)
         reloaded, _ = load_checkpoint(staging)
         with torch.inference_mode():
-            formats["safetensors"]["max_abs_diff"] = _checked(
-                "safetensors", largest_difference(expected, [InferenceNetwork(reloaded)(x) for x in inputs])
-            )
+            formats["safetensors"].update(checked_outputs("safetensors", expected, [InferenceNetwork(reloaded)(x) for x in inputs], multilabel))
         if "onnx" in wanted:
             export_onnx(network, staging / package.ONNX, size, opset)
-            diff = largest_difference(expected, onnx_logits(staging / package.ONNX, inputs))
-            formats["onnx"] = {
-                "file": package.ONNX,
-                "opset": opset,
-                "input": "images",
-                "output": "logits",
-                "max_abs_diff": _checked("ONNX (onnxruntime)", diff),
-            }
+            found = checked_outputs("ONNX (onnxruntime)", expected, onnx_logits(staging / package.ONNX, inputs), multilabel)
+            formats["onnx"] = {"file": package.ONNX, "opset": opset, "input": "images", "output": "logits", **found}
         if "torchscript" in wanted:
             export_torchscript(network, staging / package.TORCHSCRIPT, size)
             with torch.inference_mode():
-                diff = largest_difference(expected, torchscript_logits(staging / package.TORCHSCRIPT, inputs))
-            formats["torchscript"] = {"file": package.TORCHSCRIPT, "kind": "torch.jit.trace", "max_abs_diff": _checked("TorchScript", diff)}
+                found = checked_outputs("TorchScript", expected, torchscript_logits(staging / package.TORCHSCRIPT, inputs), multilabel)
+            formats["torchscript"] = {"file": package.TORCHSCRIPT, "kind": "torch.jit.trace", **found}
         config["formats"] = formats
         if merged:
             config["lora"] = merged

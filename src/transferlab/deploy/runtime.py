@@ -5,7 +5,9 @@
 - `onnx`: a package's model.onnx in onnxruntime (CPU); this path imports neither Lightning nor the classifier.
 
 Both give float32 calibrated logits of normalised batches, test-time augmentation included (models.tta), and
-describe themselves (`metadata`: classes, preprocessing, metrics) the way a package's config.json does.
+describe themselves (`metadata`: classes, preprocessing, metrics) the way a package's config.json does. A
+multi-label model (`multilabel`) gives a sigmoid per label, its test-time views averaged as probabilities per
+label (as models.tasks.MultiLabel.combine_views), and decides each label at its own threshold (`label_sets`).
 """
 
 from __future__ import annotations
@@ -18,21 +20,26 @@ import torch
 
 from transferlab.core.errors import DataError, require_packages
 from transferlab.core.hardware import choose_flag, choose_precision, forward_context, resolve_device, usable_cores
+from transferlab.data.labels import over_thresholds
 from transferlab.data.preprocessing import Preprocessing
 from transferlab.models import package
 from transferlab.models.backbone import is_convolutional
-from transferlab.models.tta import averaged_logits
+from transferlab.models.tta import averaged_logits, views
 
 log = logging.getLogger(__name__)
 
 
 class Predictor:
-    """class_names, preprocessing, metadata and `logits(batch)`; `settings` says how it runs (logged, /metadata)."""
+    """class_names, preprocessing, metadata and `logits(batch)`; `settings` says how it runs (logged, /metadata).
+    `multilabel` and `thresholds` (one per label, class_names order) come from the model or package: set by the
+    subclasses before any prediction."""
 
     class_names: list[str]
     preprocessing: Preprocessing
     metadata: dict[str, Any]
     settings: dict[str, Any]
+    multilabel: bool = False
+    thresholds: list[float]
 
     def __init__(self, tta: str) -> None:
         self.tta = tta  # one of models.tta.MODES: the config's schema (or api.load's check) guarantees it
@@ -42,11 +49,26 @@ class Predictor:
         raise NotImplementedError
 
     def logits(self, images: torch.Tensor) -> torch.Tensor:
-        """Float32 calibrated logits of [N, 3, S, S] normalised images (log of the averaged probabilities with TTA)."""
-        return averaged_logits(self.view_logits, images, self.tta).float()
+        """Float32 calibrated logits of [N, 3, S, S] normalised images (with TTA: the log of the views' averaged
+        softmax, or for a multi-label model the logit of each label's averaged sigmoid)."""
+        if not self.multilabel:
+            return averaged_logits(self.view_logits, images, self.tta).float()
+        return torch.logit(self._label_probabilities(images).double(), eps=1e-12).float()
 
     def probabilities(self, images: torch.Tensor) -> torch.Tensor:
-        return self.logits(images).softmax(dim=-1)
+        """[N, K] calibrated probabilities: softmax over the classes, or a sigmoid per label (multi-label)."""
+        return self._label_probabilities(images) if self.multilabel else self.logits(images).softmax(dim=-1)
+
+    def _label_probabilities(self, images: torch.Tensor) -> torch.Tensor:
+        """Each label's sigmoid averaged over the test-time views: MultiLabel.combine_views on outputs that are
+        calibrated already (temperature 1), computed here so runtime=onnx imports no training code."""
+        shown = [self.view_logits(batch).float().sigmoid() for batch in views(images, self.tta)]
+        return shown[0] if len(shown) == 1 else torch.stack(shown).mean(dim=0)
+
+    def label_sets(self, probabilities: torch.Tensor) -> list[list[str]]:
+        """A multi-label model's predicted set per image: the labels at or over their threshold, in class order."""
+        decided = over_thresholds(probabilities.detach().cpu().double().numpy(), self.thresholds)
+        return [[name for name, on in zip(self.class_names, row) if on] for row in decided]
 
 
 class TorchPredictor(Predictor):
@@ -64,11 +86,12 @@ class TorchPredictor(Predictor):
         self.class_names, self.preprocessing = list(model.class_names), model.backbone.preprocessing
         if package.is_package(ckpt_path):
             self.metadata = package.read_package(ckpt_path)
+            self.metadata["task"] = package.task_of(self.metadata)
         else:
-            metrics = package.run_metrics(ckpt_path)
-            temperature = float(model.temperature)
-            self.metadata = package.package_config(hparams, self.preprocessing, temperature, metrics, {}, "", model.calibration, model.split_table)
+            self.metadata = package.model_config(model, hparams, package.run_metrics(ckpt_path), {}, "")
         self.metadata.pop("hyper_parameters", None)
+        self.multilabel = bool(model.task.multilabel)
+        self.thresholds = [float(model.thresholds.get(name, package.DEFAULT_THRESHOLD)) for name in self.class_names]
         self.settings = {
             "runtime": "torch",
             "device": str(self.device),
@@ -101,6 +124,8 @@ class OnnxPredictor(Predictor):
         self.session = onnxruntime.InferenceSession(str(file), options, providers=["CPUExecutionProvider"])
         self.input_name = self.session.get_inputs()[0].name
         self.class_names, self.preprocessing = list(self.metadata["class_names"]), package.preprocessing_of(self.metadata)
+        self.metadata["task"] = package.task_of(self.metadata)
+        self.multilabel, self.thresholds = self.metadata["task"] == "multilabel", package.label_thresholds(self.metadata)
         self.settings = {"runtime": "onnx", "device": "cpu", "precision": "32-true", "threads": options.intra_op_num_threads, "tta": tta}
 
     def view_logits(self, images: torch.Tensor) -> torch.Tensor:
@@ -120,5 +145,6 @@ def load_runtime(
         predictor: Predictor = OnnxPredictor(str(ckpt_path), tta, threads)
     else:
         predictor = TorchPredictor(str(ckpt_path), device, precision, channels_last, tta)
-    log.info("Model %s: %d classes, %s", Path(ckpt_path).name, len(predictor.class_names), predictor.settings)
+    kind = "labels (multi-label)" if predictor.multilabel else "classes"
+    log.info("Model %s: %d %s, %s", Path(ckpt_path).name, len(predictor.class_names), kind, predictor.settings)
     return predictor

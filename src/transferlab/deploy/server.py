@@ -3,7 +3,8 @@
 A request goes: body limit (`max_request_mb`) → rate limit and key (deploy.access, when set) → the uploads read
 (deploy.contract) → admitted to the queue (`queue_size`, else 503) → headers checked against the pixel budgets,
 decoded on the bounded pool (deploy.admission) → batched forward passes (deploy.batcher) → one result per image,
-in request order. Every refusal is `{"error": "<one line>"}` with the status /openapi.json declares for it, and
+in request order (a multi-label model's also hold the predicted `labels` and every label's `probabilities`).
+Every refusal is `{"error": "<one line>"}` with the status /openapi.json declares for it, and
 the server goes on. /docs is Swagger UI served from the package (fastapi-offline): it works without internet.
 """
 
@@ -16,6 +17,7 @@ from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from typing import Any, AsyncIterator, Optional
 
+import torch
 from fastapi import Depends, FastAPI, Query, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse
@@ -152,7 +154,7 @@ def create_app(predictor: Predictor, settings: ServeSettings) -> FastAPI:
 
     @app.post(
         "/predict",
-        summary="Top-k labels of one or more images (multipart field `file`, or JSON base64)",
+        summary="Top-k labels of one or more images (multipart field `file`, or JSON base64); multi-label: the predicted set too",
         response_model=PredictAnswer,
         response_model_exclude_none=True,
         responses=error_responses(400, *guarded, 408, 413, 415, 422, 503),
@@ -167,9 +169,16 @@ def create_app(predictor: Predictor, settings: ServeSettings) -> FastAPI:
             probs = await batcher.probabilities(await admission.inputs(uploads))
         k = min(topk or settings.topk, len(names))
         results = []
-        for (name, _), p in zip(uploads, probs):
+        sets = predictor.label_sets(torch.stack(probs)) if predictor.multilabel and probs else []
+        for i, ((name, _), p) in enumerate(zip(uploads, probs)):
             scores, top = p.topk(k)
-            results.append({"file": name, "predictions": [{"label": names[j], "prob": round(float(s), 6)} for s, j in zip(scores, top.tolist())]})
+            result: dict[str, Any] = {
+                "file": name,
+                "predictions": [{"label": names[j], "prob": round(float(s), 6)} for s, j in zip(scores, top.tolist())],
+            }
+            if predictor.multilabel:
+                result.update(labels=sets[i], probabilities={label: round(float(v), 6) for label, v in zip(names, p.tolist())})
+            results.append(result)
         return {"version": served, "results": results, **(results[0] if len(results) == 1 else {})}
 
     @app.get("/health", summary="Liveness: the model is loaded and answers", response_model=Health)
@@ -195,7 +204,7 @@ def create_app(predictor: Predictor, settings: ServeSettings) -> FastAPI:
 
     @app.get("/", response_class=HTMLResponse, include_in_schema=False)
     async def page() -> str:
-        return page_html(names, predictor.metadata.get("metrics") or {}, needs_key=bool(keys))
+        return page_html(names, predictor.metadata.get("metrics") or {}, needs_key=bool(keys), multilabel=predictor.multilabel)
 
     return app
 

@@ -10,7 +10,9 @@
 A consumer's preprocessing is exactly: RGB; resize the shorter side to `resize_size` with `interpolation`;
 centre-crop `input_size`; scale to [0, 1]; normalise with `mean` / `std`. The outputs are the classifier's
 logits already divided by `temperature` (`logits_are_calibrated`: the temperature was chosen on held-out images,
-whatever value the rule kept; `calibration` says how).
+whatever value the rule kept; `calibration` says how). `task` says how to read them: `single` (softmax, one class
+per image) or `multilabel` (a sigmoid per label; `temperature` and `thresholds` map each label to its own, and an
+image holds every label whose probability is at or over its threshold). A package without `task` is single-label.
 This module reads and writes the format without importing Lightning, so an onnxruntime consumer needs no
 training stack; `models.classifier.load_checkpoint` turns a package back into the LightningModule.
 """
@@ -20,7 +22,7 @@ from __future__ import annotations
 import importlib.metadata
 import json
 import math
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any, Optional
 
@@ -34,6 +36,8 @@ from transferlab.data.preprocessing import Preprocessing
 CONFIG, WEIGHTS, ONNX, TORCHSCRIPT, CARD = "config.json", "model.safetensors", "model.onnx", "model.pt", "README.md"
 SPLITS = stored_splits.FILE
 FORMAT_VERSION = 1
+TASKS = ("single", "multilabel")
+DEFAULT_THRESHOLD = 0.5  # a multi-label decision where none was chosen on held-out images (as the classifier's metrics)
 # The consumer's contract (issue 17's stable interface): config.json always has these keys.
 INTERFACE_KEYS = ("class_names", "input_size", "resize_size", "interpolation", "mean", "std", "temperature", "logits_are_calibrated")
 
@@ -90,40 +94,72 @@ def run_metrics(ckpt_path: str | Path) -> dict[str, Any]:
     return {}
 
 
-def is_calibrated(calibration: Mapping[str, Any], metrics: Mapping[str, Any], temperature: float) -> bool:
+def task_of(config: Mapping[str, Any], key: str = "ckpt_path") -> str:
+    """`single` or `multilabel`: how a package's outputs are read (packages from before multi-label have no `task`)."""
+    task = config.get("task") or "single"
+    if task not in TASKS:
+        raise DataError(f"{key}: config.json's task is {task!r}, not single or multilabel; export the model again with transferlab-export")
+    return str(task)
+
+
+def label_thresholds(config: Mapping[str, Any]) -> list[float]:
+    """A multi-label package's decision threshold per label, in class_names order (DEFAULT_THRESHOLD where none is given)."""
+    given = config.get("thresholds") or {}
+    return [float(given.get(name, DEFAULT_THRESHOLD)) for name in config["class_names"]]
+
+
+def is_calibrated(calibration: Mapping[str, Any], metrics: Mapping[str, Any], temperature: float | Sequence[float]) -> bool:
     """Whether calibration=temperature chose the temperature on held-out images (the checkpoint's record first)."""
     if "calibrated" in calibration:
         return bool(calibration["calibrated"])
     if "calibration/rule" in metrics:
         return metrics["calibration/rule"] not in ("none", "no_held_out_images")
-    return not math.isclose(temperature, 1.0)  # a checkpoint from before the record: only a fitted temperature differs from 1
+    values = [temperature] if isinstance(temperature, (int, float)) else list(temperature)
+    return not all(math.isclose(t, 1.0) for t in values)  # a checkpoint from before the record: only a fitted temperature differs from 1
 
 
 def package_config(
     hparams: Mapping[str, Any],
     preprocessing: Preprocessing,
-    temperature: float,
+    temperature: float | Sequence[float],
     metrics: Mapping[str, Any],
     formats: Mapping[str, Any],
     version: str,
     calibration: Optional[Mapping[str, Any]] = None,
     split_table: Optional[Mapping[str, Any]] = None,
+    thresholds: Optional[Mapping[str, float]] = None,
 ) -> dict[str, Any]:
-    """config.json: the consumer's interface keys first, then provenance (backbone, run, split, metrics) and the formats."""
+    """config.json: the consumer's interface keys first, then provenance (backbone, run, split, metrics) and the formats.
+    A multi-label model (hparams' `task`) gives `temperature` one per label and `thresholds` (label -> threshold on
+    the calibrated probability; DEFAULT_THRESHOLD for a label without one), both keyed by label name."""
     run = dict(hparams.get("run") or {})
+    names = list(hparams["class_names"])
+    multilabel = (hparams.get("task") or "single") == "multilabel"
     calibrated = is_calibrated(calibration or {}, metrics, temperature)
+    values = [float(temperature)] if isinstance(temperature, (int, float)) else [float(t) for t in temperature]
+    shown: Any = values[0] if not multilabel else dict(zip(names, values * len(names) if len(values) == 1 else values))
+    decisions: dict[str, Any] = {}
+    meaning = "logits / temperature; softmax gives the class probabilities"
+    if multilabel:
+        decisions["thresholds"] = {name: float((thresholds or {}).get(name, DEFAULT_THRESHOLD)) for name in names}
+        meaning = (
+            "logits / temperature (one per label); sigmoid gives each label's probability, and an image holds every label "
+            "whose probability is at or over thresholds[label]"
+        )
     return {
-        "class_names": list(hparams["class_names"]),
+        "class_names": names,
+        "task": "multilabel" if multilabel else "single",
         "input_size": preprocessing.input_size,
         "resize_size": preprocessing.resize_size,
         "interpolation": preprocessing.interpolation,
         "crop_pct": preprocessing.crop_pct,
         "mean": list(preprocessing.mean),
         "std": list(preprocessing.std),
-        "temperature": float(temperature),
+        "temperature": shown,
         "logits_are_calibrated": bool(calibrated),
+        **decisions,
         "input": {"name": "images", "dtype": "float32", "layout": "NCHW", "normalised": True, "channels": "RGB"},
-        "output": {"name": "logits", "meaning": "logits / temperature; softmax gives the class probabilities"},
+        "output": {"name": "logits", "meaning": meaning},
         "backbone": {k: hparams["backbone"].get(k) for k in ("name", "source", "weights", "input_size", "pool")},
         "finetune_mode": (hparams.get("finetune") or {}).get("mode"),
         "data": {k: (run.get("data") or {}).get(k) for k in ("_target_", "root", "task", "val_fraction", "test_fraction")},
@@ -137,6 +173,24 @@ def package_config(
         "format_version": FORMAT_VERSION,
         "hyper_parameters": jsonable(dict(hparams)),  # what models.classifier needs to rebuild the LightningModule
     }
+
+
+def model_config(model: Any, hparams: Mapping[str, Any], metrics: Mapping[str, Any], formats: Mapping[str, Any], version: str) -> dict[str, Any]:
+    """package_config of a loaded classifier: its temperature(s), calibration record, label thresholds and stored split,
+    so export and the runtimes describe a model the same way."""
+    multilabel = bool(model.task.multilabel)
+    temperature = model.temperature.detach().float().cpu().reshape(-1).tolist()
+    return package_config(
+        {**hparams, "task": "multilabel" if multilabel else "single"},
+        model.backbone.preprocessing,
+        temperature if multilabel else temperature[0],
+        metrics,
+        formats,
+        version,
+        model.calibration,
+        model.split_table,
+        model.thresholds if multilabel else None,
+    )
 
 
 def metrics_images(metrics: Mapping[str, Any], split_table: Optional[Mapping[str, Any]]) -> str:
@@ -214,4 +268,5 @@ def hyper_parameters(config: Mapping[str, Any], folder: Path, key: str = "ckpt_p
     found: Optional[Mapping[str, Any]] = config.get("hyper_parameters")
     if not isinstance(found, Mapping) or "backbone" not in found:
         raise DataError(f"{key}: {folder / CONFIG} has no hyper_parameters; it is usable with runtime=onnx only")
-    return dict(found)
+    task = task_of({"task": config.get("task") or found.get("task")}, key)  # the head the package was exported with
+    return {**found, "task": task}

@@ -6,11 +6,28 @@ from collections.abc import Mapping
 from typing import Any
 
 HEADLINE = ("test/acc", "test/balanced_acc", "test/macro_f1", "test/acc_top3", "test/ece", "test/nll", "val/acc", "cv/acc")
+# A multi-label model has no accuracy: mAP (with its interval) leads where test/acc does for one class per image.
+HEADLINE_MULTILABEL = (
+    "test/map",
+    "test/f1_micro",
+    "test/f1_macro",
+    "test/subset_acc",
+    "test/hamming_loss",
+    "test/ece",
+    "test/nll",
+    "val/map",
+    "cv/map",
+)
+INTERVALS = {
+    False: "accuracy: exact Clopper-Pearson; balanced accuracy and macro-F1: Clopper-Pearson at the jackknife effective sample size",
+    True: "mAP and the F1s: percentile bootstrap over test images",
+}
+SHOWN_LABELS = 40
 
 
-def _metric_rows(metrics: Mapping[str, Any]) -> list[str]:
+def _metric_rows(metrics: Mapping[str, Any], multilabel: bool = False) -> list[str]:
     rows = []
-    for key in HEADLINE:
+    for key in HEADLINE_MULTILABEL if multilabel else HEADLINE:
         value = metrics.get(key)
         if not isinstance(value, (int, float)):
             continue
@@ -29,27 +46,48 @@ def calibration_text(config: Mapping[str, Any]) -> str:
         if record.get("held_out_images")
         else "fitted on held-out images"
     )
-    return f"calibrated: temperature {config['temperature']:.3f} ({how})"
+    temperature = config["temperature"]
+    if isinstance(temperature, Mapping):  # multi-label: one per label
+        values = [float(t) for t in temperature.values()]
+        return f"calibrated: a temperature per label, {min(values):.3f} to {max(values):.3f} ({how})"
+    return f"calibrated: temperature {temperature:.3f} ({how})"
+
+
+def threshold_rows(config: Mapping[str, Any]) -> list[str]:
+    """A multi-label package's decisions: each label's threshold and temperature (and test AP when measured)."""
+    thresholds, temperatures = config.get("thresholds") or {}, config.get("temperature") or {}
+    metrics = config.get("metrics") or {}
+    rows = ["| label | threshold | temperature | test AP |", "| --- | --- | --- | --- |"]
+    for name in list(thresholds)[:SHOWN_LABELS]:
+        ap = metrics.get(f"test/ap/{name}")
+        rows.append(
+            f"| {name} | {thresholds[name]:.3f} | {float(temperatures.get(name, 1.0)):.3f} | {f'{ap:.3f}' if isinstance(ap, (int, float)) else '-'} |"
+        )
+    if len(thresholds) > SHOWN_LABELS:
+        rows.append(f"| ... | {len(thresholds)} labels in all: config.json has every one | | |")
+    return rows
 
 
 def model_card(config: Mapping[str, Any]) -> str:
     """Markdown; every figure comes from config.json (so the card and the machine-readable file cannot disagree)."""
     classes = list(config["class_names"])
+    multilabel = config.get("task") == "multilabel"
     data = config.get("data") or {}
     backbone = config.get("backbone") or {}
     formats = config.get("formats") or {}
     metrics = config.get("metrics") or {}
     shown_classes = ", ".join(classes[:40]) + (f", ... ({len(classes)} in all)" if len(classes) > 40 else "")
-    rows = _metric_rows(metrics)
+    rows = _metric_rows(metrics, multilabel)
     checks = ", ".join(f"{name} {info.get('max_abs_diff', 0):.1e}" for name, info in formats.items() if isinstance(info, Mapping))
+    kind = f"multi-label image classifier ({len(classes)} labels)" if multilabel else f"image classifier ({len(classes)} classes)"
     lines = [
-        f"# {backbone.get('name', 'transferlab')} image classifier ({len(classes)} classes)",
+        f"# {backbone.get('name', 'transferlab')} {kind}",
         "",
         f"Exported by transferlab {config.get('transferlab_version', '?')} (package format {config.get('format_version', '?')}).",
         "",
         "## Data",
         f"- Dataset: `{data.get('_target_') or '?'}`, root `{data.get('root') or '-'}`, task `{data.get('task') or '-'}`; seed {config.get('seed')}.",
-        f"- Classes: {shown_classes}.",
+        f"- {'Labels' if multilabel else 'Classes'}: {shown_classes}.",
         f"- Backbone: `{backbone.get('name')}` ({backbone.get('source')}; weights `{backbone.get('weights')}`, pool `{backbone.get('pool') or 'auto'}`), "
         f"fine-tuning mode `{config.get('finetune_mode')}`{merged_note(config)}.",
         "",
@@ -57,8 +95,7 @@ def model_card(config: Mapping[str, Any]) -> str:
     ]
     if rows:
         lines += [
-            f"Measured on {config.get('metrics_images') or 'the run' + chr(39) + 's held-out test split'}; 95 % intervals (accuracy: exact "
-            "Clopper-Pearson; balanced accuracy and macro-F1: Clopper-Pearson at the jackknife effective sample size).",
+            f"Measured on {config.get('metrics_images') or 'the run' + chr(39) + 's held-out test split'}; 95 % intervals ({INTERVALS[multilabel]}).",
             "",
             "| metric | value | 95 % interval |",
             "| --- | --- | --- |",
@@ -66,18 +103,25 @@ def model_card(config: Mapping[str, Any]) -> str:
         ]
     else:
         lines.append("No metrics.json was found beside the checkpoint: this model has no measured figures. Evaluate it before use.")
+    if multilabel:
+        lines += [
+            "",
+            "## Label decisions",
+            "A label is predicted when its calibrated probability is at or over its threshold:",
+            "",
+            *threshold_rows(config),
+        ]
+    lines += ["", "## Intended use and limits", *use_lines(multilabel)]
     lines += [
-        "",
-        "## Intended use and limits",
-        "- Classifying photos like the training images into the classes above. Every input gets one of these classes:",
-        "  there is no 'none of these' answer, so out-of-domain images get confident wrong labels.",
         "- The figures hold for images drawn like the test split; check on your own data before relying on them.",
         f"- Probabilities are {calibration_text(config)}.",
         "",
         "## Preprocessing (exactly what the model expects)",
         f"RGB; resize the shorter side to {config['resize_size']} px ({config['interpolation']}); centre-crop {config['input_size']} px;",
         f"scale to [0, 1]; normalise with mean {config['mean']} and std {config['std']}. Input: float32 NCHW. Output: logits",
-        "(already divided by the temperature): softmax gives the probabilities.",
+        "(already divided by the temperature, one per label): a sigmoid per label gives the probabilities."
+        if multilabel
+        else "(already divided by the temperature): softmax gives the probabilities.",
         "",
         "## Files",
         *[
@@ -100,13 +144,33 @@ def model_card(config: Mapping[str, Any]) -> str:
         "img = img.crop((left, top, left + cfg['input_size'], top + cfg['input_size']))",
         "x = (np.asarray(img, np.float32) / 255 - cfg['mean']) / cfg['std']",
         "logits = ort.InferenceSession('model.onnx').run(None, {'images': x.transpose(2, 0, 1)[None].astype(np.float32)})[0]",
-        "print(cfg['class_names'][int(logits.argmax())])",
+        *(
+            [
+                "probs = 1 / (1 + np.exp(-logits[0]))",
+                "print([n for n, p in zip(cfg['class_names'], probs) if p >= cfg['thresholds'][n]])",
+            ]
+            if multilabel
+            else ["print(cfg['class_names'][int(logits.argmax())])"]
+        ),
         "```",
         "PyTorch: `torch.jit.load('model.pt')(x)`; or in transferlab, this folder is a checkpoint:",
         "`transferlab-predict ckpt_path=<this folder> input=photos/`, `transferlab-serve ckpt_path=<this folder>`.",
         "",
     ]
     return "\n".join(lines)
+
+
+def use_lines(multilabel: bool) -> list[str]:
+    """What the answers mean, and the limit that follows from it."""
+    if multilabel:
+        return [
+            "- Tagging photos like the training images with the labels above. Each label is decided on its own (a sigmoid",
+            "  and its threshold): an image may get none, one or several labels; out-of-domain images may still get some.",
+        ]
+    return [
+        "- Classifying photos like the training images into the classes above. Every input gets one of these classes:",
+        "  there is no 'none of these' answer, so out-of-domain images get confident wrong labels.",
+    ]
 
 
 def merged_note(config: Mapping[str, Any]) -> str:

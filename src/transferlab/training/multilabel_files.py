@@ -20,18 +20,11 @@ from lightning.pytorch.loggers import Logger
 
 from transferlab.core.plotting import log_images, pyplot, save_figure
 from transferlab.data.images import Sample
-from transferlab.data.labels import SEPARATOR, joined
+from transferlab.data.labels import joined, predicted_sets
 from transferlab.models import multilabel_metrics as ml
 
 PER_LABEL = "per_label_metrics.csv"
 PR_CURVES = "precision_recall.png"
-
-
-def predicted_sets(probs: np.ndarray, thresholds: Sequence[float], names: Sequence[str]) -> list[str]:
-    """Each row's labels at or over their threshold ([K], or [N, K]: each image's own), `;`-joined (blank: none)."""
-    cuts = np.asarray(thresholds, dtype=np.float64)
-    over = np.asarray(probs) >= (cuts if cuts.ndim == 2 else cuts[None, :])
-    return [SEPARATOR.join(name for name, on in zip(names, row) if on) for row in over]
 
 
 def write_label_predictions(path: Path, samples: Sequence[Sample], names: Sequence[str], probs: torch.Tensor, thresholds: Any) -> None:
