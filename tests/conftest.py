@@ -416,8 +416,9 @@ CANVAS_RUN = [
 def canvas_runs(tmp_path_factory) -> dict[str, Path]:
     """{"canvases": the canvas folder, "species" / "breeds": the two runs, "two_animals": a held-out cat beside a
     held-out dog}: built and trained once per session (the first worker to need them; the others wait and reuse)."""
-    from canvases import write_canvases, write_two_animal_canvas
     from filelock import FileLock
+
+    from canvases import write_canvases, write_two_animal_canvas
 
     require_shared()
     root = session_root(tmp_path_factory)

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
-from typing import Any, Literal, Optional
+from typing import Any, Optional
 
 from transferlab.core.errors import ConfigError, DataError, close_matches
 from transferlab.data.base import Discovered, ImageClassificationDataModule, Sample
@@ -39,15 +39,15 @@ class OxfordPetsDataModule(ImageClassificationDataModule):
     resources = RESOURCES
     layout = "images/*.jpg (+ annotations/) or the photos themselves, named like Abyssinian_101.jpg"
 
-    def __init__(self, *, task: Literal["breeds", "species"], **kwargs: Any) -> None:
-        """`task` and the rest: conf/data/oxford_pets.yaml."""
+    def __init__(self, *, task: str, **kwargs: Any) -> None:
+        """`task` (breeds | species, checked here so that multilabel gets its own line) and the rest: conf/data/oxford_pets.yaml."""
         if task == "multilabel":
             raise ConfigError(
                 "data.task=multilabel: Oxford-IIIT Pet has one animal (one breed) per photo; use data.task=breeds or species here, "
                 "or data=image_index with a labels column for multi-label images"
             )
         if task not in ("breeds", "species"):
-            raise ConfigError(f"data.task: expected breeds or species, got {task!r}{close_matches(str(task), ['breeds', 'species'])}")
+            raise ConfigError(f"data.task: expected one of breeds, species, got {task!r}{close_matches(str(task), ['breeds', 'species'])}")
         super().__init__(**kwargs, task="single")  # data.task names the pets' labelling (breeds | species): one class each
         self.task = task
 
