@@ -4,6 +4,10 @@
 the feature cache a frozen training run shares), runs a K-fold linear probe on them and writes, in the run
 folder: label_issues.csv, duplicates.csv, outliers.csv, skipped_images.csv, audit.json, audit.html and, with
 `write_exclude=[label_issues,duplicates]`, exclude.txt for `data.exclude`. No image is moved or deleted.
+
+Multi-label data (`data.task=multilabel`, e.g. `data=image_index`) is audited as label sets: a one-vs-rest probe and
+cleanlab's multi-label functions (insight.label_issues); label_issues.csv's `given` / `suggested` are sets, the
+names joined by `;`.
 """
 
 from __future__ import annotations
@@ -21,11 +25,11 @@ from transferlab.config.paths import config_dir
 from transferlab.core.errors import ConfigError, require_packages
 from transferlab.core.files import write_json
 from transferlab.core.hardware import resolve_device, usable_cores
-from transferlab.data.labels import class_index
+from transferlab.data.labels import class_index, multi_hot
 from transferlab.data.splits import split_key
 from transferlab.data.stored_splits import assignment
 from transferlab.insight.audit import EXCLUDE_KINDS, AuditResult, AuditSettings, exclusions, run_audit, summary, write_exclude, write_tables
-from transferlab.insight.audit_page import write_audit_page
+from transferlab.insight.audit_page import probe_line, write_audit_page
 from transferlab.insight.embeddings import pooled_features
 from transferlab.models.backbones import create_backbone
 from transferlab.models.package import load_split_table
@@ -56,10 +60,12 @@ def audit(cfg: DictConfig) -> dict[str, Any]:
         raise ConfigError(f"folds: {cfg.folds} folds need at least {2 * int(cfg.folds)} images, the data has {len(samples)}")
     paths = [Path(p) for p, _, _ in samples]
     fill = fill_settings(cfg)
-    labels = np.array([label for _, label, _ in samples], dtype=np.int64)
+    multilabel = bool(getattr(datamodule, "multilabel", False))
+    given = [label for _, label, _ in samples]
+    labels = multi_hot(given, len(datamodule.class_names)) if multilabel else np.array(given, dtype=np.int64)
     features = pooled_features(
         backbone,
-        [(p, class_index(label)) for p, label, _ in samples],
+        [(p, 0 if multilabel else class_index(label)) for p, label, _ in samples],  # the features need no label
         out_dir / "features.npy",
         cache_dir=cfg.data.cache_dir if cfg.feature_cache else None,
         device=resolve_device(cfg.device),
@@ -103,14 +109,16 @@ def fill_settings(cfg: DictConfig) -> Any:
 
 def one_screen(result: AuditResult, facts: dict[str, Any], out_dir: Path, files: dict[str, Path]) -> str:
     """What the audit found, in a terminal's height: counts, the first few of each finding, where the rest is."""
-    names = result.class_names
+    names, text = result.class_names, result.text
+    kind = "labels (multi-label)" if result.multilabel else "classes"
     lines = [
-        f"Audit of {facts['images']} images, {facts['classes']} classes ({facts['backbone']} features, "
-        f"{facts['probe']['folds']}-fold probe: out-of-fold accuracy {facts['probe']['out_of_fold_accuracy']:.3f})",
+        f"Audit of {facts['images']} images, {facts['classes']} {kind} ({facts['backbone']} features, "
+        f"{facts['probe']['folds']}-fold probe: out-of-fold {probe_line(facts)})",
         f"  label issues      {facts['label_issues']:>6}",
     ]
     lines += [
-        f"    {result.paths[i.index]}: given {names[i.given]}, looks like {names[i.suggested]} ({i.score:.2f})" for i in result.label_issues[:5]
+        f"    {result.paths[i.index]}: given {text(i.given) or '(none)'}, looks like {text(i.suggested) or '(none)'} ({i.score:.2f})"
+        for i in result.label_issues[:5]
     ]
     lines.append(f"  near-duplicates   {facts['duplicates']:>6}  ({facts['cross_split_duplicates']} across train/val/test: leakage)")
     lines += [

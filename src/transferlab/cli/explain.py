@@ -4,12 +4,19 @@
 (float32 [S, S] in [0, 1] over the model's input crop, S = its input size), OUT/<stem>_cam.png (the map over
 that crop) and a row of OUT/explain.csv (path, target, prob); files that cannot be read are listed in
 OUT/skipped_images.csv with their reason.
+
+A multi-label checkpoint has one map per label explained, each in its own files, <stem>_<label>_cam.npy / .png
+(the label with characters other than letters, digits, `.`, `-`, `_` as `_`): every label the model predicts
+(calibrated probability at or over its threshold; none: the most probable one, so each image gets a map), or only
+`target`, predicted or not. Each label has its own map because each has its own logit: the cat's map need not
+look like the dog's on a picture of both. explain.csv gains `threshold` and `predicted` (true / false) per row.
 """
 
 from __future__ import annotations
 
 import csv
 import logging
+import re
 from collections import Counter
 from pathlib import Path
 from typing import Any
@@ -25,7 +32,7 @@ from transferlab.core.errors import DataError
 from transferlab.core.files import write_json
 from transferlab.core.hardware import resolve_device
 from transferlab.insight.cam import CamExplainer, backbone_of, body_of, overlay, target_layer
-from transferlab.insight.pixels import build_pixel_classifier, load_pixels
+from transferlab.insight.pixels import PixelClassifier, build_pixel_classifier, load_pixels
 from transferlab.training.artifacts import print_config_tree, write_skipped
 from transferlab.training.builders import container
 
@@ -36,6 +43,22 @@ def output_stems(files: list[Path], root: Path) -> list[str]:
     """<stem> per file; where two files share a stem (sub-folders), their relative path with `__` instead."""
     counts = Counter(f.stem for f in files)
     return [f.stem if counts[f.stem] == 1 else "__".join(f.relative_to(root).with_suffix("").parts) for f in files]
+
+
+def label_tokens(names: list[str]) -> list[str]:
+    """Each label as it appears in a file name (letters, digits, `.`, `-`, `_`; anything else `_`); two labels that
+    would share one get their index appended, so no map overwrites another."""
+    tokens = [re.sub(r"[^A-Za-z0-9._-]", "_", name).strip(".") or "label" for name in names]
+    repeated = Counter(tokens)
+    return [f"{token}_{k}" if repeated[token] > 1 else token for k, token in enumerate(tokens)]
+
+
+def explained(model: PixelClassifier, probs: torch.Tensor, target: int | None) -> list[tuple[int, int]]:
+    """(image, class) pairs to draw: single-label, `target` or each image's top class; multi-label, `target` or each
+    label over its threshold (none over: the most probable label)."""
+    if not model.multilabel:
+        return [(j, target if target is not None else int(p.argmax())) for j, p in enumerate(probs)]
+    return [(j, k) for j, p in enumerate(probs) for k in ([target] if target is not None else model.predicted(p) or [int(p.argmax())])]
 
 
 def explain(cfg: DictConfig) -> dict[str, Any]:
@@ -62,6 +85,7 @@ def explain(cfg: DictConfig) -> dict[str, Any]:
     )
     skipped: dict[str, str] = {}
     rows = []
+    tokens = label_tokens(model.class_names) if model.multilabel else []
     step = 1 if explainer.method == "scorecam" else max(1, int(cfg.batch_size))
     for start in range(0, len(files), step):
         batch, names, pixels = [], [], []
@@ -77,24 +101,35 @@ def explain(cfg: DictConfig) -> dict[str, Any]:
             continue
         images = torch.stack(pixels)
         probs = model.probabilities(images).cpu()
-        targets = [target if target is not None else int(p.argmax()) for p in probs]
-        maps = explainer(images, targets)
-        for file, stem, image, cam, k, p in zip(batch, names, images, maps, targets, probs):
+        pairs = explained(model, probs, target)
+        maps = np.concatenate([explainer(images[[j for j, _ in part]], [k for _, k in part]) for part in chunks(pairs, step)])
+        for (j, k), cam in zip(pairs, maps):
+            stem = f"{names[j]}_{tokens[k]}" if model.multilabel else names[j]
             np.save(out_dir / f"{stem}_cam.npy", cam.astype(np.float32))
-            Image.fromarray(overlay(image, cam, float(cfg.image_weight))).save(out_dir / f"{stem}_cam.png")
-            rows.append([str(file), model.class_names[k], f"{float(p[k]):.6f}"])
+            Image.fromarray(overlay(images[j], cam, float(cfg.image_weight))).save(out_dir / f"{stem}_cam.png")
+            row = [str(batch[j]), model.class_names[k], f"{float(probs[j, k]):.6f}"]
+            if model.multilabel:
+                row += [f"{model.thresholds[k]:.6f}", str(float(probs[j, k]) >= model.thresholds[k]).lower()]
+            rows.append(row)
     explainer.close()
     with open(out_dir / "explain.csv", "w", newline="") as fh:
         writer = csv.writer(fh)
-        writer.writerow(["path", "target", "prob"])
+        writer.writerow(["path", "target", "prob", *(["threshold", "predicted"] if model.multilabel else [])])
         writer.writerows(rows)
     if skipped:
         write_skipped(out_dir / "skipped_images.csv", skipped)
         log.warning("%d file(s) could not be read (nothing was deleted); list in %s", len(skipped), out_dir / "skipped_images.csv")
     summary = {"model": model.name, "method": explainer.method, "layer": layer, "images": len(rows), "skipped": len(skipped)}
+    if model.multilabel:  # a row per map: images and maps counted apart
+        summary.update(task="multilabel", images=len({row[0] for row in rows}), maps=len(rows))
     write_json(out_dir / "explain.json", summary)
     log.info("Wrote %d map(s) to %s (explain.csv: path, target, prob)", len(rows), out_dir)
     return summary
+
+
+def chunks(pairs: list[tuple[int, int]], size: int) -> list[list[tuple[int, int]]]:
+    """At most `size` maps per pass (a multi-label image can ask for several)."""
+    return [pairs[i : i + size] for i in range(0, len(pairs), size)]
 
 
 command = Command("explain", explain)

@@ -3,6 +3,10 @@
 Inputs are the images with their given labels and split, and their pooled features (insight.embeddings);
 outputs are CSV files with fixed columns, audit.json, and the list of files a user may leave out of training
 (`data.exclude`). Nothing is moved or deleted.
+
+Labels are class indices [N], or for multi-label data label sets as a 0/1 matrix [N, K]: the label issues then come
+from cleanlab's multi-label functions (insight.label_issues), and every "given" / "suggested" cell of the CSVs is
+a set, its names joined by `;` (blank: none of the labels).
 """
 
 from __future__ import annotations
@@ -16,8 +20,9 @@ from typing import Any, Optional
 
 import numpy as np
 
+from transferlab.data.labels import Label, joined
 from transferlab.insight.duplicates import Pair, find_duplicates, nearest_neighbours, perceptual_hashes
-from transferlab.insight.label_issues import LabelIssue, Outlier, find_label_issues, find_outliers, out_of_fold_probabilities
+from transferlab.insight.label_issues import LabelIssue, Outlier, find_label_issues, find_multilabel_issues, find_outliers, out_of_fold_probabilities
 
 log = logging.getLogger(__name__)
 
@@ -49,6 +54,19 @@ class AuditResult:
     duplicates: list[Pair]
     outliers: list[Outlier]
     skipped: dict[str, str] = field(default_factory=dict)
+    probe_metric: str = "accuracy"  # what oof_accuracy holds: accuracy, or map (multi-label)
+
+    @property
+    def multilabel(self) -> bool:
+        return bool(self.labels.ndim == 2)
+
+    def given(self, index: int) -> Label:
+        """An image's given class, or its given label set."""
+        return tuple(int(k) for k in (self.labels[index] > 0).nonzero()[0]) if self.multilabel else int(self.labels[index])
+
+    def text(self, label: Label) -> str:
+        """A class name, or a set's names joined by `;`."""
+        return joined(label, self.class_names)
 
     def cross_split(self, pair: Pair) -> bool:
         return self.splits[pair.a] != self.splits[pair.b]
@@ -64,13 +82,14 @@ def run_audit(
     num_classes = len(class_names)
     started = time.perf_counter()
     oof = out_of_fold_probabilities(features, labels, num_classes, settings.folds, settings.seed)
-    issues = find_label_issues(labels, oof.probs)
+    issues = find_multilabel_issues(labels, oof.probs) if labels.ndim == 2 else find_label_issues(labels, oof.probs)
     probed = time.perf_counter()
     log.info(
-        "Audit: %d-fold probe on %d images, C=%g, out-of-fold accuracy %.3f; %d label issue(s); %.1f s",
+        "Audit: %d-fold probe on %d images, C=%g, out-of-fold %s %.3f; %d label issue(s); %.1f s",
         settings.folds,
         len(paths),
         oof.c,
+        "mAP" if oof.metric == "map" else "accuracy",
         oof.accuracy,
         len(issues),
         probed - started,
@@ -87,7 +106,7 @@ def run_audit(
         len(outliers),
         time.perf_counter() - hashed,
     )
-    return AuditResult(paths, labels, splits, class_names, oof.probs, oof.c, oof.accuracy, issues, pairs, outliers)
+    return AuditResult(paths, labels, splits, class_names, oof.probs, oof.c, oof.accuracy, issues, pairs, outliers, probe_metric=oof.metric)
 
 
 def _write(path: Path, head: list[str], rows: list[list[Any]]) -> Path:
@@ -100,12 +119,12 @@ def _write(path: Path, head: list[str], rows: list[list[Any]]) -> Path:
 
 def write_tables(result: AuditResult, out: Path) -> dict[str, Path]:
     """label_issues.csv, duplicates.csv, outliers.csv (and skipped_images.csv when files were refused)."""
-    names = result.class_names
+    names, text = result.class_names, result.text
     files = {
         "label_issues": _write(
             out / "label_issues.csv",
             ["path", "given", "suggested", "score"],
-            [[str(result.paths[i.index]), names[i.given], names[i.suggested], f"{i.score:.6f}"] for i in result.label_issues],
+            [[str(result.paths[i.index]), text(i.given), text(i.suggested), f"{i.score:.6f}"] for i in result.label_issues],
         ),
         "duplicates": _write(
             out / "duplicates.csv",
@@ -116,7 +135,7 @@ def write_tables(result: AuditResult, out: Path) -> dict[str, Path]:
             out / "outliers.csv",
             ["path", "given", "nearest_class", "neighbour_similarity", "z"],
             [
-                [str(result.paths[o.index]), names[result.labels[o.index]], names[o.nearest], f"{o.similarity:.6f}", f"{o.z:.3f}"]
+                [str(result.paths[o.index]), text(result.given(o.index)), names[o.nearest], f"{o.similarity:.6f}", f"{o.z:.3f}"]
                 for o in result.outliers
             ],
         ),
@@ -147,12 +166,13 @@ def write_exclude(paths: list[Path], kinds: list[str], out: Path) -> Path:
 
 
 def summary(result: AuditResult, settings: AuditSettings, exclude_file: Optional[Path]) -> dict[str, Any]:
+    """audit.json: the counts; the probe's out-of-fold figure is `out_of_fold_accuracy` (multi-label: `out_of_fold_map`)."""
     counts = {s: result.splits.count(s) for s in dict.fromkeys(result.splits)}
-    return {
+    facts = {
         "images": len(result.paths),
         "classes": len(result.class_names),
         "splits": counts,
-        "probe": {"folds": settings.folds, "C": result.c, "out_of_fold_accuracy": round(result.oof_accuracy, 4)},
+        "probe": {"folds": settings.folds, "C": result.c, f"out_of_fold_{result.probe_metric}": round(result.oof_accuracy, 4)},
         "label_issues": len(result.label_issues),
         "duplicates": len(result.duplicates),
         "cross_split_duplicates": len(result.leaks),
@@ -166,3 +186,6 @@ def summary(result: AuditResult, settings: AuditSettings, exclude_file: Optional
         },
         "exclude_file": str(exclude_file) if exclude_file else None,
     }
+    if result.multilabel:  # single-label audit.json keeps its keys as they were
+        facts["task"] = "multilabel"
+    return facts

@@ -17,18 +17,24 @@ def _findings(head: list[str], rows: list[list[str]], total: int, csv_name: str,
     return table(head, rows, classes) + more
 
 
+def probe_line(facts: dict[str, Any]) -> str:
+    """`accuracy 0.953`, or `mAP 0.987` for a multi-label audit's one-vs-rest probe."""
+    probe = facts["probe"]
+    return f"mAP {probe['out_of_fold_map']:.3f}" if "out_of_fold_map" in probe else f"accuracy {probe['out_of_fold_accuracy']:.3f}"
+
+
 def write_audit_page(result: AuditResult, facts: dict[str, Any], path: Path, max_rows: int) -> Path:
-    names = result.class_names
+    names, text = result.class_names, result.text
     issues = result.label_issues[:max_rows]
     pairs = result.duplicates[:max_rows]
     outliers = result.outliers[:max_rows]
     probe = facts["probe"]
     body = [
         '<ul class="summary">',
-        f"<li>{facts['images']} images, {facts['classes']} classes; splits: "
+        f"<li>{facts['images']} images, {facts['classes']} {'labels (multi-label)' if result.multilabel else 'classes'}; splits: "
         + ", ".join(f"{escape(k)} {v}" for k, v in facts["splits"].items())
         + "</li>",
-        f"<li>Out-of-fold probe: {probe['folds']} folds, C={probe['C']:g}, accuracy {probe['out_of_fold_accuracy']:.3f}</li>",
+        f"<li>Out-of-fold probe: {probe['folds']} folds, C={probe['C']:g}, {probe_line(facts)}</li>",
         f"<li><b>{facts['label_issues']}</b> label issue(s), <b>{facts['duplicates']}</b> near-duplicate pair(s) "
         f"(<b>{facts['cross_split_duplicates']}</b> across splits: leakage), <b>{facts['outliers']}</b> outlier(s), "
         f"<b>{facts['skipped']}</b> unusable file(s)</li>",
@@ -36,11 +42,17 @@ def write_audit_page(result: AuditResult, facts: dict[str, Any], path: Path, max
         + (f" Exclude list: <code>{escape(facts['exclude_file'])}</code>" if facts["exclude_file"] else "")
         + "</li>",
         "</ul>",
-        "<h2>Label issues</h2><p>Confident learning (cleanlab) on out-of-fold probabilities; score = 1 - p(given label), most suspicious first.</p>",
+        "<h2>Label issues</h2><p>"
+        + (
+            "Confident learning on label sets (cleanlab's multi-label filter) on out-of-fold one-vs-rest probabilities; given and "
+            "suggested sets (labels with p &ge; 0.5); score = 1 - the label quality aggregated over labels, most suspicious first.</p>"
+            if result.multilabel
+            else "Confident learning (cleanlab) on out-of-fold probabilities; score = 1 - p(given label), most suspicious first.</p>"
+        ),
         _findings(
             ["image", "path", "given", "suggested", "score"],
             [
-                [thumb(result.paths[i.index]), escape(result.paths[i.index]), escape(names[i.given]), escape(names[i.suggested]), f"{i.score:.3f}"]
+                [thumb(result.paths[i.index]), escape(result.paths[i.index]), escape(text(i.given)), escape(text(i.suggested)), f"{i.score:.3f}"]
                 for i in issues
             ],
             len(result.label_issues),
@@ -68,7 +80,7 @@ def write_audit_page(result: AuditResult, facts: dict[str, Any], path: Path, max
         _findings(
             ["image", "path", "given", "nearest class", "neighbour similarity", "z"],
             [
-                [thumb(result.paths[o.index]), escape(result.paths[o.index]), escape(names[result.labels[o.index]]), escape(names[o.nearest])]
+                [thumb(result.paths[o.index]), escape(result.paths[o.index]), escape(text(result.given(o.index))), escape(names[o.nearest])]
                 + [f"{o.similarity:.3f}", f"{o.z:.1f}"]
                 for o in outliers
             ],

@@ -30,12 +30,16 @@ _PIL_RESAMPLE = {"bilinear": Image.Resampling.BILINEAR, "bicubic": Image.Resampl
 class PixelClassifier(nn.Module):
     """`forward(pixels in [0, 1]) -> logits` for one classifier: a backbone's ImageNet head or a trained head.
 
-    `class_names` are display names; `aliases[i]` every name class i answers to (ImageNet synonyms).
+    `class_names` are display names; `aliases[i]` every name class i answers to (ImageNet synonyms). A multi-label
+    head (`multilabel`) answers with a sigmoid per label: its probabilities are the calibrated ones (each label's
+    logit over its own `temperature`), since its `thresholds` (label -> cut, the run's decisions) apply to those;
+    a single-label head keeps the softmax of its raw logits (the temperature never changes which class wins).
     """
 
     logits: nn.Module
     mean: torch.Tensor
     std: torch.Tensor
+    temperature: torch.Tensor
 
     def __init__(
         self,
@@ -44,6 +48,9 @@ class PixelClassifier(nn.Module):
         class_names: Sequence[str],
         aliases: Optional[Sequence[Sequence[str]]] = None,
         name: str = "",
+        multilabel: bool = False,
+        temperature: Optional[torch.Tensor] = None,
+        thresholds: Optional[Sequence[float]] = None,
     ) -> None:
         super().__init__()
         self.logits = logits
@@ -51,9 +58,13 @@ class PixelClassifier(nn.Module):
         self.class_names = list(class_names)
         self.aliases = [list(a) for a in aliases] if aliases is not None else [[n] for n in self.class_names]
         self.name = name
+        self.multilabel = multilabel
+        self.thresholds = [float(t) for t in thresholds] if thresholds is not None else [0.5] * len(self.class_names)
         device = next(logits.parameters()).device
         self.register_buffer("mean", torch.tensor(preprocessing.mean, device=device).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("std", torch.tensor(preprocessing.std, device=device).view(1, 3, 1, 1), persistent=False)
+        scale = torch.ones(()) if temperature is None else temperature.detach().float().clone()
+        self.register_buffer("temperature", scale.to(device), persistent=False)
 
     @property
     def input_size(self) -> int:
@@ -64,7 +75,12 @@ class PixelClassifier(nn.Module):
 
     def probabilities(self, pixels: torch.Tensor) -> torch.Tensor:
         with torch.no_grad():
-            return self(pixels.to(self.mean.device)).softmax(dim=-1)
+            logits = self(pixels.to(self.mean.device))
+            return (logits / self.temperature).sigmoid() if self.multilabel else logits.softmax(dim=-1)
+
+    def predicted(self, probs: torch.Tensor) -> list[int]:
+        """A multi-label head's labels for one image's probabilities [K]: each at or over its threshold."""
+        return [k for k, (p, cut) in enumerate(zip(probs.tolist(), self.thresholds)) if p >= cut]
 
     def resolve_target(self, target: str | int, key: str = "target") -> int:
         """A class index from an index, a class name or (ImageNet) any synonym, case-insensitively."""
@@ -137,9 +153,17 @@ def imagenet_classifier(backbone: Backbone) -> PixelClassifier:
 
 
 def trained_classifier(classifier: TransferClassifier) -> PixelClassifier:
-    """A trained transferlab classifier (TransferClassifier) with its own class names."""
+    """A trained transferlab classifier (TransferClassifier) with its own class names (multi-label: its per-label
+    temperatures and thresholds, 0.5 for a label without one, e.g. while it is still being trained)."""
+    multilabel = bool(classifier.task.multilabel)
     return PixelClassifier(
-        _TrainedLogits(classifier), classifier.backbone.preprocessing, classifier.class_names, name=f"{classifier.backbone.name} checkpoint"
+        _TrainedLogits(classifier),
+        classifier.backbone.preprocessing,
+        classifier.class_names,
+        name=f"{classifier.backbone.name} checkpoint",
+        multilabel=multilabel,
+        temperature=classifier.temperature if multilabel else None,
+        thresholds=[classifier.thresholds.get(name, 0.5) for name in classifier.class_names] if multilabel else None,
     )
 
 

@@ -168,7 +168,7 @@ def test_and_report(
             write_reliability_diagram(out_dir / "reliability_diagram.png", probs, labels, before, trainer.loggers)
         if datamodule.skipped:
             write_skipped(out_dir / "skipped_images.csv", datamodule.skipped)
-        if interpret and interpret.get("enabled") and not tested.task.multilabel:
+        if interpret and interpret.get("enabled"):
             interpret_run(out_dir, tested, datamodule, probs, interpret, seed)
         write_report(out_dir, metrics, f"Run report: {out_dir.name}")
         log.info("Results in %s: %s (report.html)", out_dir, summary_line(metrics))

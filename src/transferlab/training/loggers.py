@@ -1,17 +1,27 @@
 """Logger set-up: a CSV logger that survives resuming, W&B that goes offline by itself without a key, and MLflow
-runs named and grouped per sweep, with the run's files as artefacts."""
+runs named and grouped per sweep, with the run's files as artefacts.
+
+Multi-label metric names carry label names (`test/ap/<label>`); MLflow refuses characters beyond letters, digits,
+`_ - . /` and spaces, and names with empty or dot segments, and Lightning's MLFlowLogger deletes the refused ones,
+so `猫` and `犬` both became `test/ap/` and failed the run. `logger=mlflow` gets MLFlowLogger below (resolve_mlflow),
+which names every metric and parameter by `mlflow_keys`; CSV, TensorBoard and W&B take any name unchanged."""
 
 from __future__ import annotations
 
 import csv
+import hashlib
 import netrc
 import os
+import re
+import unicodedata
 from argparse import Namespace
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Optional
 
 import yaml
 from lightning.pytorch.loggers import Logger
+from lightning.pytorch.loggers import MLFlowLogger as LightningMLFlowLogger
 from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig, ListConfig, OmegaConf, open_dict
 
@@ -119,11 +129,67 @@ def wandb_has_credentials() -> bool:
         return False
 
 
+REFUSED = re.compile(r"[^A-Za-z0-9_/. -]")  # what MLflow takes on every system and Lightning's MLFlowLogger keeps
+MAX_KEY = 250  # MLflow's longest metric / parameter name
+
+
+def _valid(key: str) -> bool:
+    return not REFUSED.search(key) and all(s not in ("", ".", "..") for s in key.split("/")) and 0 < len(key) <= MAX_KEY
+
+
+def hashed_key(key: str) -> str:
+    """A valid name that differs between different keys: refused characters as `_`, empty / dot segments as `_`,
+    a 6-digit hash of the original appended."""
+    folded = "".join(c for c in unicodedata.normalize("NFKD", key) if not unicodedata.combining(c))
+    safe = "/".join("_" if p in ("", ".", "..") else p for p in (REFUSED.sub("_", part) for part in folded.split("/")))
+    return f"{safe[: MAX_KEY - 7]}-{hashlib.sha1(key.encode()).hexdigest()[:6]}"
+
+
+def mlflow_key(key: str) -> str:
+    """`key` as an MLflow metric / parameter name, the same for the same key in every run: unchanged when MLflow
+    takes it; else, as Lightning's logger has always named it, without the refused ASCII characters
+    (`adv/fgsm_acc@eps=4/255` -> `adv/fgsm_acceps4/255`) and with accents dropped (`café` -> `cafe`); where that
+    loses a whole character of another script, or leaves an empty or dot segment, `hashed_key`."""
+    if _valid(key):
+        return key
+    folded = "".join(c for c in unicodedata.normalize("NFKD", key) if not unicodedata.combining(c))
+    stripped = REFUSED.sub("", folded)
+    return stripped if folded.isascii() and _valid(stripped) else hashed_key(key)
+
+
+def mlflow_keys(keys: list[str]) -> dict[str, str]:
+    """{key: its MLflow name} for the keys logged together; two keys that would share a name get hashed ones."""
+    found = {key: mlflow_key(key) for key in keys}
+    shared = {name for name in found.values() if list(found.values()).count(name) > 1}
+    return {key: hashed_key(key) if name in shared and name != key else name for key, name in found.items()}
+
+
+class MLFlowLogger(LightningMLFlowLogger):
+    """Lightning's MLFlowLogger with every metric and parameter name made valid by `mlflow_keys` (label names)."""
+
+    @rank_zero_only
+    def log_metrics(self, metrics: Mapping[str, float], step: Optional[int] = None) -> None:
+        names = mlflow_keys([str(k) for k in metrics])
+        super().log_metrics({names[str(k)]: v for k, v in metrics.items()}, step=step)
+
+    @rank_zero_only
+    def log_hyperparams(self, params: Any) -> None:
+        values = flat_hparams(vars(params) if isinstance(params, Namespace) else dict(params or {}))
+        names = mlflow_keys(list(values))
+        super().log_hyperparams({names[k]: v for k, v in values.items()})
+
+
+MLFLOW_TARGETS = ("lightning.pytorch.loggers.MLFlowLogger", "lightning.pytorch.loggers.mlflow.MLFlowLogger")
+
+
 def resolve_mlflow(node: DictConfig, run_name: str, task_name: str, tags: list[str]) -> None:
-    """experiment `auto` (one per sweep), run name, transferlab's tags; mlflow itself must be installed."""
+    """experiment `auto` (one per sweep), run name, transferlab's tags, Lightning's logger swapped for MLFlowLogger
+    above (valid names for label metrics); mlflow itself must be installed."""
     require_packages("logger=mlflow", "mlflow", "mlflow")
     sweep = sweep_identity()
     with open_dict(node):
+        if node.get("_target_") in MLFLOW_TARGETS:
+            node["_target_"] = f"{__name__}.MLFlowLogger"
         if node.get("experiment_name") in (None, "auto"):
             node.experiment_name = f"{task_name}/{sweep[0]}" if sweep else task_name
         if not node.get("run_name"):
@@ -161,17 +227,11 @@ def resolve_logger_config(logger_cfg: DictConfig | None, run_name: str, task_nam
                         node[key] = redact(OmegaConf.to_container(node[key], resolve=True) if isinstance(node[key], ListConfig) else node[key])
 
 
-# What a run leaves behind that an MLflow run keeps as artefacts (when the files exist).
-RUN_FILES = (
-    "metrics.json",
-    "config.yaml",
-    "confusion_matrix.png",
-    "confusion_matrix.csv",
-    "per_class_accuracy.csv",
-    "reliability_diagram.png",
-    "test_predictions.csv",
-    "report.html",
-    "checkpoints/best.ckpt",
+# What a run leaves behind that an MLflow run keeps as artefacts, when the files exist (per_label_metrics.csv to
+# most_missed.csv: a multi-label run's).
+RUN_FILES = tuple(
+    """metrics.json config.yaml confusion_matrix.png confusion_matrix.csv per_class_accuracy.csv reliability_diagram.png
+    per_label_metrics.csv precision_recall.png most_missed.png most_missed.csv test_predictions.csv report.html checkpoints/best.ckpt""".split()
 )
 
 
