@@ -7,6 +7,7 @@ label when data.class_weights=balanced (each label's negatives / positives among
 the asymmetric loss of Ridnik et al. (ICCV 2021): positives weighted by (1 - p)^gamma_pos, negatives by
 p_m^gamma_neg with the probability shifted down by `asl_clip` (p_m = max(p - clip, 0)), so the many easy negatives
 of a multi-label image stop dominating the gradient; defaults gamma_neg 4, gamma_pos 0, clip 0.05 (the paper's).
+`finetune.label_smoothing` e moves every multi-label target to y (1 - e) + e / 2, as timm's BinaryCrossEntropy does.
 """
 
 from __future__ import annotations
@@ -60,6 +61,7 @@ class MultiLabel:
 
     def __init__(self, finetune: Mapping[str, Any], weights: Optional[torch.Tensor]) -> None:
         self.kind = "bce" if str(finetune.get("loss") or "auto") == "auto" else str(finetune.get("loss"))
+        self.smoothing = float(finetune.get("label_smoothing") or 0.0)  # each target pulled towards 1/2 (timm's BinaryCrossEntropy)
         self.pos_weight = weights
         self.gamma_neg = float(finetune.get("asl_gamma_neg", 4.0) or 0.0)
         self.gamma_pos = float(finetune.get("asl_gamma_pos", 0.0) or 0.0)
@@ -67,7 +69,7 @@ class MultiLabel:
 
     def loss(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         """Mean over images of the summed per-label loss (targets in [0, 1]: multi-hot, or mixed by mixup / CutMix)."""
-        targets = targets.to(logits.dtype)
+        targets = targets.to(logits.dtype) * (1 - self.smoothing) + self.smoothing / 2
         if self.kind == "asl":
             return asymmetric_loss(logits, targets, self.gamma_neg, self.gamma_pos, self.clip)
         weight = self.pos_weight.to(logits.device) if self.pos_weight is not None else None
