@@ -144,7 +144,8 @@ def _number(value: Any, digits: int = 3) -> str:
 
 
 def _label_body(out_dir: Path, metrics: Mapping[str, Any], names: list[str]) -> list[str]:
-    """A multi-label run's page: the headline figures, the per-label table (most missed first), the pictures, the gallery's images."""
+    """A multi-label run's page: the headline figures, the per-label table (most missed first), the pictures, the
+    gallery's images, then every other figure (a reader asks for the labels before the 30 summary numbers)."""
     headline = [k for k in ("test/map", "test/f1_micro", "test/f1_macro") if k in metrics]
     per_label = _per_label_keys(names)
     body = [
@@ -154,8 +155,6 @@ def _label_body(out_dir: Path, metrics: Mapping[str, Any], names: list[str]) -> 
             ["metric", "value", "95 % interval"],
             _metric_rows({k: metrics[k] for k in headline} | {f"{k}_ci95": metrics.get(f"{k}_ci95") for k in headline}),
         ),
-        "<h3>Other figures</h3>",
-        table(["metric", "value", "95 % interval"], _metric_rows(metrics, frozenset(per_label | set(headline)))),
     ]
     rows = [
         [metrics.get(f"test/{k}/{n}") for k in ("ap", "f1", "precision", "recall")]
@@ -183,6 +182,7 @@ def _label_body(out_dir: Path, metrics: Mapping[str, Any], names: list[str]) -> 
                 "or wrongly added (highest first).</p>",
                 table(found[0], [[escape(c) for c in r] for r in found[1:]]),
             ]
+    body += ["<h2>Other figures</h2>", table(["metric", "value", "95 % interval"], _metric_rows(metrics, frozenset(per_label | set(headline))))]
     return body
 
 
