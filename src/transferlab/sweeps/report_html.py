@@ -171,6 +171,8 @@ FIRST_PICTURES = (  # what a reader asks for first: the test report and the run'
     ("most_confused.png", "most confused pairs"),
     ("embedding_map.png", "embedding map of the test images"),
     ("reliability_diagram.png", "reliability diagram (test)"),
+    ("precision_recall.png", "precision-recall per label (test, multi-label)"),
+    ("most_missed.png", "most-missed labels, with each label's map (multi-label)"),
 )
 
 
