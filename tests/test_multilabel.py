@@ -216,3 +216,29 @@ def test_oxford_pets_refuses_multilabel_in_one_line(tmp_path):
     with pytest.raises(TransferlabError, match="data.task=multilabel: Oxford-IIIT Pet has one animal") as info:
         run("train", "data=oxford_pets", "data.task=multilabel", f"data.root={tmp_path}", f"hydra.run.dir={tmp_path / 'run'}")
     assert exit_code(info.value) == 2
+
+
+def test_eval_of_a_multilabel_checkpoint_repeats_its_test(canvas_runs, tmp_path):
+    """transferlab-eval reads the stored split and the stored thresholds: the same images, the same figures."""
+    trained = read_metrics(canvas_runs["species"])
+    run("eval", f"ckpt_path={canvas_runs['species'] / 'checkpoints' / 'best.ckpt'}", f"hydra.run.dir={tmp_path}")
+    again = read_metrics(tmp_path)
+    for key in ("test/map", "test/f1_micro", "test/f1_macro", "test/subset_acc", "test/ap/cat", "test/ap/dog"):
+        assert again[key] == pytest.approx(trained[key], abs=1e-6), key
+    with open(tmp_path / "test_predictions.csv", newline="") as fh, open(canvas_runs["species"] / "test_predictions.csv", newline="") as fh2:
+        assert [r["predicted"] for r in csv.DictReader(fh)] == [r["predicted"] for r in csv.DictReader(fh2)]
+
+
+def test_thresholds_fixed_or_chosen_by_f1_on_held_out_images():
+    from transferlab.training.label_decisions import multilabel_held_out
+
+    rng = np.random.default_rng(0)
+    targets = torch.from_numpy((rng.random((200, 2)) < 0.4).astype(np.float32))
+    raw = (targets * 2 - 1) * torch.tensor([3.0, 0.5]) + torch.from_numpy(rng.normal(0, 1, (200, 2))).float()
+    found, chosen = multilabel_held_out(raw, targets, ["sharp", "vague"], "temperature", "test images", "f1")
+    assert chosen.threshold_rule == "f1" and len(chosen.thresholds) == 2 and chosen.thresholds[0] != chosen.thresholds[1]
+    assert found["val/f1/sharp"] > found["val/f1/vague"] and set(chosen.metrics()) >= {"threshold/sharp", "calibration/temperature/vague"}
+    _, fixed = multilabel_held_out(raw, targets, ["sharp", "vague"], "none", "test images", 0.3)
+    assert fixed.thresholds == [0.3, 0.3] and fixed.threshold_rule == "fixed" and fixed.temperature == [1.0, 1.0]
+    with pytest.raises(ConfigError, match="threshold: expected f1"):
+        multilabel_held_out(raw, targets, ["sharp", "vague"], "none", "x", "best")
