@@ -24,7 +24,7 @@ from transferlab.data.labels import over_thresholds
 from transferlab.data.preprocessing import Preprocessing
 from transferlab.models import package
 from transferlab.models.backbone import is_convolutional
-from transferlab.models.tta import averaged_logits, views
+from transferlab.models.tta import averaged_logits, mean_sigmoids, views
 
 log = logging.getLogger(__name__)
 
@@ -60,10 +60,8 @@ class Predictor:
         return self._label_probabilities(images) if self.multilabel else self.logits(images).softmax(dim=-1)
 
     def _label_probabilities(self, images: torch.Tensor) -> torch.Tensor:
-        """Each label's sigmoid averaged over the test-time views: MultiLabel.combine_views on outputs that are
-        calibrated already (temperature 1), computed here so runtime=onnx imports no training code."""
-        shown = [self.view_logits(batch).float().sigmoid() for batch in views(images, self.tta)]
-        return shown[0] if len(shown) == 1 else torch.stack(shown).mean(dim=0)
+        """Each label's sigmoid averaged over the test-time views (models.tta.mean_sigmoids, as the test step)."""
+        return mean_sigmoids([self.view_logits(batch) for batch in views(images, self.tta)])
 
     def label_sets(self, probabilities: torch.Tensor) -> list[list[str]]:
         """A multi-label model's predicted set per image: the labels at or over their threshold, in class order."""

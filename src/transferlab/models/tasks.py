@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from transferlab.core.errors import ConfigError
 from transferlab.models import multilabel_metrics as ml
 from transferlab.models.evaluation import classification_metrics
-from transferlab.models.tta import combine_views
+from transferlab.models.tta import combine_views, mean_sigmoids
 
 LOSSES = {"single": ("auto", "ce"), "multilabel": ("auto", "bce", "asl")}
 
@@ -87,7 +87,7 @@ class MultiLabel:
         temperature = temperature.to(raw[0].device)
         if len(raw) == 1:
             return raw[0] / temperature
-        mean = torch.stack([(view / temperature).sigmoid() for view in raw]).mean(dim=0)
+        mean = mean_sigmoids([view / temperature for view in raw])
         return torch.logit(mean.double(), eps=1e-12).to(raw[0].dtype)
 
     def metrics(

@@ -47,3 +47,10 @@ def combine_views(raw: list[torch.Tensor], temperature: float) -> torch.Tensor:
 def averaged_logits(forward: Callable[[torch.Tensor], torch.Tensor], images: torch.Tensor, mode: str) -> torch.Tensor:
     """log of the mean over views of softmax(forward(view)); `forward` returns calibrated logits (a package's)."""
     return combine_views([forward(batch).float() for batch in views(images, mode)], 1.0)
+
+
+def mean_sigmoids(calibrated: list[torch.Tensor]) -> torch.Tensor:
+    """A multi-label model's views combined: each label's probability, sigmoid(calibrated logit), averaged over the
+    views (the training step, predict and serve all combine views this way)."""
+    probabilities = [view.float().sigmoid() for view in calibrated]
+    return probabilities[0] if len(probabilities) == 1 else torch.stack(probabilities).mean(dim=0)
