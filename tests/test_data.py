@@ -117,7 +117,7 @@ def test_integrity_scan_reports_and_caches(tmp_path):
 
 
 def test_shuffle_order_is_a_function_of_seed_and_epoch():
-    from transferlab.data.base import EpochRandomSampler
+    from transferlab.data.sampling import EpochRandomSampler
 
     sampler = EpochRandomSampler(list(range(50)), seed=5)
     orders = [list(sampler) for _ in range(3)]  # a plain loop without Lightning: each pass is the next epoch
