@@ -92,6 +92,7 @@ def fit_and_test(
         log.warning("tune.lr_find: skipped (the L-BFGS probe has no learning rate)")
     model = new_model(cfg, backbone, datamodule)
     model.split_table = datamodule.split_table()
+    model.metric_masks["val"] = datamodule.ignore_mask(datamodule.splits.get("val", []))  # VOC's difficult pairs: not counted
     if is_global_zero():
         write_csv(out_dir / SPLITS_FILE, model.split_table)
     trainer = build_fit_trainer(cfg, model, datamodule, precision_note, probe, refit, cache, prune=not fold and refit is None)
