@@ -217,3 +217,20 @@ def mean_std_interval(values: Sequence[float], test_to_train: float = 0.0) -> tu
 def fold_test_to_train(folds: int) -> float:
     """n_test / n_train of K-fold cross-validation: one fold held out, K - 1 trained on."""
     return 1.0 / (folds - 1)
+
+
+def corrected_paired_t(scores_a: Sequence[float], scores_b: Sequence[float], test_to_train: float) -> tuple[float, float]:
+    """(mean difference b - a, two-sided p) of two models scored on the same cross-validation folds: Nadeau & Bengio's
+    corrected resampled paired t-test (variance (1/J + n_test/n_train) s^2 of the per-fold differences, J - 1 degrees
+    of freedom). The folds' training sets overlap, so the plain paired t-test finds differences that are not there.
+    Identical differences on every fold leave no variance: p = 1 when they are all 0, else 0."""
+    a, b = np.asarray(scores_a, dtype=np.float64), np.asarray(scores_b, dtype=np.float64)
+    if a.shape != b.shape or a.size < 2:
+        raise ValueError(f"a paired test needs the same folds on both sides, at least 2 (got {a.size} and {b.size})")
+    differences = b - a
+    mean = float(differences.mean())
+    variance = float(differences.var(ddof=1)) * (1 / differences.size + test_to_train)
+    if variance <= 1e-24:
+        return mean, 1.0 if abs(mean) < 1e-12 else 0.0
+    t = mean / math.sqrt(variance)
+    return mean, float(min(1.0, 2 * stats.t.sf(abs(t), differences.size - 1)))

@@ -41,6 +41,7 @@ def pooled_features(
     workers: int,
     shard_images: Optional[int] = None,
     auto_workers: bool = False,
+    stats: Optional[dict[str, Any]] = None,
 ) -> np.ndarray:
     """[N, D] float32 features of `samples` (eval transform), memory-mapped from `out_file`.
 
@@ -48,7 +49,8 @@ def pooled_features(
     trainer.precision (`auto` = the hardware's choice, as training makes it), part of the cache fingerprint.
     `batch_size`, `shard_images`: performance.feature_cache's (data.features.FillSettings; shard_images=None
     writes one shard at the end: for a pass with nothing to resume); `workers`, `auto_workers`: data.num_workers,
-    resolved, and whether it was `auto`."""
+    resolved, and whether it was `auto`; `stats`, when given, receives what the pass did: `computed` (images),
+    `seconds` (of the fill) and `store` (its folder, None in memory)."""
     precision = choose_precision(precision, "gpu" if device.type == "cuda" else "cpu")
     prep = backbone.preprocessing
     inputs = Inputs(prep.eval_transform(), prep.decode_size(None))
@@ -56,6 +58,7 @@ def pooled_features(
     root = Path(cache_dir).expanduser() / "features" if cache_dir else None
     store = FeatureStore(root, fingerprint(**description), description)
     keys = [image_key(path) for path, _ in samples]
+    found = {"computed": 0, "seconds": 0.0, "store": store.folder}
     with store.filling():  # a concurrent audit or frozen run of the same images computes them once
         missing = set(store.missing(keys))
         if missing:
@@ -74,7 +77,10 @@ def pooled_features(
             )
             extractor = Extractor(body, device, forward_context(precision, device), channels_last)
             settings = FillSettings(batch_size, shard_images, workers, auto_workers)
-            fill_features(store, [first[k] for k in todo_keys], todo_keys, inputs, extractor, settings, "eval-{}-audit")
+            fill = fill_features(store, [first[k] for k in todo_keys], todo_keys, inputs, extractor, settings, "eval-{}-audit")
+            found.update(computed=fill.computed, seconds=fill.seconds)
+    if stats is not None:
+        stats.update(found)
     unusable = store.missing(keys)
     if unusable:
         raise DataError(

@@ -6,7 +6,7 @@ The node types the commands share (group options, paths, `_target_` nodes) are i
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Annotated, Literal, Optional, Union
+from typing import Annotated, Any, Literal, Optional, Union
 
 from transferlab.config.schema.nodes import (
     AuditDuplicates,
@@ -197,6 +197,21 @@ class Audit:
 
 
 @dataclass
+class Rank:
+    task_name: str
+    seed: Seed
+    backbones: list[Union[str, dict[str, Any]]]  # backbone config names or mappings of backbone keys
+    folds: Annotated[int, Bounds(ge=2, note="outer folds of the probe's cross-validated accuracy")]
+    c_folds: Annotated[int, Bounds(ge=2, note="inner folds choosing the probe's C")]
+    alpha: Annotated[float, Bounds(gt=0, lt=1, noun="a significance level", example="0.05")]
+    device: str
+    precision: Precision
+    data: DataNode
+    performance: Performance
+    paths: Paths
+
+
+@dataclass
 class Report:
     """transferlab-report's arguments (argparse, not Hydra), checked the same way."""
 
@@ -208,7 +223,7 @@ class Report:
 
 # Top-level keys beyond the schema are allowed (`+note=...` on the command line: Hydra already insists on the +);
 # inside a group node every key must be known, so a mistyped `+data.batchsize` is caught.
-OPEN_NODES: frozenset[type] = frozenset({Train, Eval, Predict, Visualize, Attack, Audit, Explain, Export, Serve, EvalData})
+OPEN_NODES: frozenset[type] = frozenset({Train, Eval, Predict, Visualize, Attack, Audit, Explain, Export, Serve, Rank, EvalData})
 
 COMMANDS: dict[str, type] = {
     "train": Train,
@@ -220,6 +235,7 @@ COMMANDS: dict[str, type] = {
     "explain": Explain,
     "export": Export,
     "serve": Serve,
+    "rank": Rank,
     "report": Report,
 }
 

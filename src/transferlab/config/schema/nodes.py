@@ -65,7 +65,7 @@ class Finetune:
     head_dropout: Annotated[float, Bounds(ge=0, lt=1, noun="a probability")]
     backbone_lr_factor: Annotated[float, Bounds(ge=0, note="the backbone's lr = optimizer.lr x this")]
     unfreeze_at_epoch: Optional[Annotated[int, Bounds(ge=0, noun="an epoch number")]]
-    head_solver: Optional[Literal["sgd", "lbfgs"]]  # frozen only
+    head_solver: Optional[Literal["sgd", "lbfgs", "knn", "prototype"]]  # frozen only
     select_c: Optional[Literal["cv", "val"]]  # head_solver=lbfgs
     c_folds: Optional[Annotated[int, Bounds(ge=2, note="inner folds that choose the probe's C")]]
     standardize: Optional[bool]
