@@ -31,7 +31,7 @@ def folder_datamodule(root: Path, **values):
 
     base = OmegaConf.to_container(OmegaConf.load(Path(__file__).parents[1] / "conf" / "data" / "_base.yaml"))
     defaults = {k: v for k, v in base.items() if not (isinstance(v, str) and "${" in v)}
-    return ImageFolderDataModule(**{**defaults, "root": str(root), "split_seed": 0, "cache_dir": None, **values})
+    return ImageFolderDataModule(**{**defaults, "root": str(root), "split_seed": 0, "shots_seed": 0, "cache_dir": None, **values})
 
 
 def straddling_seed(root: Path, pairs: list[tuple[Path, Path]]) -> int:

@@ -102,7 +102,8 @@ def keys_added_since(stored: dict) -> dict:
     """Dataset keys a checkpoint from an earlier release lacks (e.g. data.class_weights), at their YAML values."""
     base = OmegaConf.to_container(OmegaConf.load(Path(config_dir()) / "data" / "_base.yaml"))
     assert isinstance(base, dict)
-    return {k: v for k, v in base.items() if k not in stored and not (isinstance(v, str) and "${" in v) and v != "???"}
+    added = {k: v for k, v in base.items() if k not in stored and not (isinstance(v, str) and "${" in v) and v != "???"}
+    return {**added, "shots_seed": 0} if "shots_seed" not in stored else added  # no data.shots then: nothing is drawn
 
 
 command = Command("eval", evaluate)

@@ -42,6 +42,8 @@ def rank(cfg: DictConfig) -> dict[str, Any]:
     items = OmegaConf.to_container(cfg.backbones, resolve=True)
     if not isinstance(items, list) or not items:
         raise ConfigError("backbones: give a list of candidates, e.g. backbones=[tf_efficientnet_lite0,tf_efficientnet_lite2]")
+    if cfg.data.get("shots") not in (None, "all"):
+        raise ConfigError("data.shots: transferlab-rank scores each backbone on every image outside an official test list; remove data.shots")
     candidates = resolve_candidates(items, Path(config_dir()))
     first = next((c for c in candidates if not c.error), None)
     if first is None:

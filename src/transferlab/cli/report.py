@@ -2,8 +2,9 @@
 
 Writes, in the sweep folder: `summary.csv` (one row per job: its overrides as columns, `status`, its metrics),
 `summary.md` (sorted by the optimised metric, failures listed with their error) and a self-contained
-`report.html`. A multirun writes them by itself when it ends; this command rebuilds them, e.g. for a sweep
-that is still running or was killed.
+`report.html`; a sweep over `data.shots` also gets `few_shot_curve.csv` (the test metric against training images
+per class, mean and 95 % interval over seeds) and its picture. A multirun writes them by itself when it ends; this
+command rebuilds them, e.g. for a sweep that is still running or was killed.
 """
 
 from __future__ import annotations

@@ -30,6 +30,7 @@ from transferlab.data.preprocessing import Preprocessing
 from transferlab.data.sampling import (
     balanced_loss_weights,
 )
+from transferlab.data.shots import few_shot_train, parse_shots, refuse_folds
 from transferlab.data.splits import drop_excluded, hash_split, require_training_images, split_key
 from transferlab.data.stored_splits import build_table
 
@@ -58,6 +59,8 @@ class ImageClassificationDataModule(EpochLoaders, DeviceDecoding, pl.LightningDa
         val_fraction: float,
         test_fraction: float,
         split_seed: int,
+        shots: Union[int, Literal["all"], None],
+        shots_seed: int,
         batch_size: int,
         num_workers: Union[int, str],
         pin_memory: Union[bool, str],
@@ -74,7 +77,8 @@ class ImageClassificationDataModule(EpochLoaders, DeviceDecoding, pl.LightningDa
         task: str,
     ) -> None:
         """Every value comes from the dataset's YAML (conf/data/_base.yaml and the option extending it); `task`:
-        single (one class per image) or multilabel (a set of labels per image: data.labels)."""
+        single (one class per image) or multilabel (a set of labels per image: data.labels); `shots`: K training
+        images per class drawn with `shots_seed`, or all / null (data.shots)."""
         super().__init__()
         self.multilabel = check_task(task)
         if self.multilabel and sampler == "balanced":
@@ -99,6 +103,7 @@ class ImageClassificationDataModule(EpochLoaders, DeviceDecoding, pl.LightningDa
         self.class_weights, self.sampler, self.exclude, self.decode = class_weights, sampler, exclude, decode
         self.root = Path(str(root)).expanduser()
         self.val_fraction, self.test_fraction, self.split_seed = val_fraction, test_fraction, split_seed
+        self.shots, self.shots_seed = parse_shots(shots), shots_seed  # shots: K or None (every training image)
         if num_workers != "auto" and (not isinstance(num_workers, int) or num_workers < 0):
             raise DataError(f"data.num_workers: expected auto or a whole number >= 0, got {num_workers!r}")
         self.batch_size, self.num_workers, self.pin_memory = batch_size, num_workers, pin_memory
@@ -111,7 +116,7 @@ class ImageClassificationDataModule(EpochLoaders, DeviceDecoding, pl.LightningDa
         self.class_names: list[str] = []
         self.skipped: dict[str, str] = {}
         self.splits: dict[str, list[Sample]] = {}
-        self.pool: list[Sample] = []  # every usable image outside the official test list (what cv.folds splits)
+        self._pool: list[Sample] = []  # every usable image outside the official test list (what cv.folds splits)
         self.usable: list[Sample] = []  # every usable image, official test list included
 
     # -- what a dataset implements -------------------------------------------------------------------
@@ -157,12 +162,20 @@ class ImageClassificationDataModule(EpochLoaders, DeviceDecoding, pl.LightningDa
         test_fraction = 0.0 if official_test is not None else self.test_fraction
         splits = hash_split(pool, self.split_key, self.val_fraction, test_fraction, self.split_seed)  # labels.members: per label
         require_training_images(found.class_names, found.samples, pool, splits["train"], self.root)
-        self.class_names, self.pool = found.class_names, pool
+        self.class_names, self._pool = found.class_names, pool
         self.usable = pool + (official_test or [])
         self.has_official_test = official_test is not None
         if official_test is not None:
             splits["test"] = official_test
+        if self.shots is not None:  # the training split only: val and test stay the hash split's (data.shots)
+            splits["train"] = few_shot_train(splits, self.shots, self.shots_seed, self.split_key, self.class_names, self.multilabel)
         self.use_splits(splits)
+
+    @property
+    def pool(self) -> list[Sample]:
+        """Every usable image outside the official test list: what cv.folds splits, so refused with data.shots."""
+        refuse_folds(self.shots)
+        return self._pool
 
     def split_key(self, path: Path) -> str:
         """What an image's split is hashed from: its path relative to data.root (a dataset may name its images otherwise)."""

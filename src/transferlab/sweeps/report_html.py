@@ -1,7 +1,8 @@
 """report.html of a sweep: one self-contained file (inline CSS, PNGs as data URIs, no scripts) to open or mail.
 
-Plots: the optimised metric against each swept parameter (failed jobs marked), learning curves from each job's
-csv/metrics.csv, and the best run's confusion matrix and pictures.
+Plots: the few-shot curve of a sweep over data.shots (sweeps.few_shot), the optimised metric against each swept
+parameter (failed jobs marked), learning curves from each job's csv/metrics.csv, and the best run's confusion matrix
+and pictures.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from transferlab.core.plotting import pyplot
 from transferlab.insight.html_page import figure
 from transferlab.sweeps.collect import Job, Sweep, cell, columns, headline, with_interval
 from transferlab.sweeps.compare import Verdict, group_label, seed_groups, shown_metrics, vs_best
+from transferlab.sweeps.few_shot import CURVE_CSV, TABLE_HEAD, curve_figure, few_shot_curve, table_rows
 
 _CSS = """
 body{font-family:system-ui,-apple-system,Segoe UI,Roboto,sans-serif;margin:2rem auto;max-width:1200px;color:#222;padding:0 1rem}
@@ -200,6 +202,20 @@ def _seeds(sweep: Sweep) -> str:
     return f"<h2>Repeated seeds (mean ± std)</h2><table><tr>{head}</tr>{rows}</table>"
 
 
+def _few_shot(sweep: Sweep) -> str:
+    """The few-shot curve (a sweep over data.shots): its picture, its table and how to read it."""
+    curve = few_shot_curve(sweep)
+    if curve is None:
+        return ""
+    head = "".join(f"<th>{html.escape(c)}</th>" for c in TABLE_HEAD)
+    rows = "".join("<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in row) + "</tr>" for row in table_rows(curve))
+    return (
+        f"<h2>Few-shot curve: {html.escape(curve.metric)} against training images per class</h2>"
+        f'<img src="{_png(curve_figure(curve))}" alt="few-shot curve"><p>{html.escape(curve.note())} Also: <code>{CURVE_CSV}</code>.</p>'
+        f"<table><tr>{head}</tr>{rows}</table>"
+    )
+
+
 def write_html(sweep: Sweep, path: Path, verdicts: Optional[dict[str, Verdict]] = None) -> Path:
     best = sweep.best
     parts = [
@@ -208,6 +224,7 @@ def write_html(sweep: Sweep, path: Path, verdicts: Optional[dict[str, Verdict]] 
         f"<p>Folder <code>{html.escape(str(sweep.path.resolve()))}</code>; "
         + (f"ranked by <code>{html.escape(sweep.metric)}</code> ({sweep.direction})" if not sweep.unranked else "jobs listed by name, not ranked")
         + ". Also: <code>summary.csv</code>, <code>summary.md</code>.</p>",
+        _few_shot(sweep),
         "<h2>Jobs</h2>",
         _table(sweep, verdicts or {}),
         "<p>Intervals: 95 % over the test images (core.statistics). <i>vs best</i>: a paired bootstrap of each job's per-image "

@@ -2,7 +2,8 @@
 
 Reads each job folder (Hydra's `.hydra/overrides.yaml`, our `job.json` and `metrics.json`) and writes, in the
 sweep folder: `summary.csv` (one row per job: its overrides as columns, `status`, its metrics), `summary.md`
-(sorted by the optimised metric, failures listed with their error) and a self-contained `report.html`.
+(sorted by the optimised metric, failures listed with their error) and a self-contained `report.html`; a sweep
+that varies `data.shots` also gets `few_shot_curve.csv`, its table and its picture (sweeps.few_shot).
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from omegaconf import DictConfig
 from transferlab.core.errors import one_line
 from transferlab.sweeps.collect import Job, Sweep, cell, collect, columns, headline, natural, with_interval
 from transferlab.sweeps.compare import Verdict, compare_to_best, group_label, seed_groups, shown_metrics, vs_best
+from transferlab.sweeps.few_shot import CURVE_CSV, TABLE_HEAD, few_shot_curve, markdown_lines, table_rows, write_curve_csv
 from transferlab.sweeps.records import ERROR_FILE, JOB_FILE, read_job_record
 
 SUMMARY_CSV, SUMMARY_MD, REPORT_HTML = "summary.csv", "summary.md", "report.html"
@@ -78,6 +80,7 @@ def write_markdown(sweep: Sweep, verdicts: dict[str, Verdict]) -> Path:
         ]
         lines.append("| " + " | ".join(c.replace("|", "\\|") for c in cells) + " |")
     lines += seed_lines(sweep)
+    lines += markdown_lines(few_shot_curve(sweep))
     failed = [j for j in sweep.jobs if j.status == "failed"]
     if failed:
         lines += ["", "## Failures", ""]
@@ -94,6 +97,9 @@ def write_report(sweep_dir: str | Path, html: bool = True, metric: Optional[str]
     verdicts = compare_to_best(sweep)
     write_csv(sweep, verdicts)
     write_markdown(sweep, verdicts)
+    curve = few_shot_curve(sweep)
+    if curve is not None:
+        write_curve_csv(curve, sweep.path)
     if html:
         from transferlab.sweeps.report_html import write_html  # matplotlib: only when a page is wanted
 
@@ -121,6 +127,14 @@ def print_summary(sweep: Sweep, limit: int = 20) -> None:
     console = Console(stderr=True, highlight=False)
     console.print(table)
     console.print(Text(headline(sweep)))
+    curve = few_shot_curve(sweep)
+    if curve is not None:
+        shots = Table(title=Text(f"Few-shot curve: {curve.metric} ({sweep.path / CURVE_CSV})"), title_justify="left")
+        for column in TABLE_HEAD:
+            shots.add_column(Text(column))
+        for row in table_rows(curve):
+            shots.add_row(*map(Text, row))
+        console.print(shots)
     by_error: dict[str, list[Job]] = {}
     for job in (j for j in sweep.jobs if j.status == "failed"):
         by_error.setdefault(job.error or "unknown error", []).append(job)

@@ -24,7 +24,7 @@ Tta = Literal["none", "hflip", "five_crop"]  # test-time augmentation (models.tt
 Precision = Literal["auto", "32-true", "bf16-mixed", "16-mixed"]
 
 # `_target_` nodes: the types come from the class's signature, the ranges of our keys are declared here.
-DataNode = Annotated[Target, Params(batch_size=COUNT)]
+DataNode = Annotated[Target, Params(batch_size=COUNT, shots=Bounds(ge=1, noun="a number of training images per class"))]
 OptimizerNode = Annotated[
     Target,
     Params(lr=Bounds(gt=0, example="1e-3"), weight_decay=Bounds(ge=0), momentum=Bounds(ge=0, lt=1)),
