@@ -46,7 +46,11 @@ def cell(value: Any) -> str:
     if isinstance(value, bool):
         return "true" if value else "false"
     if isinstance(value, float):
-        return "" if value != value else f"{value:.4f}".rstrip("0").rstrip(".") if abs(value) < 1e4 else f"{value:.0f}"
+        if value != value:
+            return ""
+        if 0 < abs(value) < 1e-3:
+            return f"{value:.2g}"  # a small p-value keeps its size instead of printing as 0
+        return f"{value:.4f}".rstrip("0").rstrip(".") if abs(value) < 1e4 else f"{value:.0f}"
     return str(value)
 
 
