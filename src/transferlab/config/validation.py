@@ -251,7 +251,20 @@ def check_rules(values: Mapping[str, Any]) -> None:
             raise ConfigError("finetune.select_c: head_solver=lbfgs needs how C is chosen: finetune.select_c=cv (inner folds) or val")
         if finetune["select_c"] == "cv" and finetune.get("c_folds") is None:
             raise ConfigError("finetune.c_folds: select_c=cv needs the number of inner folds, e.g. finetune.c_folds=5")
+    shots, folds = (values.get("data") or {}).get("shots"), (values.get("cv") or {}).get("folds")
+    if folds and shots not in (None, "all"):  # data.shots: the folds would each need K per class, their test images would move with K
+        raise ConfigError(f"data.shots={shots} with cv.folds={folds}: not both; repeat over seeds instead: -m seed=1,2,3 data.split_seed=0")
     cache = (values.get("performance") or {}).get("feature_cache") or {}
+    solver = finetune.get("head_solver")
+    if solver in ("knn", "prototype"):  # solved on the cached features of a frozen backbone (training.probe), as lbfgs is
+        if finetune.get("mode") != "frozen" or not cache.get("enabled"):
+            raise ConfigError(
+                f"finetune.head_solver={solver}: needs finetune=frozen and performance.feature_cache.enabled=true (it is solved on cached features)"
+            )
+        if finetune.get("loss") == "asl":
+            raise ConfigError(f"finetune.loss=asl: head_solver={solver} has no loss to train; use finetune.head_solver=sgd for the asymmetric loss")
+        if finetune.get("select_c") is None:
+            raise ConfigError(f"finetune.select_c: head_solver={solver} needs where held-out logits come from: cv (leave-one-out) or val")
     if finetune.get("mode") == "frozen" and cache.get("enabled") and cache.get("storage") == "disk":  # as training.performance uses it
         if not (values.get("paths") or {}).get("cache_dir"):
             raise ConfigError("performance.feature_cache.storage=disk needs paths.cache_dir; set it or use storage=memory")

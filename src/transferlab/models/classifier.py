@@ -1,4 +1,4 @@
-"""The LightningModule: a pretrained `backbone` and a linear `head`, trained frozen, fully or gradually.
+"""The LightningModule: a pretrained `backbone` and a `head` (linear, or models.few_shot_heads), trained frozen, fully or gradually.
 
 Everything needed to rebuild the model travels in its hyper-parameters (plain containers, so checkpoints load
 with `weights_only=True`): backbone spec, class names, preprocessing, and the data config of the run. The
@@ -18,7 +18,6 @@ from typing import Any, Optional
 
 import lightning.pytorch as pl
 import torch
-from torch import nn
 from torchmetrics import MaxMetric, MeanMetric
 from torchmetrics.classification import MulticlassAccuracy
 
@@ -28,6 +27,7 @@ from transferlab.data.preprocessing import Preprocessing
 from transferlab.models import lora, package
 from transferlab.models.backbones import Backbone, create_backbone
 from transferlab.models.evaluation import gather_in_order
+from transferlab.models.few_shot_heads import build_head
 from transferlab.models.optimization import optimizers_and_schedule
 from transferlab.models.regularization import batch_mixer
 from transferlab.models.tasks import make_task
@@ -63,8 +63,7 @@ class TransferClassifier(pl.LightningModule):
         self.hparams["preprocessing"] = self.backbone.preprocessing.to_dict()
         self.class_names = list(class_names)
         num_classes = len(self.class_names)
-        dropout = float(finetune["head_dropout"])
-        self.head = nn.Sequential(nn.Dropout(dropout), nn.Linear(self.backbone.num_features, num_classes))
+        self.head = build_head(finetune, self.backbone.num_features, num_classes, task)  # dropout + linear; knn / prototype (head_solver)
         self.mode = finetune["mode"]
         weights = torch.tensor(list(loss_weights), dtype=torch.float32) if loss_weights is not None else None
         self.task = make_task(task, finetune, weights)  # models.tasks: loss, probabilities, metrics

@@ -31,13 +31,12 @@ from transferlab.data.stored_splits import write_csv
 from transferlab.models.backbone import Backbone
 from transferlab.models.classifier import TransferClassifier
 from transferlab.models.evaluation import Calibration
-from transferlab.models.linear_probe import ProbeFit
 from transferlab.training.artifacts import announce_skipped, test_and_report
 from transferlab.training.builders import build_trainer, fit_callbacks, instantiate_group, log_run_config, new_model
 from transferlab.training.calibration import apply_calibration, held_out_metrics, set_calibration, validate_and_calibrate
 from transferlab.training.loggers import finish_loggers, log_final_metrics, resolve_logger_config
 from transferlab.training.lr_find import find_learning_rate
-from transferlab.training.probe import ProbeSettings, probe_settings, solve_probe
+from transferlab.training.probe import HEADS, HeadFit, ProbeSettings, keep_uncalibrated, probe_settings, solve_probe
 
 log = logging.getLogger(__name__)
 
@@ -60,7 +59,7 @@ class Fitted:
     epochs: int
     selected_epochs: int
     metrics: dict[str, Any] = field(default_factory=dict)
-    probe: Optional[ProbeFit] = None
+    probe: Optional[HeadFit] = None
 
 
 @dataclass
@@ -89,7 +88,7 @@ def fit_and_test(
     probe = probe_settings(cfg, refit.probe_c if refit else None)
     plan_split(datamodule, probe, refit)
     if probe is not None and cfg.get("tune") and cfg.tune.lr_find:
-        log.warning("tune.lr_find: skipped (the L-BFGS probe has no learning rate)")
+        log.warning("tune.lr_find: skipped (the %s head is solved, not trained: no learning rate)", probe.solver)
     model = new_model(cfg, backbone, datamodule)
     model.split_table = datamodule.split_table()
     model.metric_masks["val"] = datamodule.ignore_mask(datamodule.splits.get("val", []))  # VOC's difficult pairs: not counted
@@ -105,8 +104,10 @@ def fit_and_test(
         fitted.metrics.update(validate_and_calibrate(trainer, model, datamodule, fitted.checkpoint, str(cfg.calibration), cfg.get("threshold", "f1")))
     metrics = {**fitted.metrics, "selection/protocol": selection_protocol(probe, refit, bool(datamodule.splits.get("val")))}
     metrics.update(best_checkpoint=fitted.checkpoint, epochs=fitted.epochs)
-    if fitted.probe is not None:
-        metrics["probe/C"] = fitted.probe.c
+    if getattr(datamodule, "shots", None) is not None:  # a few-shot run (data.shots): what it trained on
+        metrics.update({"data/shots": datamodule.shots, "data/train_images": len(datamodule.splits["train"])})
+    if fitted.probe is not None:  # probe/C and how it was chosen; head/k, head/selection (knn, prototype)
+        metrics.update(fitted.probe.metrics)
     metrics = test_and_write(cfg, trainer, model, datamodule, fitted.checkpoint, metrics, interpret=not fold)
     if refit is None:  # a refit's loggers also receive the cross-validation summary (training.cross_validation)
         finish_loggers(trainer.loggers)
@@ -114,23 +115,31 @@ def fit_and_test(
 
 
 def plan_split(datamodule: ImageClassificationDataModule, probe: Optional[ProbeSettings], refit: Optional[Refit]) -> None:
-    """The probe choosing C by inner folds trains on the validation images too; choosing it on validation images
-    needs some."""
+    """A head solved with held-out logits from inside the training images (the probe's inner folds, knn / prototype
+    leave-one-out) trains on the validation images too, except in a few-shot run (data.shots: exactly K training
+    images per class); choosing on validation images needs some."""
     datamodule.setup("fit")
     splits = datamodule.splits
-    if probe is not None and probe.select == "cv" and splits.get("val"):
+    shots = getattr(datamodule, "shots", None)
+    if probe is not None and probe.select == "cv" and splits.get("val") and shots:
+        log.info(
+            "data.shots=%s: the %d validation images stay out of training (the head trains on exactly %s per class)", shots, len(splits["val"]), shots
+        )
+    elif probe is not None and probe.select == "cv" and splits.get("val"):
         merged = {"train": splits["train"] + splits["val"], "val": [], "test": splits.get("test", [])}
         datamodule.use_splits(merged, announce=False)
         log.info(
-            "Linear probe: C by inner folds, so the %d validation images train too (train %d, test %d)",
+            "%s: %s, so the %d validation images train too (train %d, test %d)",
+            HEADS[probe.solver],
+            "C by inner folds" if probe.solver == "lbfgs" else "held-out logits by leave-one-out",
             len(splits["val"]),
             len(merged["train"]),
             len(merged["test"]),
         )
     if probe is not None and probe.select == "val" and refit is None and not datamodule.splits.get("val"):
         raise ConfigError(
-            "finetune.select_c=val: this run has no validation images to choose C on (data.val_fraction or the split left none); "
-            "use finetune.select_c=cv (inner cross-validation over the training images) or raise data.val_fraction"
+            "finetune.select_c=val: this run has no validation images to choose on (data.val_fraction or the split left none); "
+            "use finetune.select_c=cv (inner cross-validation / leave-one-out over the training images) or raise data.val_fraction"
         )
 
 
@@ -195,9 +204,10 @@ def solve_the_probe(
     threshold: Any = "f1",
 ) -> Fitted:
     """Fill the feature cache (the Trainer's fit runs no batch), solve the head, save it, and calibrate it on the
-    inner folds' held-out logits (select_c=cv), the validation images (select_c=val) or the refit's out-of-fold ones."""
+    inner folds' / leave-one-out held-out logits (select_c=cv), the validation images (select_c=val) or the refit's
+    out-of-fold ones; without any (a class of one image) it keeps temperature 1 and says why."""
     trainer.fit(model, datamodule=datamodule)
-    fit = solve_probe(model, datamodule.feature_sets, probe)
+    fit = solve_probe(model, datamodule.feature_sets, probe, refit=refit is not None)
     if refit is not None:
         apply_refit_calibration(model, refit)
     best = save_fitted(trainer, out_dir)
@@ -206,10 +216,12 @@ def solve_the_probe(
         return Fitted(best, epochs, refit.epochs, refit.calibration.metrics(), fit)
     if probe.select == "val":
         return Fitted(best, epochs, epochs + 1, validate_and_calibrate(trainer, model, datamodule, best, method, threshold), fit)
-    assert fit.held_out is not None  # select_by_cv keeps the held-out logits at the chosen C
+    if fit.held_out is None:  # a fixed C / k: nothing held out to calibrate on
+        return Fitted(best, epochs, epochs + 1, keep_uncalibrated(trainer, model, best, method, threshold), fit)
     raw, labels = fit.held_out
     mask = datamodule.ignore_mask(datamodule.splits["train"])
-    found, calibration = held_out_metrics(raw, labels, datamodule.class_names, method, "held-out training images (inner folds)", threshold, mask)
+    what = "held-out training images (" + ("inner folds" if probe.solver == "lbfgs" else "leave-one-out") + ")"
+    found, calibration = held_out_metrics(raw, labels, datamodule.class_names, method, what, threshold, mask)
     set_calibration(trainer, model, best, calibration)
     best_key = {} if datamodule.multilabel else {"val/acc_best": found["val/acc"]}
     return Fitted(best, epochs, epochs + 1, {**found, **calibration.metrics(), **best_key}, fit)
@@ -257,7 +269,7 @@ def tune_learning_rate(cfg: DictConfig, trainer: pl.Trainer, model: TransferClas
 def selection_protocol(probe: Optional[ProbeSettings], refit: Optional[Refit], has_val: bool) -> str:
     """What val/* (and val/acc_best, the default sweep objective) were measured on: sweeps rank only jobs that agree."""
     if probe is not None and probe.select == "cv" and refit is None:
-        return "probe_inner_cv"  # the probe's inner K-fold held-out figures over training + validation images
+        return "probe_inner_cv"  # held-out figures from inside training + validation: inner K folds (lbfgs), leave-one-out (knn, prototype)
     if refit is not None or not has_val:
         return "none"
     return "validation_split"

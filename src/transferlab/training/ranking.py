@@ -156,7 +156,9 @@ def score_candidate(
     if candidate.error:
         return Scored({**row, "error": candidate.error})
     try:
-        pl.seed_everything(settings.seed, workers=True)  # as transferlab-train seeds before building: weights=none gives the same net, the same cached features
+        pl.seed_everything(
+            settings.seed, workers=True
+        )  # as transferlab-train seeds before building: weights=none gives the same net, the same cached features
         backbone = create_backbone(**candidate.settings)
     except Exception as error:  # a candidate that cannot be built is reported, the others still ranked
         reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
