@@ -155,30 +155,29 @@ def score_candidate(
     row: dict[str, Any] = {"backbone": candidate.name, "weights": str(candidate.settings.get("weights", ""))}
     if candidate.error:
         return Scored({**row, "error": candidate.error})
-    try:
-        pl.seed_everything(
-            settings.seed, workers=True
-        )  # as transferlab-train seeds before building: weights=none gives the same net, the same cached features
-        backbone = create_backbone(**candidate.settings)
-    except Exception as error:  # a candidate that cannot be built is reported, the others still ranked
-        reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-        log.warning("transferlab-rank: %s (%s) could not be built: %s", candidate.name, row["weights"], reason)
-        return Scored({**row, "error": f"{type(error).__name__}: {reason}"})
     stats: dict[str, Any] = {}
     started = time.perf_counter()
-    features = pooled_features(
-        backbone,
-        [(path, 0) for path, _ in samples],
-        scratch / "features.npy",
-        cache_dir=settings.cache_dir,
-        device=resolve_device(settings.device),
-        precision=settings.precision,
-        batch_size=settings.batch_size,
-        workers=datamodule.workers(),
-        shard_images=settings.shard_images,
-        auto_workers=datamodule.num_workers == "auto",
-        stats=stats,
-    )
+    try:
+        # Seeded as transferlab-train seeds before building: weights=none gives the same net, hence the same cached features.
+        pl.seed_everything(settings.seed, workers=True)
+        backbone = create_backbone(**candidate.settings)
+        features = pooled_features(
+            backbone,
+            [(path, 0) for path, _ in samples],
+            scratch / "features.npy",
+            cache_dir=settings.cache_dir,
+            device=resolve_device(settings.device),
+            precision=settings.precision,
+            batch_size=settings.batch_size,
+            workers=datamodule.workers(),
+            shard_images=settings.shard_images,
+            auto_workers=datamodule.num_workers == "auto",
+            stats=stats,
+        )
+    except Exception as error:  # a candidate that cannot be built or run is reported, the others still ranked
+        reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        log.warning("transferlab-rank: %s (%s) could not be scored: %s", candidate.name, row["weights"], reason)
+        return Scored({**row, "error": f"{type(error).__name__}: {reason}"})
     feature_seconds = time.perf_counter() - started
     x = np.array(features, dtype=np.float64)
     del features
@@ -188,7 +187,9 @@ def score_candidate(
     del backbone
     gc.collect()
     probe = probe_cross_validation(x, labels, classes, splits, settings.c_folds, settings.seed)
-    knn = knn_leave_one_out(torch.from_numpy(x).float(), torch.from_numpy(labels).float() if labels.ndim == 2 else torch.from_numpy(labels))
+    knn = knn_leave_one_out(
+        torch.from_numpy(x).float(), torch.from_numpy(labels).float() if labels.ndim == 2 else torch.from_numpy(labels), num_classes=classes
+    )
     low, high = probe_interval(probe.logits, labels, settings.seed)
     row.update(
         probe_acc=fold_score(probe.logits, labels),
