@@ -110,7 +110,7 @@ def test_shots_refuses_bad_values_and_cross_validation(tmp_path):
 
     with pytest.raises(ConfigError, match=r"data.shots: expected"):
         run("train", *COMMON, "data.shots=0", f"hydra.run.dir={tmp_path / 'zero'}")
-    with pytest.raises(ConfigError, match=r"data.shots=2 with cv.folds: .* seeds instead"):
+    with pytest.raises(ConfigError, match=r"data.shots=2 with cv.folds=3: .* seeds instead"):
         run("train", *COMMON, "data.shots=2", "cv.folds=3", f"hydra.run.dir={tmp_path / 'cv'}")
 
 

@@ -14,7 +14,6 @@ unknown), then the fewest parameters.
 from __future__ import annotations
 
 import gc
-import json
 import logging
 import math
 import shutil
@@ -29,9 +28,9 @@ import torch
 from omegaconf import OmegaConf
 
 from transferlab.core.errors import ConfigError, close_matches
-from transferlab.core.files import atomic_write
 from transferlab.core.hardware import resolve_device
 from transferlab.core.statistics import corrected_paired_t, fold_test_to_train, proportion_interval
+from transferlab.data.features.fill import recorded_throughput
 from transferlab.data.labels import class_index, multi_hot
 from transferlab.insight.embeddings import pooled_features
 from transferlab.models.backbones import create_backbone
@@ -41,8 +40,6 @@ from transferlab.models.priors import prior_top1
 from transferlab.models.transferability import agreement, fold_score, logme, outer_folds, probe_cross_validation
 
 log = logging.getLogger(__name__)
-
-THROUGHPUT = "throughput.json"  # in a feature store's folder: the images/s measured when its features were computed
 
 
 @dataclass
@@ -120,17 +117,12 @@ def body_cost(backbone: Any) -> tuple[int, float]:
     return int(parameters), round(size / 1e6, 2)
 
 
-def throughput(store: Optional[Path], computed: int, seconds: float, device: str) -> Optional[float]:
-    """Images/s of this fill when it computed features (recorded beside the store), else the recorded figure."""
-    record = store / THROUGHPUT if store is not None else None
+def throughput(store: Optional[Path], computed: int, seconds: float) -> Optional[float]:
+    """Images/s of this run's fill when it computed features, else the rate recorded beside the store by whoever
+    computed them (data.features.fill: a training run, the audit, an earlier ranking); None when nothing recorded it."""
     if computed and seconds > 0:
-        rate = round(computed / seconds, 1)
-        if record is not None:
-            atomic_write(record, json.dumps({"images_per_second": rate, "images": computed, "device": device}).encode())
-        return rate
-    if record is not None and record.is_file():
-        return float(json.loads(record.read_text())["images_per_second"])
-    return None
+        return round(computed / seconds, 1)
+    return recorded_throughput(store)
 
 
 @dataclass(frozen=True)
@@ -183,7 +175,7 @@ def score_candidate(
     del features
     parameters, megabytes = body_cost(backbone)
     source = str(getattr(backbone, "source", "") or "") or None  # what `auto` resolved to
-    rate = throughput(stats.get("store"), int(stats.get("computed", 0)), float(stats.get("seconds", 0.0)), settings.device)
+    rate = throughput(stats.get("store"), int(stats.get("computed", 0)), float(stats.get("seconds", 0.0)))
     del backbone
     gc.collect()
     probe = probe_cross_validation(x, labels, classes, splits, settings.c_folds, settings.seed)

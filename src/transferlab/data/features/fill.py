@@ -9,12 +9,14 @@ only the rest). It also times each computed image, for feature_cache.json's per-
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import time
 import uuid
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import ContextManager, Optional, Union
 
 import numpy as np
@@ -23,6 +25,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
 from transferlab.core.errors import add_note
+from transferlab.core.files import atomic_write
 from transferlab.core.hardware import inference_batch_size, inference_workers
 from transferlab.core.progress import progress
 from transferlab.data.features.datasets import ViewsDataset
@@ -124,7 +127,25 @@ def fill_features(
         workers,
         torch.get_num_threads(),
     )
+    record_throughput(store, fill, extractor.device)
     return fill
+
+
+THROUGHPUT = "throughput.json"  # in a store's folder: the images/s of the last fill that computed rows (transferlab-rank's cost)
+
+
+def record_throughput(store: FeatureStore, fill: Fill, device: torch.device) -> None:
+    """Whoever fills a store (a training run, the audit, a ranking), the rate is kept beside it: a later reader of
+    cached features can still say what computing them cost."""
+    if store.folder is not None and fill.computed and fill.seconds > 0:
+        figures = {"images_per_second": round(fill.computed / fill.seconds, 1), "images": fill.computed, "device": str(device)}
+        atomic_write(store.folder / THROUGHPUT, json.dumps(figures).encode())
+
+
+def recorded_throughput(folder: Optional[Path]) -> Optional[float]:
+    """The images/s record_throughput kept for a store folder, or None."""
+    record = folder / THROUGHPUT if folder is not None else None
+    return float(json.loads(record.read_text())["images_per_second"]) if record is not None and record.is_file() else None
 
 
 def _stream_into_shards(store: FeatureStore, keys: Sequence[str], loader: Iterable, extractor: Extractor, shard_images: int, name: str) -> Fill:
