@@ -56,7 +56,6 @@ CASES = [
         "error: finetune.unfreeze_at_epoch: expected an epoch below trainer.max_epochs=5",
         ["got 8"],
     ),
-    ("gradual with DDP", ["finetune=gradual", "trainer=ddp_cpu"], "error: finetune=gradual: unfreezing the backbone during a DDP run", []),
     ("unknown precision", ["trainer.precision=fp8"], "error: trainer.precision: expected one of", ["bf16-mixed", "got 'fp8'"]),
     ("unknown accelerator", ["trainer.accelerator=gpuu"], "error: trainer.accelerator: expected one of", ["got 'gpuu'", "did you mean: gpu"]),
     ("unknown task", ["data.task=bread"], "error: data.task: expected one of breeds, species", ["got 'bread'", "did you mean: breeds"]),

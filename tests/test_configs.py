@@ -110,7 +110,6 @@ def test_backbone_presets_carry_their_preprocessing():
         ("+data.batchsize=8", "data.batchsize: unknown key (did you mean: batch_size"),
         ("+trainer.max_epoch=3", "did you mean: max_epochs"),
         ("finetune=gradual finetune.unfreeze_at_epoch=null", "finetune.unfreeze_at_epoch"),
-        ("finetune=gradual trainer=ddp_cpu", "finetune=gradual: unfreezing the backbone during a DDP run is not supported"),
     ],
 )
 def test_validation_names_the_key(tmp_path, override, message):

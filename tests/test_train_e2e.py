@@ -155,15 +155,65 @@ def test_gradual_changes_backbone_only_from_unfreeze_epoch(tiny_folder, tmp_path
         "trainer.max_epochs=2",
         f"hydra.run.dir={tmp_path}",
         *FAST,
-        "+callbacks.snapshots._target_=lightning.pytorch.callbacks.ModelCheckpoint",
-        f"+callbacks.snapshots.dirpath={snapshots}",
-        "+callbacks.snapshots.save_top_k=-1",
-        "+callbacks.snapshots.filename='epoch{epoch}'",
-        "+callbacks.snapshots.auto_insert_metric_name=false",
+        *snapshot_every_epoch(snapshots),
     )
     epoch0, epoch1 = backbone_state(snapshots / "epoch0.ckpt"), backbone_state(snapshots / "epoch1.ckpt")
     assert not differing(epoch0, bundled_state, "weight") and not differing(epoch0, bundled_state, "running_")
     assert differing(epoch1, bundled_state, "conv_stem.weight") and differing(epoch1, bundled_state, "running_var")
+
+
+def snapshot_every_epoch(folder: Path) -> list[str]:
+    return [
+        "+callbacks.snapshots._target_=lightning.pytorch.callbacks.ModelCheckpoint",
+        f"+callbacks.snapshots.dirpath={folder}",
+        "+callbacks.snapshots.save_top_k=-1",
+        "+callbacks.snapshots.filename='epoch{epoch}'",
+        "+callbacks.snapshots.auto_insert_metric_name=false",
+    ]
+
+
+def probabilities(run_dir: Path) -> list[list[str]]:
+    with open(run_dir / "test_predictions.csv", newline="") as fh:
+        return [row for row in csv.reader(fh)][1:]
+
+
+@pytest.mark.slow
+def test_gradual_under_ddp_matches_one_process(tmp_path, bundled_state):
+    """finetune=gradual with two gloo ranks (8 images each a step) against one process (16): the backbone is
+    bit-identical to the pretrained one through the frozen epoch, trains after it on both ranks alike (one process
+    evaluating rank 0's checkpoint reproduces every test probability the two ranks gathered), and the results
+    agree with one process's to what DDP changes (BatchNorm's batch statistics per rank once the backbone trains)."""
+    common = [
+        "data=oxford_pets",
+        "data.task=species",
+        f"data.root={PETS}",
+        "data.augment.scale_min=1.0",  # no random crops or flips: both runs see the same pixels
+        "data.augment.hflip=false",
+        "finetune=gradual",
+        "finetune.unfreeze_at_epoch=2",
+        "trainer.max_epochs=3",
+        "trainer.precision=32-true",
+        "optimizer.lr=3e-3",
+        "seed=3",
+        *FAST,
+        "backbone.input_size=128",  # 64 px features leave cats and dogs at 0.8: too many borderline photos to compare
+    ]
+    ddp, one = tmp_path / "ddp", tmp_path / "one"
+    run_cli("train", *common, "trainer=ddp_cpu", "data.batch_size=8", f"hydra.run.dir={ddp}", *snapshot_every_epoch(ddp / "snapshots"))
+    run("train", *common, "data.batch_size=16", f"hydra.run.dir={one}")
+    frozen, unfrozen = backbone_state(ddp / "snapshots" / "epoch1.ckpt"), backbone_state(ddp / "snapshots" / "epoch2.ckpt")
+    assert not differing(frozen, bundled_state, "weight") and not differing(frozen, bundled_state, "running_")
+    assert differing(unfrozen, bundled_state, "conv_stem.weight") and differing(unfrozen, bundled_state, "running_var")
+
+    run("eval", f"ckpt_path={ddp / 'checkpoints' / 'best.ckpt'}", f"hydra.run.dir={tmp_path / 'eval'}", "data.num_workers=0")
+    gathered, alone = probabilities(ddp), probabilities(tmp_path / "eval")
+    assert [r[:2] for r in gathered] == [r[:2] for r in alone] and len(gathered) > 50
+    assert max(abs(float(a) - float(b)) for x, y in zip(gathered, alone) for a, b in zip(x[3:], y[3:])) <= 1e-4
+
+    two, single = read_metrics(ddp), read_metrics(one)
+    assert [r[:2] for r in probabilities(one)] == [r[:2] for r in gathered]  # the same test images, in the same order
+    assert sum(a[2] != b[2] for a, b in zip(gathered, probabilities(one))) <= 2
+    assert two["test/acc"] == pytest.approx(single["test/acc"], abs=2 / len(gathered) + 1e-6) and two["test/acc"] >= 0.85
 
 
 def test_resume_continues_epochs_and_metrics(tiny_folder, tmp_path):

@@ -1,11 +1,24 @@
-"""finetune=gradual: train the head on a frozen backbone, then let the backbone join at a lower learning rate."""
+"""finetune=gradual: train the head on a frozen backbone, then let the backbone join at a lower learning rate.
+
+The same run on one process and under DDP (Lightning #20340: DDP registers, when it wraps the model, only the
+parameters that require gradients, so a backbone unfrozen later is never synchronised). Here nothing about the
+optimiser or DDP's graph changes at the unfreeze:
+
+- the backbone's parameter group is in the optimiser from the first step (models.optimization), at
+  optimizer.lr x backbone_lr_factor, scheduled with the head's;
+- until `unfreeze_at_epoch` the backbone is in eval mode (BatchNorm statistics and dropout as pretrained) and its
+  parameters get no gradient: on one process it runs under no_grad (cheap); under DDP its parameters require
+  gradients from the start and stay in the graph, and their gradients are dropped before each optimiser step.
+  An optimiser skips a parameter without a gradient: no step, no weight decay, no momentum or Adam state (the
+  zero learning rate of #20340's workaround, without the state a zero learning rate still accumulates);
+- at the start of the unfreeze epoch (or of any later epoch a run resumes at) the backbone trains.
+"""
 
 from __future__ import annotations
 
 import logging
 
 import lightning.pytorch as pl
-from lightning.pytorch.callbacks import BaseFinetuning
 from torch.optim import Optimizer
 
 from transferlab.models.classifier import as_classifier
@@ -13,39 +26,28 @@ from transferlab.models.classifier import as_classifier
 log = logging.getLogger(__name__)
 
 
-class GradualUnfreeze(BaseFinetuning):
-    """Like Lightning's BackboneFinetuning, but the frozen phase is a true linear probe (BatchNorm statistics
-    untouched; Lightning's `freeze` would switch BatchNorm to batch statistics), and resuming after the
-    unfreeze epoch restores the unfrozen state."""
-
+class GradualUnfreeze(pl.Callback):
     def __init__(self, unfreeze_at_epoch: int, backbone_lr_factor: float) -> None:
         super().__init__()
         self.unfreeze_at_epoch = int(unfreeze_at_epoch)
-        self.backbone_lr_factor = float(backbone_lr_factor)
+        self.backbone_lr_factor = float(backbone_lr_factor)  # applied by models.optimization; logged here
 
-    def freeze_before_training(self, pl_module: pl.LightningModule) -> None:
-        as_classifier(pl_module).freeze_backbone()
-
-    def finetune_function(self, pl_module: pl.LightningModule, epoch: int, optimizer: Optimizer) -> None:
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        """Before the strategy wraps the model: under DDP the frozen backbone keeps its place in the graph."""
         classifier = as_classifier(pl_module)
-        if epoch < self.unfreeze_at_epoch or not classifier.backbone_frozen:
-            return
-        classifier.unfreeze_backbone()
-        known = {id(p) for group in optimizer.param_groups for p in group["params"]}
-        new = [p for p in classifier.backbone.parameters() if id(p) not in known]
-        if new:  # on resume the group was already restored from the checkpoint
-            lr = optimizer.param_groups[0]["lr"] * self.backbone_lr_factor
-            optimizer.add_param_group({"params": new, "lr": lr})
-            log.info("Epoch %d: backbone unfrozen, learning rate %.2e", epoch, lr)
+        if stage == "fit" and classifier.backbone_frozen:
+            classifier.backbone_graph_when_frozen = trainer.world_size > 1
+            classifier.backbone.body.requires_grad_(classifier.backbone_graph_when_frozen)
 
     def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        super().on_train_epoch_start(trainer, pl_module)
-        # Schedulers keep one base lr per param group: teach them about the group added above.
-        for config in trainer.lr_scheduler_configs:
-            scheduler = config.scheduler
-            base_lrs = getattr(scheduler, "base_lrs", None)
-            groups = scheduler.optimizer.param_groups
-            if base_lrs is not None and len(base_lrs) < len(groups):
-                for group in groups[len(base_lrs) :]:
-                    group.setdefault("initial_lr", group["lr"])
-                    base_lrs.append(group["initial_lr"])
+        classifier = as_classifier(pl_module)
+        if trainer.current_epoch >= self.unfreeze_at_epoch and classifier.backbone_frozen:
+            classifier.unfreeze_backbone()
+            lr = trainer.optimizers[0].param_groups[0]["lr"] * self.backbone_lr_factor if trainer.optimizers else float("nan")
+            log.info("Epoch %d: backbone unfrozen, learning rate %.2e", trainer.current_epoch, lr)
+
+    def on_before_optimizer_step(self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: Optimizer) -> None:
+        classifier = as_classifier(pl_module)
+        if classifier.backbone_frozen and classifier.backbone_graph_when_frozen:
+            for parameter in classifier.backbone.parameters():
+                parameter.grad = None  # after DDP's all-reduce: the optimiser skips them (see the module docstring)

@@ -239,8 +239,6 @@ def check_rules(values: Mapping[str, Any]) -> None:
     if finetune.get("mode") == "gradual":
         if unfreeze is None:
             raise ConfigError("finetune.unfreeze_at_epoch: finetune=gradual needs the epoch at which to unfreeze, e.g. finetune.unfreeze_at_epoch=2")
-        if "ddp" in str(trainer.get("strategy", "")):
-            raise ConfigError("finetune=gradual: unfreezing the backbone during a DDP run is not supported; use finetune=full or one device")
         if _number(unfreeze) and _number(max_epochs) and max_epochs != -1 and unfreeze >= max_epochs:
             raise ConfigError(
                 f"finetune.unfreeze_at_epoch: expected an epoch below trainer.max_epochs={max_epochs} "

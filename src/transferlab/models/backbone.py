@@ -42,6 +42,8 @@ class Backbone(nn.Module):
         super().__init__()
         self.body = body
         self.imagenet_head = imagenet_head
+        if imagenet_head is not None:  # never trained (not on the path to the features): under DDP it would be an unused parameter
+            imagenet_head.requires_grad_(False)
         self.num_features = num_features
         self.preprocessing = preprocessing
         self.categories = categories

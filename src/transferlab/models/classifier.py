@@ -69,6 +69,7 @@ class TransferClassifier(pl.LightningModule):
         self.task = make_task(task, finetune, weights)  # models.tasks: loss, probabilities, metrics
         self.mixer = batch_mixer(finetune.get("mixup"), finetune.get("cutmix"), num_classes, self.task.multilabel)  # training images only
         self.backbone_frozen = False
+        self.backbone_graph_when_frozen = False  # finetune=gradual under DDP (callbacks.unfreeze): gradients flow, then are dropped
         self.channels_last = False
         self.tta = "none"  # test-time augmentation of the test step (models.tta); a runtime choice, not a hyper-parameter
         if self.mode in ("frozen", "gradual"):
@@ -105,7 +106,7 @@ class TransferClassifier(pl.LightningModule):
         self.backbone_frozen = True
 
     def unfreeze_backbone(self) -> None:
-        self.backbone.requires_grad_(True)
+        self.backbone.body.requires_grad_(True)  # its ImageNet head stays frozen (models.backbone)
         self.backbone.train(self.training)
         self.backbone_frozen = False
 
@@ -130,7 +131,7 @@ class TransferClassifier(pl.LightningModule):
     def features(self, images: torch.Tensor) -> torch.Tensor:
         if self.channels_last:
             images = images.contiguous(memory_format=torch.channels_last)
-        with torch.set_grad_enabled(torch.is_grad_enabled() and not self.backbone_frozen):
+        with torch.set_grad_enabled(torch.is_grad_enabled() and (not self.backbone_frozen or self.backbone_graph_when_frozen)):
             return self.backbone(images)
 
     def forward(self, inputs: torch.Tensor) -> torch.Tensor:
@@ -259,8 +260,8 @@ class TransferClassifier(pl.LightningModule):
 
     # -- optimisation ------------------------------------------------------------------------------------
     def configure_optimizers(self) -> Any:
-        """Only trainable parameters, grouped and scheduled by models.optimization."""
-        return optimizers_and_schedule(self.head, self.backbone.body, dict(self.hparams), self.mode in ("full", "lora"), self.trainer)
+        """Trainable parameters (gradual: the backbone's too, from the start), grouped and scheduled by models.optimization."""
+        return optimizers_and_schedule(self.head, self.backbone.body, dict(self.hparams), self.mode != "frozen", self.trainer)
 
 
 def load_checkpoint(path: str | Path) -> tuple[TransferClassifier, dict[str, Any]]:

@@ -7,6 +7,10 @@
   other backbone by its top-level modules, in order.
 - Only parameters that require gradients join a group: with finetune=lora the backbone's are its adapters alone
   (models.lora freezes the rest), so the adapters are the backbone group, at lr x backbone_lr_factor.
+- finetune=gradual: the backbone's group is there from the first step, though its parameters get no gradient until
+  the unfreeze epoch (callbacks.unfreeze). An optimiser skips a parameter without a gradient (no step, no weight
+  decay, no momentum), so the groups, the schedule and the optimiser state never change shape: the same run on one
+  process and under DDP, where the parameters must be in the graph from the start (Lightning #20340).
 - A scheduler node with `interval: step` (conf/scheduler/warmup_cosine.yaml) is stepped every optimiser step and is
   given the run's total step count; any other steps once per epoch.
 """
@@ -20,22 +24,23 @@ import torch
 from torch import nn
 
 
-def layer_groups(body: nn.Module, lr: float, layer_decay: float, weight_decay: Optional[float]) -> list[dict[str, Any]]:
-    """Parameter groups of the trainable backbone parameters, the top layer at `lr`, each one below x layer_decay."""
+def layer_groups(body: nn.Module, lr: float, layer_decay: float, weight_decay: Optional[float], every: bool = False) -> list[dict[str, Any]]:
+    """Parameter groups of the trainable backbone parameters (`every`: all of them), the top layer at `lr`, each one
+    below x layer_decay."""
     if hasattr(body, "group_matcher"):
         from timm.optim import param_groups_layer_decay
 
         groups = param_groups_layer_decay(body, weight_decay=weight_decay or 0.0, layer_decay=layer_decay)
         found = []
         for group in groups:
-            params = [p for p in group["params"] if p.requires_grad]
+            params = [p for p in group["params"] if p.requires_grad or every]
             if params:
                 entry = {"params": params, "lr": lr * float(group.get("lr_scale", 1.0))}
                 if weight_decay is not None:
                     entry["weight_decay"] = group["weight_decay"]
                 found.append(entry)
         return found
-    layers = [[p for p in child.parameters() if p.requires_grad] for child in body.children()]
+    layers = [[p for p in child.parameters() if p.requires_grad or every] for child in body.children()]
     layers = [params for params in layers if params]
     return [{"params": params, "lr": lr * layer_decay ** (len(layers) - 1 - depth)} for depth, params in enumerate(layers)]
 
@@ -46,11 +51,12 @@ def parameter_groups(head: nn.Module, backbone_body: nn.Module, hparams: dict[st
     if not backbone_trains:
         return groups
     finetune = hparams["finetune"]
+    every = finetune.get("mode") == "gradual"  # frozen until the unfreeze epoch, but in the optimiser from the start
     backbone_lr = base_lr * float(finetune["backbone_lr_factor"])
     decay = finetune.get("layer_decay")
     if decay is not None and float(decay) < 1.0:
-        return groups + layer_groups(backbone_body, backbone_lr, float(decay), hparams["optimizer"].get("weight_decay"))
-    return groups + [{"params": [p for p in backbone_body.parameters() if p.requires_grad], "lr": backbone_lr}]
+        return groups + layer_groups(backbone_body, backbone_lr, float(decay), hparams["optimizer"].get("weight_decay"), every)
+    return groups + [{"params": [p for p in backbone_body.parameters() if p.requires_grad or every], "lr": backbone_lr}]
 
 
 def optimizers_and_schedule(head: nn.Module, body: nn.Module, hparams: dict[str, Any], backbone_trains: bool, trainer: Any) -> Any:
@@ -73,8 +79,7 @@ def optimizers_and_schedule(head: nn.Module, body: nn.Module, hparams: dict[str,
 
 class WarmupCosine(torch.optim.lr_scheduler.LRScheduler):
     """Per step: linear warm-up from warmup_start x lr over `warmup_epochs`, then cosine decay to min_ratio x lr at
-    the last step. One factor for every group (head, backbone, decayed layers keep their ratios), including groups
-    added later (finetune=gradual's callback extends base_lrs)."""
+    the last step. One factor for every group (head, backbone, decayed layers keep their ratios)."""
 
     supplied_at_run = ("total_steps", "epochs")  # by TransferClassifier.configure_optimizers, from the trainer
 
