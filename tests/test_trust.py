@@ -196,7 +196,7 @@ def test_optuna_range_is_exactly_pythons(line):
     from hydra.core.override_parser.overrides_parser import OverridesParser
     from optuna.distributions import IntDistribution
 
-    from transferlab.sweeps.optuna_study import distribution
+    from transferlab.sweeps.optuna_trials import distribution
 
     override = OverridesParser.create().parse_overrides([line])[0]
     found = distribution(override)

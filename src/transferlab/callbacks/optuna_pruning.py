@@ -6,14 +6,23 @@ Also the one place that opens an Optuna storage (the sweeper's study uses the sa
 from __future__ import annotations
 
 import math
+from pathlib import Path
 from typing import Any, Optional
 
 import lightning.pytorch as pl
 
 
 def open_storage(url: str) -> Any:
+    """An Optuna storage from the sweeper's URL: `journal:<file>` (JournalStorage on a file, for worker processes
+    and file systems without working fcntl locks; the sweeper passes the file absolute, a relative one here is
+    relative to the working directory) or a database URL (SQLite waits for a busy file instead of failing)."""
     import optuna
 
+    if url.startswith("journal:"):
+        from optuna.storages.journal import JournalFileBackend
+
+        # the default lock (a symlink) is safe on NFS, and one left by a killed process is broken after 30 s
+        return optuna.storages.JournalStorage(JournalFileBackend(str(Path(url[len("journal:") :]).expanduser())))
     engine_kwargs = {"connect_args": {"timeout": 120}} if url.startswith("sqlite") else None  # parallel jobs wait, not fail
     return optuna.storages.RDBStorage(url, engine_kwargs=engine_kwargs)
 
