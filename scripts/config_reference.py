@@ -45,7 +45,7 @@ def cell(text: str) -> str:
 
 def describe(file: Path) -> tuple[str, list[tuple[str, str, str]]]:
     """(header comment, [(dotted key, default, comment)]) of one YAML file."""
-    header, rows, stack, in_defaults = [], [], [], False
+    header, rows, stack, in_defaults, last_indent = [], [], [], False, 0
     for line in file.read_text().splitlines():
         stripped = line.strip()
         if stripped.startswith("#") and not rows and not stack:
@@ -53,10 +53,15 @@ def describe(file: Path) -> tuple[str, list[tuple[str, str, str]]]:
             if not text.startswith("@package"):
                 header.append(text)
             continue
+        if stripped.startswith("#") and rows and len(line) - len(line.lstrip()) > last_indent + 2:
+            key, value, comment = rows[-1]  # a comment continued on the next lines, aligned under the first
+            rows[-1] = (key, value, f"{comment} {stripped.lstrip('#').strip()}".strip())
+            continue
         match = KEY.match(line)
         if not match or stripped.startswith("-"):
             continue
         indent, key = len(match["indent"]), match["key"]
+        last_indent = indent
         if indent == 0:
             in_defaults = key == "defaults"
         if in_defaults:
@@ -116,6 +121,18 @@ def reference() -> str:
             prefix = "" if group.name in ("logger", "callbacks") else f"{group.name}."
             title = "the shared keys of every option" if option.startswith("_") else f"`{group.name}={option}`"
             lines += [f"#### {title}", "", header, "", *table(rows, group_limits, prefix)]
+    lines += [
+        "## Where the jobs run: `hydra/launcher`, `hydra/sweeper`",
+        "",
+        "Options of Hydra's own groups (`conf/hydra/`), chosen with `hydra/launcher=<option>`; their keys sit under",
+        "`hydra.` (`hydra.launcher.address=...`, `hydra.sweeper.workers=4`). See [Sweeps](sweeps.md) and",
+        "[From laptop to cluster](cluster.md).",
+        "",
+    ]
+    for kind, prefix in (("launcher", "hydra."), ("sweeper", "hydra.sweeper.")):
+        for file in sorted((CONF / "hydra" / kind).glob("*.yaml")):
+            header, rows = describe(file)
+            lines += [f"#### `hydra/{kind}={file.stem}`", "", header, "", *table(rows, {}, prefix)]
     lines += [
         "## Experiment presets (`experiment=<name>`, files in `experiments/`)",
         "",
