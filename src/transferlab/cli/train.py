@@ -19,6 +19,7 @@ from transferlab.training.checkpointing import resume_checkpoint
 from transferlab.training.cross_validation import cross_validate
 from transferlab.training.fit import fit_and_test
 from transferlab.training.performance import resolve_precision
+from transferlab.training.slurm import end_process_on_requeue, resume_after_requeue
 
 
 def train(cfg: DictConfig) -> Optional[float]:
@@ -27,7 +28,8 @@ def train(cfg: DictConfig) -> Optional[float]:
     precision_note = resolve_precision(cfg)
     if is_global_zero():
         print_config_tree(cfg, save_to=out_dir / "config.yaml")
-    ckpt_path = None if cfg.cv.folds else resume_checkpoint(cfg.ckpt_path, out_dir)
+    end_process_on_requeue()  # a SLURM job: submitit owns the requeue signal (training.slurm)
+    ckpt_path = None if cfg.cv.folds else resume_checkpoint(resume_after_requeue(cfg.ckpt_path), out_dir)
     pl.seed_everything(cfg.seed, workers=True)
     backbone = create_backbone(**container(cfg.backbone))
     datamodule = build_datamodule(container(cfg.data), backbone.preprocessing)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import warnings
 from typing import Any
 
 import lightning.pytorch as pl
@@ -24,6 +25,7 @@ from transferlab.models.classifier import TransferClassifier
 from transferlab.training.checkpointing import AtomicCheckpointIO
 from transferlab.training.loggers import flat_hparams
 from transferlab.training.performance import apply_performance
+from transferlab.training.slurm import slurm_plugins
 
 
 def container(node: Any) -> Any:
@@ -66,6 +68,11 @@ class _NoAdvertisements(logging.Filter):
 
 
 def silence_advertisements() -> None:
+    """Also Lightning's "`srun` is available but not used ... prepend srun" on every run of a machine with SLURM: here
+    jobs reach SLURM through hydra/launcher=slurm (submitit runs them under srun), so that advice only misleads."""
+    from lightning.fabric.utilities.warnings import PossibleUserWarning
+
+    warnings.filterwarnings("ignore", message="The `srun` command is available on your system but is not used", category=PossibleUserWarning)
     for name in ("lightning.pytorch.utilities.rank_zero", "lightning.fabric.utilities.rank_zero"):
         logger = logging.getLogger(name)
         if not any(isinstance(f, _NoAdvertisements) for f in logger.filters):
@@ -73,9 +80,10 @@ def silence_advertisements() -> None:
 
 
 def build_trainer(trainer_cfg: DictConfig, callbacks: list[pl.Callback], loggers: list[Logger]) -> pl.Trainer:
-    """The Trainer from config; checkpoints are written atomically unless trainer.plugins says otherwise."""
+    """The Trainer from config; checkpoints are written atomically unless trainer.plugins says otherwise. In a SLURM
+    task Lightning gets SLURMEnvironment(auto_requeue=False): submitit owns the requeue signal (training.slurm)."""
     silence_advertisements()
-    extra = {} if trainer_cfg.get("plugins") else {"plugins": [AtomicCheckpointIO()]}
+    extra = {} if trainer_cfg.get("plugins") else {"plugins": [AtomicCheckpointIO(), *slurm_plugins()]}
     return instantiate_config(trainer_cfg, "trainer", callbacks=callbacks, logger=loggers or False, **extra)
 
 
