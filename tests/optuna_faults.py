@@ -51,3 +51,13 @@ class SlowTrial(pl.Callback):
         if number == self.slow:
             while _completed_trials() < self.wait_for and time.monotonic() < deadline:
                 time.sleep(0.2)
+
+
+def study_trials(sweep: Path) -> list:
+    """The trials of a `hparams_search=lite0_frozen` study kept in <sweep>/optuna.journal (workers > 1)."""
+    import optuna
+
+    from transferlab.callbacks.optuna_pruning import open_storage
+
+    storage = open_storage(f"journal:{sweep / 'optuna.journal'}")
+    return optuna.load_study(study_name="lite0_frozen", storage=storage).get_trials(deepcopy=False)

@@ -15,19 +15,9 @@ from pathlib import Path
 import pytest
 
 from conftest import FAST, cli_env
-from slurm_cluster import slurm, slurm_cluster_fixture
+from optuna_faults import study_trials
 
-slurm_cluster = slurm_cluster_fixture()  # module-scoped: only the SLURM test below starts (or reuses) the cluster
 SLOW, HANG = 0, 1  # trial numbers: 0 waits until 4 others are complete, 1 hangs until the test kills its worker
-
-
-def study_trials(sweep: Path) -> list:
-    import optuna
-
-    from transferlab.callbacks.optuna_pruning import open_storage
-
-    storage = open_storage(f"journal:{sweep / 'optuna.journal'}")
-    return optuna.load_study(study_name="lite0_frozen", storage=storage).get_trials(deepcopy=False)
 
 
 def job_record(job: Path) -> dict:
@@ -126,39 +116,3 @@ def test_three_workers_pass_a_slow_trial_and_resume_after_one_is_killed(tiny_fol
     results = (sweep / "optimization_results.yaml").read_text()
     assert "complete: 5" in results and "pruned: 1" in results
     assert len((sweep / "summary.csv").read_text().strip().splitlines()) == 1 + 7  # the summary saw every job
-
-
-@pytest.mark.shared
-def test_workers_on_slurm_are_one_job_array(slurm_cluster, tiny_folder, tmp_path):
-    sweep = tmp_path / "study"
-    args = [
-        sys.executable,
-        "-m",
-        "transferlab.train",
-        "hparams_search=lite0_frozen",
-        "hydra/launcher=slurm",
-        "hydra.launcher.cpus_per_task=1",
-        "hydra.launcher.mem_gb=1",
-        "hydra.launcher.gpus_per_node=0",
-        "hydra.sweeper.n_trials=3",
-        "hydra.sweeper.workers=2",
-        "trainer.max_epochs=1",
-        "data=image_folder",
-        f"data.root={tiny_folder}",
-        f"hydra.sweep.dir={sweep}",
-        *FAST,
-    ]
-    try:
-        proc = subprocess.run(args, capture_output=True, text=True, env=cli_env(), timeout=600)
-    except subprocess.TimeoutExpired:
-        slurm("scancel", "--user=root", check=False)
-        raise
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    (submission,) = (sweep / ".submitit").glob("*/*_submission.sh")
-    assert "#SBATCH --array=0-1" in submission.read_text()  # two workers: one array of two SLURM jobs
-    array = submission.name.split("_")[0]
-    assert {p.name for p in (sweep / ".submitit").iterdir() if p.name.startswith(array + "_")} >= {f"{array}_0", f"{array}_1"}
-    trials = study_trials(sweep)
-    assert [t.number for t in trials] == [0, 1, 2] and all(t.state.name == "COMPLETE" for t in trials)
-    assert {t.user_attrs["worker"].split("@")[0] for t in trials} <= {"0", "1"}
-    assert [json.loads((sweep / str(n) / "job.json").read_text())["status"] for n in range(3)] == ["completed"] * 3

@@ -1,6 +1,8 @@
 """hydra/launcher=slurm through a real one-node SLURM cluster (scripts/slurm_local.sh, tests/slurm_cluster.py): jobs
 submitted with sbatch, DDP across two SLURM tasks, a preempted job that is requeued and resumes to the uninterrupted
-result, a job past its time limit requeued once then recorded failed, and failures that do not stop the sweep.
+result, a job past its time limit requeued once then recorded failed, failures that do not stop the sweep, and
+parallel Optuna workers as one job array. (Every test that uses the cluster lives in this module: one module runs on
+one xdist worker, so no other module can stop the cluster under it.)
 
 Nothing is mocked: submitit writes the sbatch scripts and reads the states with sacct (slurmdbd), SLURM sends the
 signals, `scontrol requeue` puts the job back. Who handles the signal: submitit (transferlab.training.slurm).
@@ -19,6 +21,7 @@ from pathlib import Path
 import pytest
 
 from conftest import FAST, cli_env, read_metrics, run, run_cli
+from optuna_faults import study_trials
 from slurm_cluster import final_states, pause_args, slurm, slurm_cluster_fixture, wait_for_file
 
 pytestmark = pytest.mark.shared
@@ -219,3 +222,38 @@ def test_job_past_its_time_limit_is_requeued_once_then_recorded_failed(slurm_clu
     assert record["status"] == "failed" and record["error"] == error
     (row,) = summary_rows(sweep)
     assert row["status"] == "failed" and row["error"] == error
+
+
+def test_workers_on_slurm_are_one_job_array(slurm_cluster, tiny_folder, tmp_path):
+    sweep = tmp_path / "study"
+    args = [
+        sys.executable,
+        "-m",
+        "transferlab.train",
+        "hparams_search=lite0_frozen",
+        "hydra/launcher=slurm",
+        "hydra.launcher.cpus_per_task=1",
+        "hydra.launcher.mem_gb=1",
+        "hydra.launcher.gpus_per_node=0",
+        "hydra.sweeper.n_trials=3",
+        "hydra.sweeper.workers=2",
+        "trainer.max_epochs=1",
+        "data=image_folder",
+        f"data.root={tiny_folder}",
+        f"hydra.sweep.dir={sweep}",
+        *FAST,
+    ]
+    try:
+        proc = subprocess.run(args, capture_output=True, text=True, env=cli_env(), timeout=600)
+    except subprocess.TimeoutExpired:
+        slurm("scancel", "--user=root", check=False)
+        raise
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    (submission,) = (sweep / ".submitit").glob("*/*_submission.sh")
+    assert "#SBATCH --array=0-1" in submission.read_text()  # two workers: one array of two SLURM jobs
+    array = submission.name.split("_")[0]
+    assert {p.name for p in (sweep / ".submitit").iterdir() if p.name.startswith(array + "_")} >= {f"{array}_0", f"{array}_1"}
+    trials = study_trials(sweep)
+    assert [t.number for t in trials] == [0, 1, 2] and all(t.state.name == "COMPLETE" for t in trials)
+    assert {t.user_attrs["worker"].split("@")[0] for t in trials} <= {"0", "1"}
+    assert [json.loads((sweep / str(n) / "job.json").read_text())["status"] for n in range(3)] == ["completed"] * 3
