@@ -163,20 +163,6 @@ def test_killed_and_failed_jobs_are_recorded_and_the_sweep_goes_on(tiny_folder, 
     assert "1 job(s) failed (0): its Ray worker process died" in output and "1 job(s) failed (1): optimizer.lr" in output
 
 
-@pytest.mark.shared
-@pytest.mark.slow
-def test_ddp_inside_a_ray_job_runs_its_second_rank_into_the_same_job_folder(tiny_folder, ray_cluster, tmp_path):
-    """trainer=ddp_cpu in a Ray worker: Lightning starts rank 1 as `python -m transferlab.cli.train` from the worker
-    (its interpreter, the sweep command's cwd), and both ranks write into the job's one folder."""
-    sweep = tmp_path / "sweep"
-    args = [*sweep_args(ray_cluster, tiny_folder, sweep), "optimizer.lr=1e-3", "trainer=ddp_cpu", "trainer.precision=32-true"]
-    proc = run_cli("train", *args, "hydra.launcher.num_cpus=2", env=cli_env(**ray_cluster.env))
-    assert sorted(p.name for p in sweep.iterdir() if p.is_dir()) == ["0"]  # no folder per rank
-    assert "GLOBAL_RANK: 1, MEMBER: 2/2" in proc.stdout + proc.stderr  # rank 1 joined
-    assert (sweep / "0" / "train.log").read_text().count("Data: 2 classes") == 2  # both ranks logged into the job's folder
-    assert job_record(sweep / "0")["status"] == "completed" and read_metrics(sweep / "0")["epochs"] == 1
-
-
 def test_an_address_nobody_answers_at_is_one_line_and_exit_2(tmp_path, monkeypatch, capsys):
     """In this process (no CLI start): the launcher's own contract, one `error:` line and exit 2, before Ray retries."""
     from hydra import compose, initialize_config_dir
