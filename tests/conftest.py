@@ -68,6 +68,25 @@ if os.environ.get("PYTEST_XDIST_WORKER_COUNT"):
 # Small and fast for the mechanics tests: 64 px inputs instead of 224.
 FAST = ["backbone.input_size=64", "data.num_workers=0", "data.batch_size=8", "callbacks.progress_bar=null", "trainer.enable_progress_bar=false"]
 
+
+def deterministic_run(epochs: int) -> list[str]:
+    """Full fine-tuning with augmentation, dropout and a DataLoader worker, deterministic: every source of randomness
+    in play, so a resumed run (a kill, a SLURM requeue) must reproduce the uninterrupted one exactly."""
+    return [
+        "data=image_folder",
+        "finetune=full",
+        "finetune.head_dropout=0.2",
+        "trainer.deterministic=true",
+        "trainer.precision=32-true",
+        f"trainer.max_epochs={epochs}",
+        "optimizer.lr=3e-3",
+        "seed=7",
+        *FAST,
+        "data.batch_size=2",
+        "data.num_workers=1",
+    ]
+
+
 # The real 224 px pipeline on the shared sample, bf16 for speed.
 PETS_ARGS = [
     f"data.root={PETS}",

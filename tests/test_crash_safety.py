@@ -17,23 +17,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import FAST, cli_env, read_metrics, run, run_cli
+from conftest import FAST, cli_env, deterministic_run, read_metrics, run, run_cli
 from transferlab.training.checkpointing import AtomicCheckpointIO
 
-# Full fine-tuning with augmentation, dropout and a worker process: every source of randomness is in play.
-DETERMINISTIC = [
-    "data=image_folder",
-    "finetune=full",
-    "finetune.head_dropout=0.2",
-    "trainer.deterministic=true",
-    "trainer.precision=32-true",
-    "trainer.max_epochs=4",
-    "optimizer.lr=3e-3",
-    "seed=7",
-    *FAST,
-    "data.batch_size=2",
-    "data.num_workers=1",
-]
+DETERMINISTIC = deterministic_run(epochs=4)  # the kill-and-resume runs
 COMPARED = ["val/acc", "val/acc_best", "val/loss", "test/acc", "test/loss"]
 
 

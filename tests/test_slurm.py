@@ -20,7 +20,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import FAST, cli_env, read_metrics, run, run_cli
+from conftest import FAST, cli_env, deterministic_run, read_metrics, run, run_cli
 from optuna_faults import study_trials
 from slurm_cluster import final_states, pause_args, slurm, slurm_cluster_fixture, wait_for_file
 
@@ -33,19 +33,7 @@ SLURM = ["hydra/launcher=slurm", "hydra.launcher.cpus_per_task=1", "hydra.launch
 FROZEN = ["data=image_folder", "finetune.head_solver=sgd", "trainer.max_epochs=1", *FAST]
 # The kill-and-resume test's run (tests/test_crash_safety.py): full fine-tuning, dropout, a DataLoader worker,
 # deterministic; 3 epochs here, preempted in the middle of the third.
-DETERMINISTIC = [
-    "data=image_folder",
-    "finetune=full",
-    "finetune.head_dropout=0.2",
-    "trainer.deterministic=true",
-    "trainer.precision=32-true",
-    "trainer.max_epochs=3",
-    "optimizer.lr=3e-3",
-    "seed=7",
-    *FAST,
-    "data.batch_size=2",
-    "data.num_workers=1",
-]
+DETERMINISTIC = deterministic_run(epochs=3)
 COMPARED = ["val/acc", "val/acc_best", "val/loss", "test/acc", "test/loss"]
 SWEEP_TIMEOUT = 600  # an upper bound for a hang (a loaded 2-core CI), not a speed check
 
