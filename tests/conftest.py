@@ -13,6 +13,7 @@ import shutil
 import subprocess
 import sys
 import threading
+from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, Optional
@@ -52,10 +53,59 @@ def pytest_runtest_setup(item: pytest.Item) -> None:
         require_shared()
 
 
+# Worker seconds per test module, from `pytest --durations=70` on 2026-12-07 (a busy 2-core machine: only the
+# relative sizes matter). A module not listed counts 2 s per test. Refresh it when a module grows by minutes.
+MODULE_SECONDS = {
+    "test_sweeps.py": 590,
+    "test_crash_safety.py": 500,
+    "test_insight.py": 375,
+    "test_slurm.py": 300,
+    "test_train_e2e.py": 225,
+    "test_distill.py": 200,
+    "test_evaluation.py": 185,
+    "test_export.py": 185,
+    "test_performance.py": 165,
+    "test_api.py": 165,
+    "test_optuna_parallel.py": 155,
+    "test_rank.py": 155,
+    "test_ray.py": 150,
+    "test_mlflow.py": 145,
+    "test_multilabel.py": 145,
+    "test_presets.py": 130,
+    "test_notebook.py": 125,
+    "test_int8.py": 120,
+    "test_audit.py": 100,
+    "test_feature_cache.py": 100,
+    "test_few_shot.py": 100,
+    "test_security.py": 100,
+    "test_serve_exposed.py": 75,
+    "test_few_shot_heads.py": 70,
+    "test_serve.py": 60,
+    "test_config_errors.py": 60,
+    "test_configs.py": 60,
+    "test_backbones.py": 60,
+    "test_token_backbones.py": 60,
+    "test_config_schema.py": 40,  # 150 quick checks
+}
+
+
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    """The long runs first: pytest-xdist (`-n auto --dist loadscope`, the README's test command) hands out whole
-    modules in the order they first appear, so the modules holding them start first and no worker ends on one."""
-    items.sort(key=lambda item: 0 if item.get_closest_marker("slow") else 1)  # stable: the order within each part stays
+    """The longest modules first (longest-processing-time-first scheduling): pytest-xdist (`-n auto --dist loadscope
+    --no-loadscope-reorder`, pyproject's addopts) hands out whole modules in the order they first appear, so no
+    worker starts a five-minute module while the other has nothing left to do. (xdist's own reordering sorts by the
+    number of tests, which puts one-test modules such as the notebook's last.)"""
+    tests_per_module = Counter(module_file(item) for item in items)
+
+    def cost(item: pytest.Item) -> float:
+        name = module_file(item)
+        return MODULE_SECONDS.get(name, 2.0 * tests_per_module[name])
+
+    items.sort(key=lambda item: (-cost(item), module_file(item)))  # stable: each module's own order stays
+
+
+def module_file(item: pytest.Item) -> str:
+    """The test module's file name: xdist's loadscope unit (the part of the node id before the first ::)."""
+    return Path(item.nodeid.split("::")[0]).name
 
 
 # Under pytest-xdist every worker (and the commands it starts) gets its share of the cores, not all of them: two

@@ -7,32 +7,42 @@ it had. Files are written in a staging folder inside the output and moved into
 place at the end, so a failed or interrupted export never leaves a package whose files disagree. A finetune=lora
 checkpoint's adapters are merged into their layers first (models.lora.merge, checked against the adapted model to
 TOLERANCE as well): the package is a plain model, config.json's `lora` says what was merged.
+
+`format` is one format or a list (`all` = onnx + torchscript). `executorch` writes model.pte through
+deploy.mobile (imported only then), checked to PTE_TOLERANCE: XNNPACK's kernels sum in another order. quantize=int8
+adds model.int8.onnx / model.int8.pte, calibrated and checked on the run's own images (deploy.quantize,
+deploy.int8_check) in the same staging folder, so a refused int8 model leaves the output as it was too.
 """
 
 from __future__ import annotations
 
+import importlib
 import logging
 import os
 import shutil
 import tempfile
 import warnings
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, Optional, Union
 
 import torch
 from torch import nn
 
-from transferlab.core.errors import DataError, ResourceError, require_packages
+from transferlab.core.errors import ConfigError, ResourceError, require_packages
 from transferlab.core.files import write_json
 from transferlab.data.stored_splits import write_csv
+from transferlab.deploy.int8_check import plan_int8, quantized
+from transferlab.deploy.quantize import Int8Settings
 from transferlab.models import lora, package
 from transferlab.models.classifier import TransferClassifier, load_checkpoint
 from transferlab.models.package_card import model_card
 
 log = logging.getLogger(__name__)
 
-FORMATS = ("onnx", "torchscript", "all")
+FORMATS = ("onnx", "torchscript", "executorch", "all")  # all: onnx + torchscript (what it meant before executorch)
 TOLERANCE = 1e-4  # largest |logit difference| an exported format may have to the checkpoint
+PTE_TOLERANCE = 1e-3  # ExecuTorch (XNNPACK): its fused float kernels sum in another order than torch's
 CHECK_BATCHES = (1, 3, 8)
 
 
@@ -63,14 +73,31 @@ def largest_difference(expected: list[torch.Tensor], got: list[Any]) -> float:
     return max(float((torch.as_tensor(g).float() - e).abs().max()) for e, g in zip(expected, got))
 
 
-def checked_outputs(name: str, expected: list[torch.Tensor], got: list[Any], multilabel: bool) -> dict[str, float]:
+def checked_outputs(name: str, expected: list[torch.Tensor], got: list[Any], multilabel: bool, tolerance: float = TOLERANCE) -> dict[str, float]:
     """`max_abs_diff` of the logits, checked; a multi-label model's `max_abs_prob_diff` of the sigmoid probabilities
     too (its decisions compare them with thresholds: the figure a consumer cares about)."""
-    found = {"max_abs_diff": _checked(name, largest_difference(expected, got))}
+    found = {"max_abs_diff": _checked(name, largest_difference(expected, got), tolerance=tolerance)}
     if multilabel:
         probabilities = [torch.as_tensor(g).float().sigmoid() for g in got]
-        found["max_abs_prob_diff"] = _checked(name, largest_difference([e.sigmoid() for e in expected], probabilities), "probability")
+        found["max_abs_prob_diff"] = _checked(name, largest_difference([e.sigmoid() for e in expected], probabilities), "probability", tolerance)
     return found
+
+
+def wanted_formats(fmt: Union[str, Sequence[str]]) -> set[str]:
+    """`format=onnx`, `format=[onnx,executorch]`, `format=all` as the set of formats to write."""
+    given = [fmt] if isinstance(fmt, str) else [str(f) for f in fmt]
+    unknown = [f for f in given if f not in FORMATS]
+    if unknown or not given:
+        raise ConfigError(
+            f"format: {unknown[0] if unknown else 'an empty list'!r} is not a format; use {', '.join(FORMATS)} or a list, e.g. format=[onnx,executorch]"
+        )
+    return {part for f in given for part in (("onnx", "torchscript") if f == "all" else (f,))}
+
+
+def load_mobile() -> Any:
+    """deploy.mobile (ExecuTorch), imported only for format=executorch: its extra is heavy and optional."""
+    require_packages("format=executorch (ExecuTorch export and its check)", "mobile", "executorch", "transferlab.deploy.mobile")
+    return importlib.import_module("transferlab.deploy.mobile")
 
 
 def export_onnx(network: InferenceNetwork, file: Path, size: int, opset: int) -> None:
@@ -111,10 +138,10 @@ def torchscript_logits(file: Path, inputs: list[torch.Tensor]) -> list[torch.Ten
     return [loaded(x) for x in inputs]
 
 
-def _checked(name: str, difference: float, what: str = "logit") -> float:
-    if not difference <= TOLERANCE:  # NaN fails too
+def _checked(name: str, difference: float, what: str = "logit", tolerance: float = TOLERANCE) -> float:
+    if not difference <= tolerance:  # NaN fails too
         raise ExportMismatch(
-            f"export: the {name} output differs from the checkpoint's by {difference:.2e} (> {TOLERANCE:g}); nothing was written. "
+            f"export: the {name} output differs from the checkpoint's by {difference:.2e} (> {tolerance:g}); nothing was written. "
             f"Try another opset (opset=17) or format, and report the backbone if it persists"
         )
     log.info("Checked %s: largest |%s difference| to the checkpoint %.2e on batches of %s", name, what, difference, CHECK_BATCHES)
@@ -132,16 +159,18 @@ def merge_adapters(model: TransferClassifier, network: InferenceNetwork, inputs:
     return {"merged_layers": layers, "max_abs_diff": difference, "finetune": dict(model.hparams["finetune"]["lora"])}
 
 
-def export_package(ckpt_path: str, output: Path, fmt: str, opset: int) -> dict[str, Any]:
-    """Write the package into `output` (created; an earlier package there is replaced); returns its config.json."""
-    if fmt not in FORMATS:
-        raise DataError(f"format={fmt!r}: use one of {', '.join(FORMATS)}")
-    wanted = {"onnx", "torchscript"} if fmt == "all" else {fmt}
+def export_package(ckpt_path: str, output: Path, fmt: Union[str, Sequence[str]], opset: int, int8: Optional[Int8Settings] = None) -> dict[str, Any]:
+    """Write the package into `output` (created; an earlier package there is replaced); returns its config.json.
+    `int8`: quantize=int8's settings (None: no int8 files)."""
+    wanted = wanted_formats(fmt)
     if "onnx" in wanted:
         require_packages("format=onnx (ONNX export and its check)", "export", "onnx", "onnxruntime")
+    mobile = load_mobile() if "executorch" in wanted else None
     model, hparams = load_checkpoint(ckpt_path)
     model = model.float().eval()
     multilabel = bool(model.task.multilabel)
+    run = dict(hparams.get("run") or {})
+    images = plan_int8(multilabel, model.split_table, wanted, int8, int(run.get("seed") or 0)) if int8 else None
     size = model.backbone.preprocessing.input_size
     network = InferenceNetwork(model).eval()
     inputs = sample_inputs(size)
@@ -150,6 +179,7 @@ def export_package(ckpt_path: str, output: Path, fmt: str, opset: int) -> dict[s
     merged = merge_adapters(model, network, inputs, expected)
     if merged:
         hparams = {**hparams, "finetune": dict(model.hparams["finetune"])}  # finetune.lora.merged: rebuilt as a plain model
+    created = not output.exists()
     output.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=".export-", dir=output))
     try:
@@ -171,21 +201,34 @@ def export_package(ckpt_path: str, output: Path, fmt: str, opset: int) -> dict[s
             with torch.inference_mode():
                 found = checked_outputs("TorchScript", expected, torchscript_logits(staging / package.TORCHSCRIPT, inputs), multilabel)
             formats["torchscript"] = {"file": package.TORCHSCRIPT, "kind": "torch.jit.trace", **found}
+        if mobile is not None:
+            info = dict(mobile.export_pte(network, staging / package.PTE, size))
+            found = checked_outputs("ExecuTorch", expected, mobile.pte_logits(staging / package.PTE, inputs), multilabel, PTE_TOLERANCE)
+            formats["executorch"] = {"file": package.PTE, "input": "images", "output": "logits", **info, **found, "tolerance": PTE_TOLERANCE}
+        if images is not None and int8 is not None:
+            prep, names = model.backbone.preprocessing, model.class_names
+            int8_formats, int8_keys = quantized(network, staging, wanted, images, int8, prep, run.get("data") or {}, names, mobile)
+            formats.update(int8_formats)
+            config.update(int8_keys)
         config["formats"] = formats
         if merged:
             config["lora"] = merged
         config["export_check"] = {"tolerance": TOLERANCE, "batches": list(CHECK_BATCHES), "inputs": "seeded standard normal, float32"}
+        if mobile is not None:
+            config["export_check"]["tolerance_executorch"] = PTE_TOLERANCE
         write_json(staging / package.CONFIG, config)
         (staging / package.CARD).write_text(model_card(config))
         _move_into(staging, output)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
+        if created and output.is_dir() and not any(output.iterdir()):
+            output.rmdir()  # a failed export into a new folder leaves no empty folder behind either
     return config
 
 
 def _move_into(staging: Path, output: Path) -> None:
     """Replace the package files in `output`; a format file this export did not write is removed (it would be stale)."""
-    for name in (package.ONNX, package.TORCHSCRIPT, package.SPLITS):
+    for name in package.OPTIONAL_FILES:
         if not (staging / name).exists():
             (output / name).unlink(missing_ok=True)
     for file in sorted(staging.iterdir(), key=lambda f: f.name == package.CONFIG):  # config.json last: it names the rest

@@ -3,6 +3,8 @@
 - `torch`: the checkpoint or package in PyTorch, with the speed settings training chooses for the hardware
   (bf16 autocast where it runs natively, channels_last), on any device;
 - `onnx`: a package's model.onnx in onnxruntime (CPU); this path imports neither Lightning nor the classifier.
+  `precision=int8` runs its model.int8.onnx instead (transferlab-export quantize=int8); `auto` stays fp32: int8
+  changes answers (config.json's int8_agreement says how often), so it is only ever chosen by name.
 
 Both give float32 calibrated logits of normalised batches, test-time augmentation included (models.tta), and
 describe themselves (`metadata`: classes, preprocessing, metrics) the way a package's config.json does. A
@@ -104,7 +106,7 @@ class TorchPredictor(Predictor):
 
 
 class OnnxPredictor(Predictor):
-    def __init__(self, ckpt_path: str, tta: str, threads: Optional[int]) -> None:
+    def __init__(self, ckpt_path: str, tta: str, threads: Optional[int], int8: bool) -> None:
         super().__init__(tta)
         if not package.is_package(ckpt_path):
             raise DataError(
@@ -118,13 +120,20 @@ class OnnxPredictor(Predictor):
         self.metadata.pop("hyper_parameters", None)
         options = onnxruntime.SessionOptions()
         options.intra_op_num_threads = int(threads or usable_cores())
-        file = package.onnx_file(self.metadata, ckpt_path)
+        file = package.onnx_file(self.metadata, ckpt_path, int8=int8)
         self.session = onnxruntime.InferenceSession(str(file), options, providers=["CPUExecutionProvider"])
         self.input_name = self.session.get_inputs()[0].name
         self.class_names, self.preprocessing = list(self.metadata["class_names"]), package.preprocessing_of(self.metadata)
         self.metadata["task"] = package.task_of(self.metadata)
         self.multilabel, self.thresholds = self.metadata["task"] == "multilabel", package.label_thresholds(self.metadata)
-        self.settings = {"runtime": "onnx", "device": "cpu", "precision": "32-true", "threads": options.intra_op_num_threads, "tta": tta}
+        self.settings = {
+            "runtime": "onnx",
+            "device": "cpu",
+            "precision": "int8" if int8 else "32-true",
+            "model": file.name,
+            "threads": options.intra_op_num_threads,
+            "tta": tta,
+        }
 
     def view_logits(self, images: torch.Tensor) -> torch.Tensor:
         array = images.detach().to("cpu", torch.float32).contiguous().numpy()
@@ -136,11 +145,15 @@ def load_runtime(
 ) -> Predictor:
     """The predictor of a checkpoint or package folder. Every value comes from a config (conf/predict.yaml,
     conf/serve.yaml), already checked against its schema, or from `transferlab.api.load`, which checks its own:
-    `runtime` torch | onnx, `precision`/`channels_last` as in the training configs (auto), `threads` for onnx."""
+    `runtime` torch | onnx, `precision`/`channels_last` as in the training configs (auto; int8: onnx only), `threads` for onnx."""
     if runtime == "onnx":
         if str(device) not in ("auto", "cpu"):
             raise DataError(f"device={device}: runtime=onnx runs on the CPU here; use runtime=torch for {device}")
-        predictor: Predictor = OnnxPredictor(str(ckpt_path), tta, threads)
+        predictor: Predictor = OnnxPredictor(str(ckpt_path), tta, threads, int8=str(precision) == "int8")
+    elif str(precision) == "int8":
+        raise DataError(
+            "precision=int8: only runtime=onnx runs int8 (a package's model.int8.onnx); use runtime=onnx precision=int8, or another precision"
+        )
     else:
         predictor = TorchPredictor(str(ckpt_path), device, precision, channels_last, tta)
     kind = "labels (multi-label)" if predictor.multilabel else "classes"

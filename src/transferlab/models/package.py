@@ -3,7 +3,10 @@
     model.safetensors   the classifier's weights (backbone, head, calibration temperature): no pickle
     config.json         what a consumer needs: classes, preprocessing, temperature, the run's metrics, formats
     model.onnx          float32 NCHW normalised images -> logits (dynamic batch)       [format=onnx|all]
+    model.int8.onnx     the same, int8 (static QDQ, calibrated on training images)     [format=onnx quantize=int8]
     model.pt            the same network as TorchScript (torch.jit.load, C++ too)     [format=torchscript|all]
+    model.pte           the same network for ExecuTorch (XNNPACK), model.int8.pte int8 [format=executorch]
+    int8_calibration.txt  the training files the int8 models were calibrated on        [quantize=int8]
     README.md           the model card (models.package_card)
     splits.csv          the run's stored split (data.stored_splits): what eval of the package tests on
 
@@ -35,6 +38,9 @@ from transferlab.data.preprocessing import Preprocessing
 
 CONFIG, WEIGHTS, ONNX, TORCHSCRIPT, CARD = "config.json", "model.safetensors", "model.onnx", "model.pt", "README.md"
 SPLITS = stored_splits.FILE
+INT8_ONNX, PTE, INT8_PTE, INT8_CALIBRATION = "model.int8.onnx", "model.pte", "model.int8.pte", "int8_calibration.txt"
+# Files an export writes only when asked (format, quantize): one it did not write this time is stale and removed.
+OPTIONAL_FILES = (ONNX, TORCHSCRIPT, SPLITS, INT8_ONNX, PTE, INT8_PTE, INT8_CALIBRATION)
 FORMAT_VERSION = 1
 TASKS = ("single", "multilabel")
 DEFAULT_THRESHOLD = 0.5  # a multi-label decision where none was chosen on held-out images (as the classifier's metrics)
@@ -256,11 +262,14 @@ def load_weights(model: nn.Module, folder: str | Path, key: str = "ckpt_path") -
         raise DataError(f"{key}: {file} does not match the model in {CONFIG} (missing {list(missing)[:3]}, unexpected {list(unexpected)[:3]})")
 
 
-def onnx_file(config: Mapping[str, Any], folder: str | Path, key: str = "ckpt_path") -> Path:
-    info = (config.get("formats") or {}).get("onnx")
-    file = Path(folder).expanduser() / str(info.get("file", ONNX) if isinstance(info, Mapping) else ONNX)
+def onnx_file(config: Mapping[str, Any], folder: str | Path, key: str = "ckpt_path", int8: bool = False) -> Path:
+    """model.onnx, or with `int8` model.int8.onnx (precision=int8): one line saying how to export it when absent."""
+    name, default = ("onnx_int8", INT8_ONNX) if int8 else ("onnx", ONNX)
+    info = (config.get("formats") or {}).get(name)
+    file = Path(folder).expanduser() / str(info.get("file", default) if isinstance(info, Mapping) else default)
     if not info or not file.is_file():
-        raise DataError(f"{key}: {Path(folder)} has no {file.name}; export with format=onnx (or all), or use runtime=torch")
+        how = "format=onnx quantize=int8, or use precision=auto (fp32)" if int8 else "format=onnx (or all), or use runtime=torch"
+        raise DataError(f"{key}: {Path(folder)} has no {file.name}; export with {how}")
     return file
 
 

@@ -78,7 +78,7 @@ def model_card(config: Mapping[str, Any]) -> str:
     metrics = config.get("metrics") or {}
     shown_classes = ", ".join(classes[:40]) + (f", ... ({len(classes)} in all)" if len(classes) > 40 else "")
     rows = _metric_rows(metrics, multilabel)
-    checks = ", ".join(f"{name} {info.get('max_abs_diff', 0):.1e}" for name, info in formats.items() if isinstance(info, Mapping))
+    checks = ", ".join(f"{name} {info['max_abs_diff']:.1e}" for name, info in formats.items() if isinstance(info, Mapping) and "max_abs_diff" in info)
     kind = f"multi-label image classifier ({len(classes)} labels)" if multilabel else f"image classifier ({len(classes)} classes)"
     lines = [
         f"# {backbone.get('name', 'transferlab')} {kind}",
@@ -111,6 +111,7 @@ def model_card(config: Mapping[str, Any]) -> str:
             "",
             *threshold_rows(config),
         ]
+    lines += int8_lines(config)
     lines += ["", "## Intended use and limits", *use_lines(multilabel)]
     lines += [
         "- The figures hold for images drawn like the test split; check on your own data before relying on them.",
@@ -125,7 +126,7 @@ def model_card(config: Mapping[str, Any]) -> str:
         "",
         "## Files",
         *[
-            f"- `{info.get('file')}`: {name}" + (f", opset {info['opset']}" if "opset" in info else "")
+            f"- `{info.get('file')}`: {name}" + (f", opset {info['opset']}" if "opset" in info else "") + (", int8" if "agreement" in info else "")
             for name, info in formats.items()
             if isinstance(info, Mapping)
         ],
@@ -177,3 +178,52 @@ def merged_note(config: Mapping[str, Any]) -> str:
     """finetune=lora: the package's weights have its adapters merged in (a plain model, no peft needed)."""
     merged = config.get("lora") or {}
     return f" (LoRA rank {merged['finetune'].get('r')} on {merged['merged_layers']} layers, merged into the weights)" if merged else ""
+
+
+def _figure(found: Any) -> str:
+    """`0.9935 [0.977, 0.999] (306 images)` of a config.json entry with value, ci95 and images; `-` for null."""
+    if not isinstance(found, Mapping):
+        return "- (no test split)"
+    low, high = found["ci95"]
+    return f"{found['value']:.4f} [{low:.3f}, {high:.3f}] ({found['images']} images)"
+
+
+def int8_lines(config: Mapping[str, Any]) -> list[str]:
+    """quantize=int8: what the int8 model was calibrated on, how often it agrees with fp32, and what it costs."""
+    agreed = config.get("int8_agreement")
+    if not isinstance(agreed, Mapping):
+        return []
+    calibration, verdict = config.get("int8_calibration") or {}, config.get("int8_verdict")
+    latency, details = config.get("int8_latency_ratio"), config.get("int8_latency") or {}
+    compared = (
+        f"{verdict['verdict']} (int8 - fp32 = {verdict['difference']:+.4f}, 95 % [{verdict['ci95'][0]:+.4f}, {verdict['ci95'][1]:+.4f}], "
+        f"p = {verdict['p_value']:.3f}; {verdict['test']})"
+        if isinstance(verdict, Mapping)
+        else "- (no test split)"
+    )
+    speed = (
+        f"{latency:.2f}x fp32's time per image at batch 1 ({details.get('int8_ms', 0):.1f} vs {details.get('fp32_ms', 0):.1f} ms, "
+        f"{details.get('threads')} thread(s), {details.get('machine')}): this machine's figure (the one that exported it); measure on yours"
+        if isinstance(latency, (int, float))
+        else "not measured"
+    )
+    return [
+        "",
+        "## int8",
+        f"`{config.get('int8_model')}` is statically quantised (int8 weights per channel, uint8 activations), its activation ranges fixed on "
+        f"{calibration.get('images')} of the run's training images (seed {calibration.get('seed')}, listed in `{calibration.get('file')}`); "
+        "it was checked against fp32 on every other stored image of the run (95 % Clopper-Pearson intervals):",
+        "",
+        "| figure | value |",
+        "| --- | --- |",
+        f"| top-1 agreement with fp32 | {_figure(agreed)} |",
+        f"| test accuracy, int8 | {_figure(config.get('int8_accuracy'))} |",
+        f"| test accuracy, fp32 | {_figure(config.get('fp32_accuracy'))} |",
+        f"| int8 vs fp32 on the same test images | {compared} |",
+        f"| size | {config.get('int8_size_ratio', 0):.2f}x the fp32 file |",
+        f"| latency | {speed} |",
+        "",
+        "Use it with `transferlab-predict ckpt_path=<this folder> runtime=onnx precision=int8` (precision=auto stays fp32)."
+        if str(config.get("int8_model")).endswith(".onnx")
+        else "Load it with ExecuTorch's runtime (XNNPACK).",
+    ]

@@ -33,6 +33,10 @@ from transferlab.config.schema.nodes import (
 from transferlab.core.bounds import PROBABILITY, Bounds
 from transferlab.core.settings import IdealSettings
 
+# predict / serve: the training precisions (runtime=torch) and int8 (runtime=onnx: a package's model.int8.onnx)
+RuntimePrecision = Union[Precision, Literal["int8"]]
+ExportFormat = Literal["onnx", "torchscript", "executorch", "all"]  # all: onnx + torchscript
+
 
 @dataclass
 class Train:
@@ -82,7 +86,7 @@ class Predict:
     topk: Count
     tta: Tta
     runtime: Literal["torch", "onnx"]  # deploy.runtime
-    precision: Precision
+    precision: RuntimePrecision
     channels_last: Union[bool, Literal["auto"]]
     threads: Threads
     batch_size: Count
@@ -96,8 +100,12 @@ class Export:
     task_name: str
     ckpt_path: str
     output: str
-    format: Literal["onnx", "torchscript", "all"]
+    format: Union[ExportFormat, list[ExportFormat]]  # the members of a list: checked by deploy.export.wanted_formats
     opset: Annotated[int, Bounds(ge=13, le=23, noun="an ONNX opset", example="18")]
+    quantize: Literal["none", "int8"]
+    min_int8_agreement: Annotated[float, Bounds(ge=0, le=1, noun="a fraction of images", example="0.98")]
+    int8_calibration_images: Annotated[int, Bounds(ge=1, note="training images", example="64")]
+    data_root: Optional[str]
     paths: Paths
 
 
@@ -108,7 +116,7 @@ class Serve:
     host: str
     port: Annotated[int, Bounds(ge=0, le=65535, noun="a TCP port", note="0: any free port")]
     runtime: Literal["torch", "onnx"]
-    precision: Precision
+    precision: RuntimePrecision
     channels_last: Union[bool, Literal["auto"]]
     threads: Threads
     tta: Tta
