@@ -61,7 +61,7 @@ MODULE_SECONDS = {
     "test_insight.py": 375,
     "test_slurm.py": 300,
     "test_train_e2e.py": 225,
-    "test_distill.py": 200,
+    "test_distill.py": 90,
     "test_evaluation.py": 185,
     "test_export.py": 185,
     "test_performance.py": 165,

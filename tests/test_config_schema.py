@@ -235,7 +235,11 @@ def _set(values: dict, dotted: str, value: Any) -> dict:
     return values
 
 
-RANGE_CASES = [(c, []) for c in COMMANDS if c != "report"] + [("train", ["optimizer=sgd"]), ("train", ["finetune=lora"])]
+RANGE_CASES = [(c, []) for c in COMMANDS if c != "report"] + [
+    ("train", ["optimizer=sgd"]),
+    ("train", ["finetune=lora"]),
+    ("train", ["finetune=distill"]),
+]
 
 
 def test_every_declared_range_is_enforced_in_the_words_the_reference_prints(tmp_path):

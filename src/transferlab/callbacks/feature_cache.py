@@ -93,21 +93,7 @@ class FeatureCache(pl.Callback):
         for key, store_splits in by_store.items():
             store = self._stores[key]
             samples = list({str(path): (path, label) for s in store_splits for path, label in datamodule.splits[s]}.values())
-            keys = [image_key(path) for path, _ in samples]
-            fill = Fill()
-            # One fill per store at a time (concurrent runs wait, then reuse); under DDP rank 0 holds it for all ranks,
-            # and rank 0's view of what is missing decides for every rank: the same shares everywhere.
-            with store.filling(take_lock=trainer.is_global_zero):
-                missing = trainer.strategy.broadcast(sorted(store.missing(keys)), src=0)
-                if missing:
-                    fill = self._fill(trainer, pl_module, datamodule, store, samples, keys, missing)
-            store.refresh()
-            unusable = store.missing(keys)
-            if unusable:
-                raise DataError(
-                    f"the backbone gives NaN or inf features for {len(unusable)} image(s), e.g. {unusable[0].split('|')[0]}; "
-                    f"with trainer.precision={trainer.precision} try trainer.precision=32-true, or leave them out with data.exclude"
-                )
+            missing, fill = self.ensure(trainer, pl_module, datamodule, store, samples, as_classifier(pl_module).backbone, "backbone")
             self._record(datamodule, store, store_splits, set(missing), fill)
         if splits:
             seconds = time.perf_counter() - started
@@ -117,9 +103,35 @@ class FeatureCache(pl.Callback):
                 ", ".join(f"{s} {self.stats[s]['images']} ({self.stats[s]['computed']} computed, {self.stats[s]['reused']} reused)" for s in splits),
                 seconds,
             )
-            if trainer.is_global_zero:
-                self.stats[f"seconds_{getattr(stage, 'value', stage)}"] = round(seconds, 2)
-                atomic_write(Path(trainer.default_root_dir) / "feature_cache.json", json.dumps(self.stats, indent=2).encode())
+            self.stats[f"seconds_{getattr(stage, 'value', stage)}"] = round(seconds, 2)
+            self.write_stats(trainer)
+
+    def write_stats(self, trainer: pl.Trainer) -> None:
+        """<run>/feature_cache.json (rank 0): what each split computed and reused (finetune=distill: the teacher too)."""
+        if trainer.is_global_zero:
+            atomic_write(Path(trainer.default_root_dir) / "feature_cache.json", json.dumps(self.stats, indent=2).encode())
+
+    def ensure(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, datamodule: Any, store: FeatureStore, samples: list, module: Any, what: str
+    ) -> tuple[list[str], Fill]:
+        """Fill `store` with `module`'s outputs for `samples` where it lacks them (the backbone's features; finetune=distill:
+        the teacher's logits too); returns the keys it computed and the fill."""
+        keys = [image_key(path) for path, _ in samples]
+        fill = Fill()
+        # One fill per store at a time (concurrent runs wait, then reuse); under DDP rank 0 holds it for all ranks,
+        # and rank 0's view of what is missing decides for every rank: the same shares everywhere.
+        with store.filling(take_lock=trainer.is_global_zero):
+            missing = trainer.strategy.broadcast(sorted(store.missing(keys)), src=0)
+            if missing:
+                fill = self._fill(trainer, pl_module, datamodule, store, samples, keys, missing, module)
+        store.refresh()
+        unusable = store.missing(keys)
+        if unusable:
+            raise DataError(
+                f"the {what} gives NaN or inf outputs for {len(unusable)} image(s), e.g. {unusable[0].split('|')[0]}; "
+                f"with trainer.precision={trainer.precision} try trainer.precision=32-true, or leave them out with data.exclude"
+            )
+        return missing, fill
 
     def _record(self, datamodule: Any, store: FeatureStore, store_splits: list[str], computed_keys: set[str], fill: Fill) -> None:
         """Hand the datamodule its feature datasets; per split: images, computed, reused, and the fill's seconds and img/s."""
@@ -150,6 +162,7 @@ class FeatureCache(pl.Callback):
         samples: list,
         keys: list[str],
         missing: list[str],
+        module: Any,
     ) -> Fill:
         """Each rank computes its share of the missing images; the shares meet on disk, or through the process group."""
         started = time.perf_counter()
@@ -159,7 +172,7 @@ class FeatureCache(pl.Callback):
         inputs = self._inputs[store.key]
         split = "train" if inputs.views else "eval"
         extractor = Extractor(
-            as_classifier(pl_module).backbone,
+            module,
             trainer.strategy.root_device,
             trainer.precision_plugin.forward_context,
             getattr(pl_module, "channels_last", False),

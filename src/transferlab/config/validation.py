@@ -1,17 +1,17 @@
 """Start-up validation, the same for every command: typos, wrong types and values out of range fail before any work.
 
-`validate(cfg, command)` walks the composed config along the command's schema (config.schema): unknown keys
-with close matches, types, `???` values, the ranges declared on the schema's fields (config.limits), and every
-`_target_` node against the signature of the class it instantiates (then the ranges declared for its keys).
-Then the rules that relate two keys (`check_rules`). The first problem is raised as a ConfigError naming the
-full key: one line, exit 2. The checker is a small table of annotation kinds on purpose: OmegaConf's structured
-configs know no Literal and report a bad value over several lines.
+`validate(cfg, command)` walks the composed config along the command's schema (config.schema): unknown keys with close matches, types,
+`???` values, the ranges declared on the schema's fields (config.limits), and every `_target_` node against the signature of the class
+it instantiates (then the ranges declared for its keys). Then the rules that relate two keys (`check_rules`). The first problem is raised
+as a ConfigError naming the full key: one line, exit 2. The checker is a small table of annotation kinds on purpose: OmegaConf's
+structured configs know no Literal and report a bad value over several lines.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import inspect
+import os
 import types
 import typing
 from collections.abc import Callable, Mapping
@@ -263,7 +263,10 @@ def check_rules(values: Mapping[str, Any]) -> None:
             raise ConfigError(f"finetune.loss=asl: head_solver={solver} has no loss to train; use finetune.head_solver=sgd for the asymmetric loss")
         if finetune.get("select_c") is None:
             raise ConfigError(f"finetune.select_c: head_solver={solver} needs where held-out logits come from: cv (leave-one-out) or val")
-    if finetune.get("mode") == "frozen" and cache.get("enabled") and cache.get("storage") == "disk":  # as training.performance uses it
+    teacher = finetune.get("teacher")  # finetune=distill (its other rules: training.performance.check_distill)
+    if finetune.get("mode") == "distill" and teacher and not os.path.exists(os.path.expanduser(str(teacher))):
+        raise ConfigError(f"finetune.teacher: no such checkpoint or model package: {teacher}")
+    if finetune.get("mode") in ("frozen", "distill") and cache.get("enabled") and cache.get("storage") == "disk":  # as training.performance uses it
         if not (values.get("paths") or {}).get("cache_dir"):
             raise ConfigError("performance.feature_cache.storage=disk needs paths.cache_dir; set it or use storage=memory")
 

@@ -24,13 +24,12 @@ from torchmetrics.classification import MulticlassAccuracy
 from transferlab.core.errors import DataError, TrainingDiverged
 from transferlab.core.safe_load import read_checkpoint
 from transferlab.data.preprocessing import Preprocessing
-from transferlab.models import lora, package
+from transferlab.models import distillation, lora, package
 from transferlab.models.backbones import Backbone, create_backbone
 from transferlab.models.evaluation import gather_in_order
 from transferlab.models.few_shot_heads import build_head
 from transferlab.models.optimization import optimizers_and_schedule
 from transferlab.models.regularization import batch_mixer
-from transferlab.models.tasks import make_task
 from transferlab.models.tta import views
 
 
@@ -64,9 +63,9 @@ class TransferClassifier(pl.LightningModule):
         self.class_names = list(class_names)
         num_classes = len(self.class_names)
         self.head = build_head(finetune, self.backbone.num_features, num_classes, task)  # dropout + linear; knn / prototype (head_solver)
-        self.mode = finetune["mode"]
+        self.mode = distillation.effective_mode(finetune)  # finetune=distill: how its student trains (frozen)
         weights = torch.tensor(list(loss_weights), dtype=torch.float32) if loss_weights is not None else None
-        self.task = make_task(task, finetune, weights)  # models.tasks: loss, probabilities, metrics
+        self.task = distillation.make_task(task, finetune, weights)  # models.tasks: loss, probabilities, metrics (distill: + the teacher)
         self.mixer = batch_mixer(finetune.get("mixup"), finetune.get("cutmix"), num_classes, self.task.multilabel)  # training images only
         self.backbone_frozen = False
         self.backbone_graph_when_frozen = False  # finetune=gradual under DDP (callbacks.unfreeze): gradients flow, then are dropped
@@ -169,12 +168,12 @@ class TransferClassifier(pl.LightningModule):
 
     # -- steps -------------------------------------------------------------------------------------------
     def training_step(self, batch: Any, batch_idx: int) -> Optional[torch.Tensor]:
-        inputs, labels = batch
+        inputs, labels, *teacher = batch  # finetune=distill: + the cached teacher logits of the same views
         targets = labels
         if self.mixer is not None and inputs.ndim == 4:  # mixup / cutmix: images only (not cached features)
             inputs, targets = self.mixer(inputs, labels)
         logits = self(inputs).float()
-        loss = self.task.loss(logits, targets)
+        loss = self.task.loss(logits, targets, *teacher)
         self.train_loss(loss)
         self.log("train/loss", self.train_loss, on_step=True, on_epoch=True, prog_bar=True)
         if not self.task.multilabel:

@@ -37,6 +37,7 @@ from transferlab.data.labels import multi_hot
 from transferlab.data.stored_splits import FILE as SPLITS_FILE
 from transferlab.data.stored_splits import build_table, write_csv
 from transferlab.models.backbone import Backbone
+from transferlab.models.distillation import effective_mode
 from transferlab.models.evaluation import choose_temperature, classification_metrics
 from transferlab.training.artifacts import print_config_tree, summary_line, write_predictions
 from transferlab.training.builders import instantiate_group
@@ -66,7 +67,7 @@ def cross_validate(cfg: DictConfig, backbone: Backbone, datamodule: ImageClassif
     official_test = list(datamodule.splits["test"]) if datamodule.has_official_test else []
     pool, names = list(datamodule.pool), datamodule.class_names
     splits = fold_splits(pool, names, folds, datamodule.split_seed, datamodule.val_fraction)
-    pristine = copy.deepcopy(backbone) if cfg.finetune.mode != "frozen" else None  # fine-tuning changes the backbone
+    pristine = copy.deepcopy(backbone) if effective_mode(cfg.finetune) != "frozen" else None  # fine-tuning changes the backbone
     row = {str(path): i for i, (path, _) in enumerate(pool)}
     oof_logits = torch.zeros(len(pool), len(names))
     raw_logits = torch.zeros(len(pool), len(names))

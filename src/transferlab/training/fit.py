@@ -36,6 +36,7 @@ from transferlab.training.builders import build_trainer, fit_callbacks, instanti
 from transferlab.training.calibration import apply_calibration, held_out_metrics, set_calibration, validate_and_calibrate
 from transferlab.training.loggers import finish_loggers, log_final_metrics, resolve_logger_config
 from transferlab.training.lr_find import find_learning_rate
+from transferlab.training.performance import check_distill
 from transferlab.training.probe import HEADS, HeadFit, ProbeSettings, keep_uncalibrated, probe_settings, solve_probe
 
 log = logging.getLogger(__name__)
@@ -85,6 +86,8 @@ def fit_and_test(
     """Fit in cfg.paths.output_dir, calibrate, test if the data has a test split, write the run folder. `fold`: one
     fold of a cross-validation (no Optuna pruning, no interpretation); `cache`: a feature cache the folds share."""
     out_dir = Path(cfg.paths.output_dir)
+    if cfg.finetune.mode == "distill":
+        check_distill(cfg, cfg.performance.feature_cache)
     probe = probe_settings(cfg, refit.probe_c if refit else None)
     plan_split(datamodule, probe, refit)
     if probe is not None and cfg.get("tune") and cfg.tune.lr_find:

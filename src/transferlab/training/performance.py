@@ -13,7 +13,9 @@ from typing import Any, Optional
 import lightning.pytorch as pl
 from omegaconf import DictConfig, open_dict
 
+from transferlab.callbacks.distill_cache import DistillCache
 from transferlab.callbacks.feature_cache import FeatureCache
+from transferlab.core.errors import ConfigError
 from transferlab.core.hardware import choose_flag, choose_precision, detect, on_gpu
 from transferlab.models.backbone import is_convolutional
 from transferlab.models.classifier import TransferClassifier
@@ -70,21 +72,25 @@ def apply_performance(
     cache = cache or feature_cache(cfg, perf.feature_cache)
     if cache is not None:
         callbacks.append(cache)
-        notes.append(f"feature cache on ({cache.root or 'memory'}, {cache.views} augmented views)")
+        teacher = f", teacher logits of {cache.teacher_path}" if isinstance(cache, DistillCache) else ""
+        notes.append(f"feature cache on ({cache.root or 'memory'}, {cache.views} augmented views{teacher})")
         if not cache.views and augments(datamodule.augment):
             notes.append(
                 "data.augment unused with cached eval-transform features (performance.feature_cache.augmented_views=K caches K augmented views)"
             )
-    elif cfg.finetune.mode == "frozen":
+    elif cfg.finetune.mode in ("frozen", "distill"):
         notes.append("feature cache off")
     log.info("Performance: %s", ", ".join(notes))
     return callbacks
 
 
 def feature_cache(cfg: DictConfig, settings: Any) -> Optional[FeatureCache]:
-    if cfg.finetune.mode != "frozen" or not settings.enabled:
+    """The run's feature cache (frozen backbones); finetune=distill's also caches the teacher's logits (callbacks.distill_cache)."""
+    if cfg.finetune.mode == "distill":
+        check_distill(cfg, settings)
+    if cfg.finetune.mode not in ("frozen", "distill") or not settings.enabled:
         return None
-    return FeatureCache(
+    values = dict(
         storage=settings.storage,
         cache_dir=cfg.paths.cache_dir,
         augmented_views=int(settings.augmented_views),
@@ -92,9 +98,38 @@ def feature_cache(cfg: DictConfig, settings: Any) -> Optional[FeatureCache]:
         batch_size=settings.batch_size,
         shard_images=int(settings.shard_images),
     )
+    if cfg.finetune.mode == "distill":
+        return DistillCache(teacher=str(cfg.finetune.teacher), **values)  # config.validation checked that it exists
+    return FeatureCache(**values)
 
 
 def augments(augment: Any) -> bool:
     """Whether data.augment changes the training images at all (random crops, flips, jitter, a policy)."""
     found = dict(augment or {})
     return float(found.get("scale_min", 1.0)) < 1.0 or any(v and v != "none" for k, v in found.items() if k != "scale_min")
+
+
+def check_distill(cfg: DictConfig, settings: Any) -> None:
+    """finetune=distill's rules (a teacher file that is not there: config.validation): one line, exit 2, before any
+    training (training.fit and cross_validation call it first). They are not in config.validation because a teacher
+    is a value only the user gives: every composed config of conf/ (tests/test_config_schema.py) leaves it null.
+    The student is frozen and its head trains by epochs on cached features: what the cached teacher logits pair with."""
+    finetune, task = cfg.finetune, str(cfg.data.get("task"))
+    if not finetune.get("teacher"):  # a missing file: config.validation, before any work
+        raise ConfigError("finetune.teacher: finetune=distill needs a teacher: finetune.teacher=<a checkpoint or a model package folder>")
+    if finetune.get("student") != "frozen":
+        raise ConfigError(
+            f"finetune.student={finetune.get('student')}: not supported; finetune=distill trains a frozen student's head (student=frozen)"
+        )
+    if finetune.get("head_solver") != "sgd":
+        raise ConfigError(f"finetune.head_solver={finetune.get('head_solver')}: finetune=distill trains the head by epochs on soft labels: use sgd")
+    if not settings.enabled:
+        raise ConfigError("performance.feature_cache.enabled=false: finetune=distill trains on cached student features and teacher logits")
+    if task == "multilabel":
+        raise ConfigError("data.task=multilabel: finetune=distill is single-label only (softmax knowledge distillation)")
+    for key, low, words in (("temperature", 0.0, "> 0"), ("kd_weight", -1.0, ">= 0"), ("ce_weight", -1.0, ">= 0")):
+        value = finetune.get(key)
+        if value is None or not float(value) > low or float(value) < 0:
+            raise ConfigError(f"finetune.{key}: finetune=distill needs a number {words}, got {value!r}")
+    if not finetune.kd_weight and not finetune.ce_weight:
+        raise ConfigError("finetune.kd_weight, finetune.ce_weight: both 0 leaves no loss to train")

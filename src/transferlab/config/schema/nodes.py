@@ -61,7 +61,7 @@ class Lora:
 
 @dataclass
 class Finetune:
-    mode: Literal["frozen", "full", "gradual", "lora"]
+    mode: Literal["frozen", "full", "gradual", "lora", "distill"]
     head_dropout: Annotated[float, Bounds(ge=0, lt=1, noun="a probability")]
     backbone_lr_factor: Annotated[float, Bounds(ge=0, note="the backbone's lr = optimizer.lr x this")]
     unfreeze_at_epoch: Optional[Annotated[int, Bounds(ge=0, noun="an epoch number")]]
@@ -79,6 +79,11 @@ class Finetune:
     asl_gamma_neg: Optional[Annotated[float, Bounds(ge=0)]]
     asl_gamma_pos: Optional[Annotated[float, Bounds(ge=0)]]
     asl_clip: Optional[Annotated[float, Bounds(ge=0, lt=1)]]
+    teacher: Optional[str]  # mode=distill: a checkpoint or model package (callbacks.distill_cache)
+    student: Optional[Literal["frozen", "full"]]  # mode=distill: how the student trains (frozen only, so far: config.validation)
+    temperature: Optional[Annotated[float, Bounds(gt=0, note="the teacher's and student's logits are divided by it")]]  # mode=distill
+    kd_weight: Optional[Annotated[float, Bounds(ge=0)]]  # mode=distill: the soft term's weight
+    ce_weight: Optional[Annotated[float, Bounds(ge=0)]]  # mode=distill: the labels' weight
 
 
 @dataclass
