@@ -376,6 +376,10 @@ STABLE_KEYS = [  # benchmark.json's top-level measurement keys (other tooling re
     "fill_vs_raw",
     "fill_img_s",
     "fill_raw_img_s",
+    "int8_size_ratio_lite0",
+    "int8_latency_ratio_lite0",
+    "pte_int8_size_ratio_lite0",
+    "pte_int8_latency_ratio_lite0",
 ]
 
 

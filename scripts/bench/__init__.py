@@ -11,7 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Callable, Optional
 
-from . import accuracy, decode, fill, finetune, frozen, lora, peak, precision, predict, probe
+from . import accuracy, decode, fill, finetune, frozen, lora, peak, precision, predict, probe, tradeoff
 from .common import Context, Row, fmt, meets
 
 __all__ = ["SECTIONS", "NAMES", "Context", "Section", "check", "markdown", "run_sections", "summary", "targets"]
@@ -37,6 +37,7 @@ SECTIONS = (
     Section("predict", predict.run, predict.rows, predict.KEYS),
     Section("fill", fill.run, fill.rows, fill.KEYS),
     Section("lora", lora.run, lora.rows, lora.KEYS),
+    Section("tradeoff", tradeoff.run, tradeoff.rows, tradeoff.KEYS),
 )
 NAMES = tuple(s.name for s in SECTIONS)
 HEADER = ["| measurement | baseline | transferlab | ratio | target |", "|---|---|---|---|---|"]

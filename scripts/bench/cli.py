@@ -19,7 +19,9 @@ from .common import SHARED, subset_folder
 
 def parser(description: str, sections: str) -> argparse.ArgumentParser:
     found = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
-    found.add_argument("--quick", action="store_true", help="smaller everything: every key in under 4 min on 2 cores")
+    found.add_argument(
+        "--quick", action="store_true", help="smaller everything: every key in under 4 min on 2 cores (the tradeoff section adds a few)"
+    )
     found.add_argument("--data", type=Path, default=SHARED / "oxford-pets-sample", help="folder of Oxford-IIIT Pet photos")
     found.add_argument("--out", type=Path, default=Path("benchmark.json"))
     found.add_argument("--device", default="auto", help="auto | cpu | cuda")
