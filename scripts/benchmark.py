@@ -26,7 +26,7 @@ onnxruntime, `pte_`: ExecuTorch), all files interleaved with the same threads. `
 run are meaningful on a shared machine.
 
 The sections are the `bench` package beside this file, one module each (bench/frozen.py, finetune.py, precision.py,
-accuracy.py, decode.py, peak.py, probe.py, predict.py, fill.py, lora.py, tradeoff.py), listed in one table (bench/__init__.py: the run,
+accuracy.py, decode.py, peak.py, probe.py, predict.py, fill.py, lora.py, tradeoff.py with tradeoff_timing.py), listed in one table (bench/__init__.py: the run,
 the markdown rows and the targets of each); the command line is bench/cli.py.
 """
 
